@@ -1,0 +1,315 @@
+//! The [`Adapter`] trait: what a queue backend provides, and the plain data that crosses it.
+//!
+//! Every adapter (in-memory, embedded log, broker client, PostgreSQL) implements the same
+//! contract, checked by one conformance suite:
+//!
+//! - `produce` returns only once every message of the batch is durable for that adapter
+//!   (fsynced, committed); a receipt's id is unique within the store.
+//! - A message is held by at most one subscription at a time. A held message carries a
+//!   [`Lease`] whose fencing token is unique; `settle` and `extend` with any other token fail
+//!   with [`QueueError::StaleLease`] and change nothing.
+//! - A subscription is handed at most `max_parallel` unsettled deliveries at once.
+//! - Dropping a [`Subscription`] releases every lease it holds, so the messages go to
+//!   other subscribers at once; the attempt still counts, as it would for a crashed worker.
+//!   [`Outcome::Release`] gives a delivery back without counting the attempt.
+//! - A lease that is neither settled nor extended before its deadline lapses: the message
+//!   becomes ready again, or dead if it had used its attempts.
+//! - Ready messages of higher priority leave first; of equal priority, in the order they
+//!   became ready.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::QueueError;
+use crate::spec::ChannelSpec;
+
+/// The id of a message, unique within its store. Use it as the idempotency key for effects
+/// outside the queue.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(pub u64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0)
+    }
+}
+
+/// What `produce` answers for each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The message id; for a duplicate, the id of the original.
+    pub id: MessageId,
+    /// The produce fell inside the dedup window of an equal message and was dropped.
+    pub duplicate: bool,
+}
+
+/// A message on its way into the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// The BSON payload.
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+    /// The dedup key, set for channels that deduplicate.
+    pub dedup_key: Option<u64>,
+    /// How long to hold the message before it becomes ready.
+    pub delay: Duration,
+    /// Higher leaves first. Default 0.
+    pub priority: u8,
+}
+
+/// A held message: the proof a consumer shows to settle or extend it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    /// The channel name.
+    pub channel: String,
+    /// The message.
+    pub id: MessageId,
+    /// The fencing token of this delivery; any other token is stale.
+    pub token: u64,
+}
+
+/// A delivery as an adapter hands it out, before decoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawDelivery {
+    /// The lease this delivery holds.
+    pub lease: Lease,
+    /// The BSON payload.
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+    /// 1 for the first delivery, counting every delivery since.
+    pub attempt: u32,
+    /// The message's priority.
+    pub priority: u8,
+    /// When the message was produced.
+    pub produced_at: Timestamp,
+    /// When the lease lapses unless extended.
+    pub deadline: Timestamp,
+}
+
+/// How a delivery ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done: the message is removed.
+    Ack,
+    /// Failed: deliver again after `after` (the channel's backoff when `None`), or move to the
+    /// dead-letter queue when the attempts are used up.
+    Retry {
+        /// An explicit delay before the next attempt.
+        after: Option<Duration>,
+        /// What went wrong, kept with the message.
+        error: String,
+    },
+    /// Move to the dead-letter queue now.
+    DeadLetter {
+        /// Why.
+        error: String,
+    },
+    /// Give the message back unprocessed: it is ready again at once and the attempt does not
+    /// count. Used on graceful shutdown.
+    Release,
+}
+
+/// Counters and depths of one channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelStats {
+    /// The channel name.
+    pub channel: String,
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Messages waiting for their due time (delayed or backing off).
+    pub delayed: u64,
+    /// Messages held under a lease.
+    pub in_flight: u64,
+    /// Messages in the dead-letter queue.
+    pub dead: u64,
+    /// Messages accepted (not counting duplicates).
+    pub produced: u64,
+    /// Produces dropped as duplicates.
+    pub duplicates: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Deliveries that failed and were retried.
+    pub retried: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Leases that lapsed.
+    pub lease_expiries: u64,
+    /// Subscriptions open now.
+    pub consumers: u64,
+}
+
+/// A message in a dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The message id.
+    pub id: MessageId,
+    /// The channel it died in.
+    pub channel: String,
+    /// The BSON payload.
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+    /// When it was produced.
+    pub produced_at: Timestamp,
+    /// When it moved to the dead-letter queue.
+    pub dead_at: Timestamp,
+}
+
+/// Where a stored message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Ready for delivery.
+    Ready,
+    /// Waiting for its due time.
+    Delayed,
+    /// Held under a lease.
+    InFlight,
+}
+
+/// A pending message as `peek` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message id.
+    pub id: MessageId,
+    /// The BSON payload.
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+    /// Where it is.
+    pub state: MessageState,
+    /// Deliveries made so far.
+    pub attempts: u32,
+    /// Its priority.
+    pub priority: u8,
+    /// When it was produced.
+    pub produced_at: Timestamp,
+    /// When it is (or was) due.
+    pub due: Timestamp,
+}
+
+/// A stream of deliveries for one channel. Dropping it releases every lease it holds.
+pub trait Subscription: Send + Sync {
+    /// Waits for the next delivery. The future may be dropped at any time; a message it had
+    /// taken stays leased to this subscription and is released when the subscription drops.
+    fn next(&self) -> BoxFuture<'static, Result<RawDelivery, QueueError>>;
+}
+
+/// A queue backend. Object safe: [`Queue`](crate::Queue) holds it as `Arc<dyn Adapter>`.
+///
+/// Every method documents its errors through [`QueueError`]; an adapter never loses a message
+/// that a returned `Ok` confirmed.
+pub trait Adapter: Send + Sync + 'static {
+    /// Stores a batch of messages for `spec`'s channel and returns one receipt per message, in
+    /// order. Returns once the batch is durable.
+    fn produce<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>>;
+
+    /// Opens a subscription to `spec`'s channel holding at most `max_parallel` deliveries.
+    fn subscribe<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        max_parallel: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>>;
+
+    /// Ends a delivery. Durable before it returns `Ok`.
+    fn settle<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Moves a lease's deadline to `by` from now and returns the new deadline.
+    fn extend<'a>(
+        &'a self,
+        lease: &'a Lease,
+        by: Duration,
+    ) -> BoxFuture<'a, Result<Timestamp, QueueError>>;
+
+    /// Counters and depths of every channel the store knows.
+    fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>>;
+
+    /// Pending messages of a channel in delivery order, ready first, at most `limit`.
+    fn peek<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>>;
+
+    /// The dead-letter queue of a channel, oldest first, at most `limit`.
+    fn dead_letters<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>>;
+
+    /// Moves dead letters back into their channel with their attempts reset: the given ids,
+    /// or all when `ids` is `None`. Returns how many moved.
+    fn redrive<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>>;
+
+    /// Deletes dead letters: the given ids, or all when `ids` is `None`. Returns how many.
+    fn purge_dead<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>>;
+
+    /// Flushes and closes the store. Later calls fail with [`QueueError::Closed`].
+    fn close(&self) -> BoxFuture<'_, Result<(), QueueError>>;
+}
+
+/// Serde for payload bytes: a BSON binary or similar compact form where the format has one,
+/// a byte sequence otherwise.
+mod serde_bytes_compat {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}

@@ -1,0 +1,329 @@
+//! [`Queue`], the handle applications hold, and the typed [`Producer`].
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use crate::adapter::{
+    Adapter, ChannelStats, DeadLetter, MessageId, Outgoing, Receipt, StoredMessage,
+};
+use crate::clock::Clock;
+use crate::codec;
+use crate::consume::ConsumerBuilder;
+use crate::error::QueueError;
+use crate::spec::{Channel, ChannelSpec};
+
+/// Runs background futures (consumer loops) on the application's async runtime.
+pub trait Spawn: Send + Sync + 'static {
+    /// Starts `future` in the background.
+    fn spawn(&self, future: BoxFuture<'static, ()>);
+}
+
+/// A handle to a queue: an adapter, the clock its time rules read, and a spawner for consumer
+/// loops. Cheap to clone; every clone talks to the same store.
+///
+/// Open one with `queue_runtime::connect(url)`.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<QueueInner>,
+}
+
+struct QueueInner {
+    adapter: Arc<dyn Adapter>,
+    clock: Arc<dyn Clock>,
+    spawner: Arc<dyn Spawn>,
+    description: String,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("adapter", &self.inner.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Wraps an adapter. `description` names it in logs and `Debug` output (a URL without
+    /// secrets).
+    pub fn new(
+        adapter: Arc<dyn Adapter>,
+        clock: Arc<dyn Clock>,
+        spawner: Arc<dyn Spawn>,
+        description: impl Into<String>,
+    ) -> Self {
+        Queue {
+            inner: Arc::new(QueueInner {
+                adapter,
+                clock,
+                spawner,
+                description: description.into(),
+            }),
+        }
+    }
+
+    /// The adapter behind this handle.
+    pub fn adapter(&self) -> &Arc<dyn Adapter> {
+        &self.inner.adapter
+    }
+
+    /// The clock every time rule of this queue reads.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The spawner consumer loops run on.
+    pub fn spawner(&self) -> &Arc<dyn Spawn> {
+        &self.inner.spawner
+    }
+
+    /// What this queue is, for logs: the adapter and its address without secrets.
+    pub fn description(&self) -> &str {
+        &self.inner.description
+    }
+
+    /// A producer for channel `C`.
+    pub fn producer<C: Channel>(&self) -> Producer<C> {
+        Producer {
+            queue: self.clone(),
+            delay: Duration::ZERO,
+            priority: 0,
+            dedup_key: None,
+            _channel: PhantomData,
+        }
+    }
+
+    /// Produces one message on its channel with default options.
+    ///
+    /// # Errors
+    /// See [`Producer::produce`].
+    pub async fn produce<C: Channel>(&self, message: C::Message) -> Result<Receipt, QueueError> {
+        self.producer::<C>().produce(message).await
+    }
+
+    /// A consumer builder for channel `C`.
+    pub fn consumer<C: Channel>(&self) -> ConsumerBuilder<C> {
+        ConsumerBuilder::new(self.clone())
+    }
+
+    /// Counters and depths of every channel.
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn stats(&self) -> Result<Vec<ChannelStats>, QueueError> {
+        self.inner.adapter.stats().await
+    }
+
+    /// Pending messages of a channel, in delivery order.
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn peek(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, QueueError> {
+        self.inner.adapter.peek(channel, limit).await
+    }
+
+    /// The dead-letter queue of a channel, oldest first.
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn dead_letters(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, QueueError> {
+        self.inner.adapter.dead_letters(channel, limit).await
+    }
+
+    /// Moves dead letters back to their channel with attempts reset (all when `ids` is `None`).
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn redrive(
+        &self,
+        channel: &str,
+        ids: Option<&[MessageId]>,
+    ) -> Result<u64, QueueError> {
+        self.inner.adapter.redrive(channel, ids).await
+    }
+
+    /// Deletes dead letters (all when `ids` is `None`).
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn purge_dead(
+        &self,
+        channel: &str,
+        ids: Option<&[MessageId]>,
+    ) -> Result<u64, QueueError> {
+        self.inner.adapter.purge_dead(channel, ids).await
+    }
+
+    /// Flushes and closes the store behind this queue, for every clone of the handle.
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    pub async fn close(&self) -> Result<(), QueueError> {
+        self.inner.adapter.close().await
+    }
+
+    /// Produces already-encoded payloads on a channel known only by its spec. Used by tools
+    /// and bridges; typed code uses [`Producer`].
+    ///
+    /// # Errors
+    /// The adapter's errors; [`QueueError::PayloadTooLarge`] for an oversized payload.
+    pub async fn produce_raw(
+        &self,
+        spec: &ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<Receipt>, QueueError> {
+        for m in &batch {
+            if m.payload.len() > codec::MAX_PAYLOAD {
+                return Err(QueueError::PayloadTooLarge {
+                    size: m.payload.len(),
+                    max: codec::MAX_PAYLOAD,
+                });
+            }
+        }
+        self.inner.adapter.produce(spec, batch).await
+    }
+}
+
+/// Produces messages of one channel. Accepts only that channel's message type.
+///
+/// ```
+/// # use queue_core::{channel, Queue};
+/// # use serde::{Deserialize, Serialize};
+/// #[channel("mail/send")]
+/// #[derive(Serialize, Deserialize)]
+/// struct SendMail { to: String }
+///
+/// # async fn run(queue: Queue) -> Result<(), queue_core::QueueError> {
+/// let receipt = SendMail::producer(&queue)
+///     .delay(std::time::Duration::from_secs(60))
+///     .priority(5)
+///     .produce(SendMail { to: "a@example.com".into() })
+///     .await?;
+/// # let _ = receipt; Ok(()) }
+/// ```
+pub struct Producer<C: Channel> {
+    queue: Queue,
+    delay: Duration,
+    priority: u8,
+    dedup_key: Option<String>,
+    _channel: PhantomData<fn() -> C>,
+}
+
+impl<C: Channel> Clone for Producer<C> {
+    fn clone(&self) -> Self {
+        Producer {
+            queue: self.queue.clone(),
+            delay: self.delay,
+            priority: self.priority,
+            dedup_key: self.dedup_key.clone(),
+            _channel: PhantomData,
+        }
+    }
+}
+
+impl<C: Channel> fmt::Debug for Producer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Producer")
+            .field("channel", &C::SPEC.name)
+            .field("delay", &self.delay)
+            .field("priority", &self.priority)
+            .field("dedup_key", &self.dedup_key)
+            .finish()
+    }
+}
+
+impl<C: Channel> Producer<C> {
+    /// Holds messages for `delay` before they become ready.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Messages of higher priority leave first (default 0).
+    #[must_use]
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Deduplicates the next single produce on this key instead of the payload's hash. Only
+    /// for `exactly_once` channels; [`Producer::produce_batch`] always keys on payloads.
+    #[must_use]
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.dedup_key = Some(key.into());
+        self
+    }
+
+    fn outgoing(&self, message: &C::Message, key: Option<&str>) -> Result<Outgoing, QueueError> {
+        let payload = codec::encode(message)?;
+        let dedup_key = if C::SPEC.deduplicates() {
+            Some(key.map_or_else(|| codec::dedup_key(&payload), codec::explicit_dedup_key))
+        } else {
+            None
+        };
+        Ok(Outgoing {
+            payload,
+            dedup_key,
+            delay: self.delay,
+            priority: self.priority,
+        })
+    }
+
+    fn check_key(&self) -> Result<(), QueueError> {
+        if self.dedup_key.is_some() && !C::SPEC.deduplicates() {
+            return Err(QueueError::InvalidRequest(format!(
+                "a dedup key was given for `{}`, which is not an `exactly_once` channel",
+                C::SPEC.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Produces one message. Returns once it is durable.
+    ///
+    /// # Errors
+    /// [`QueueError::Encode`] or [`QueueError::PayloadTooLarge`] for a message that cannot be
+    /// stored; [`QueueError::InvalidRequest`] for a dedup key on an `at_least_once` channel;
+    /// the adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes may or may not have stored the message.
+    pub async fn produce(&self, message: C::Message) -> Result<Receipt, QueueError> {
+        self.check_key()?;
+        let out = self.outgoing(&message, self.dedup_key.as_deref())?;
+        let receipts = self.queue.adapter().produce(&C::SPEC, vec![out]).await?;
+        receipts.into_iter().next().ok_or_else(|| {
+            QueueError::Protocol("adapter answered a produce with no receipt".into())
+        })
+    }
+
+    /// Produces many messages in one durable write. Receipts come back in order.
+    ///
+    /// # Errors
+    /// As [`Producer::produce`]; nothing is stored when any message fails to encode.
+    pub async fn produce_batch(
+        &self,
+        messages: impl IntoIterator<Item = C::Message>,
+    ) -> Result<Vec<Receipt>, QueueError> {
+        let batch = messages
+            .into_iter()
+            .map(|m| self.outgoing(&m, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.queue.adapter().produce(&C::SPEC, batch).await
+    }
+}

@@ -1,0 +1,126 @@
+//! Expansion: the marker type, the trait impls, the registry entry and the associated
+//! functions, from [`Valid`] only.
+
+use std::time::Duration;
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+
+use super::validate::Valid;
+use crate::common::core_path;
+
+fn duration(krate: &TokenStream, d: Duration) -> TokenStream {
+    let secs = d.as_secs();
+    let nanos = d.subsec_nanos();
+    quote!(#krate::__private::Duration::new(#secs, #nanos))
+}
+
+pub(super) fn expand(v: &Valid) -> TokenStream {
+    let krate = core_path();
+    let p = quote!(#krate::__private);
+    let ident = &v.ident;
+    let vis = &v.vis;
+    let item = &v.item;
+    let marker = format_ident!("{}Channel", ident);
+    let name = &v.name;
+
+    let mut spec = quote!(#p::ChannelSpec::new(#name));
+    if v.exactly_once {
+        let window = duration(&krate, v.dedup.unwrap_or(Duration::from_secs(300)));
+        spec = quote!(#spec.exactly_once(#window));
+    }
+    if let Some(d) = v.lease {
+        let d = duration(&krate, d);
+        spec = quote!(#spec.lease(#d));
+    }
+    if let Some(n) = v.max_attempts {
+        spec = quote!(#spec.max_attempts(#n));
+    }
+    if let Some(d) = v.backoff {
+        let d = duration(&krate, d);
+        spec = quote!(#spec.backoff(#d));
+    }
+
+    let marker_doc = format!("The channel `{name}`, carrying [`{ident}`].");
+    let payload_check = quote_spanned! {ident.span()=>
+        const _: () = #p::assert_payload::<#ident>();
+    };
+
+    quote! {
+        #item
+
+        #[doc = #marker_doc]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #vis struct #marker;
+
+        #payload_check
+
+        const _: () = {
+            impl #p::Channel for #marker {
+                type Message = #ident;
+                const SPEC: #p::ChannelSpec = #spec;
+            }
+
+            impl #p::Message for #ident {
+                type Channel = #marker;
+            }
+
+            fn __spec() -> #p::ChannelSpec {
+                <#marker as #p::Channel>::SPEC
+            }
+
+            fn __message_type() -> &'static str {
+                #p::type_name::<#ident>()
+            }
+
+            #p::inventory::submit! {
+                #p::ChannelDecl {
+                    spec: __spec,
+                    message_type: __message_type,
+                }
+            }
+
+            #[allow(dead_code)]
+            impl #ident {
+                /// Produces a message on this type's channel; returns once it is durable.
+                ///
+                /// # Errors
+                /// Encoding errors and the queue's errors.
+                #vis async fn produce(
+                    queue: &#p::Queue,
+                    message: Self,
+                ) -> #p::Result<#p::Receipt, #p::QueueError> {
+                    queue.produce::<#marker>(message).await
+                }
+
+                /// A producer for this type's channel, with delay, priority, dedup key and
+                /// batches.
+                #vis fn producer(queue: &#p::Queue) -> #p::Producer<#marker> {
+                    queue.producer::<#marker>()
+                }
+
+                /// Consumes this type's channel with `handler` until the returned handle is
+                /// stopped or dropped. `Ok` (or `()`) acks; `Err` or a panic retries.
+                ///
+                /// # Errors
+                /// The queue's error when the subscription cannot be opened.
+                #vis async fn consume<F, Fut>(
+                    queue: &#p::Queue,
+                    handler: F,
+                ) -> #p::Result<#p::ConsumerHandle, #p::QueueError>
+                where
+                    F: Fn(Self) -> Fut + #p::Send + #p::Sync + 'static,
+                    Fut: #p::Future + #p::Send + 'static,
+                    Fut::Output: #p::HandlerOutput,
+                {
+                    queue.consumer::<#marker>().handle(handler).await
+                }
+
+                /// A consumer builder for this type's channel.
+                #vis fn consumer(queue: &#p::Queue) -> #p::ConsumerBuilder<#marker> {
+                    queue.consumer::<#marker>()
+                }
+            }
+        };
+    }
+}

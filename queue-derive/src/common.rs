@@ -1,0 +1,233 @@
+//! Pieces both attributes use: error collection, option parsing, durations, crate paths.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, Ident, Lit, Token};
+
+/// Collects errors so one compile shows every mistake.
+#[derive(Default)]
+pub(crate) struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub(crate) fn push(&mut self, span: Span, message: impl Display) {
+        self.push_error(syn::Error::new(span, message));
+    }
+
+    pub(crate) fn push_spanned(&mut self, tokens: impl ToTokens, message: impl Display) {
+        self.push_error(syn::Error::new_spanned(tokens, message));
+    }
+
+    pub(crate) fn push_error(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(e) => e.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    pub(crate) fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// One comma-separated argument of an attribute.
+pub(crate) enum Arg {
+    /// A literal: `"user/registered"`.
+    Lit(Lit),
+    /// A bare word: `exactly_once`.
+    Flag(Ident),
+    /// `key = value`.
+    KeyValue { key: Ident, value: Expr },
+    /// Anything else.
+    Other(Expr),
+}
+
+pub(crate) fn parse_args(args: TokenStream) -> syn::Result<Vec<Arg>> {
+    let exprs = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(args)?;
+    Ok(exprs.into_iter().map(classify).collect())
+}
+
+fn single_ident(expr: &Expr) -> Option<Ident> {
+    match expr {
+        Expr::Path(p) if p.attrs.is_empty() && p.qself.is_none() => p.path.get_ident().cloned(),
+        _ => None,
+    }
+}
+
+fn classify(expr: Expr) -> Arg {
+    match expr {
+        Expr::Lit(l) if l.attrs.is_empty() => Arg::Lit(l.lit),
+        Expr::Assign(a) => match single_ident(&a.left) {
+            Some(key) => Arg::KeyValue {
+                key,
+                value: *a.right,
+            },
+            None => Arg::Other(Expr::Assign(a)),
+        },
+        other => match single_ident(&other) {
+            Some(flag) => Arg::Flag(flag),
+            None => Arg::Other(other),
+        },
+    }
+}
+
+/// "unknown option `x`, did you mean `y`?" or the list of options.
+pub(crate) fn unknown_option(name: &str, known: &[&str]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), *k))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, k)) if d <= 2 || (d <= 3 && name.len() > 6) => {
+            format!("unknown option `{name}`, did you mean `{k}`?")
+        }
+        _ => format!(
+            "unknown option `{name}`, expected one of {}",
+            known
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Parses a duration string such as `"500ms"`, `"1s"` or `"1h 30m"`.
+pub(crate) fn parse_duration(
+    value: &Expr,
+    option: &str,
+    errors: &mut Errors,
+) -> Option<(Duration, Span)> {
+    let Expr::Lit(syn::ExprLit {
+        lit: Lit::Str(s), ..
+    }) = value
+    else {
+        errors.push_spanned(
+            value,
+            format!("`{option}` must be a duration string such as `\"30s\"` or `\"1h 30m\"`"),
+        );
+        return None;
+    };
+    match humantime::parse_duration(s.value().trim()) {
+        Ok(d) if d.is_zero() => {
+            errors.push(s.span(), format!("`{option}` must be longer than zero"));
+            None
+        }
+        Ok(d) => Some((d, s.span())),
+        Err(e) => {
+            errors.push(
+                s.span(),
+                format!(
+                    "invalid duration `{}` for `{option}`: {}",
+                    s.value(),
+                    lowercase_first(&e.to_string())
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Parses a positive integer literal.
+pub(crate) fn parse_positive_int(value: &Expr, option: &str, errors: &mut Errors) -> Option<u32> {
+    let Expr::Lit(syn::ExprLit {
+        lit: Lit::Int(i), ..
+    }) = value
+    else {
+        errors.push_spanned(value, format!("`{option}` must be an integer literal"));
+        return None;
+    };
+    match i.base10_parse::<u32>() {
+        Ok(0) => {
+            errors.push(i.span(), format!("`{option}` must be at least 1"));
+            None
+        }
+        Ok(n) => Some(n),
+        Err(_) => {
+            errors.push(
+                i.span(),
+                format!("`{option}` must be an integer between 1 and {}", u32::MAX),
+            );
+            None
+        }
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f
+            .to_lowercase()
+            .chain(c)
+            .collect::<String>()
+            .trim_end_matches('.')
+            .to_string(),
+        None => String::new(),
+    }
+}
+
+/// The path to `queue_core` from the calling crate: `::queue_core`, or the copy re-exported
+/// by `queue_runtime` when that is the only one the crate depends on.
+pub(crate) fn core_path() -> TokenStream {
+    use proc_macro_crate::{FoundCrate, crate_name};
+    if let Ok(found) = crate_name("queue-core") {
+        return match found {
+            FoundCrate::Itself => quote!(::queue_core),
+            FoundCrate::Name(name) => {
+                let ident = Ident::new(&name, Span::call_site());
+                quote!(::#ident)
+            }
+        };
+    }
+    if let Ok(FoundCrate::Name(name)) = crate_name("queue-runtime") {
+        let ident = Ident::new(&name, Span::call_site());
+        return quote!(::#ident::__core);
+    }
+    quote!(::queue_core)
+}
+
+/// The span of an item's keyword, for "applies to" errors.
+pub(crate) fn keyword_span(item: &syn::Item) -> Span {
+    match item {
+        syn::Item::Fn(f) => f.sig.fn_token.span,
+        syn::Item::Trait(t) => t.trait_token.span,
+        syn::Item::Union(u) => u.union_token.span,
+        syn::Item::Struct(s) => s.struct_token.span,
+        syn::Item::Enum(e) => e.enum_token.span,
+        syn::Item::Impl(i) => i.impl_token.span,
+        syn::Item::Mod(m) => m.mod_token.span,
+        syn::Item::Type(t) => t.type_token.span,
+        syn::Item::Const(c) => c.const_token.span,
+        syn::Item::Static(s) => s.static_token.span,
+        syn::Item::Use(u) => u.use_token.span,
+        other => other.span(),
+    }
+}
+
+/// What an item is, in words.
+pub(crate) fn item_kind(item: &syn::Item) -> &'static str {
+    match item {
+        syn::Item::Fn(_) => "a function",
+        syn::Item::Trait(_) => "a trait",
+        syn::Item::Union(_) => "a union",
+        syn::Item::Struct(_) => "a struct",
+        syn::Item::Enum(_) => "an enum",
+        syn::Item::Impl(_) => "an impl block",
+        syn::Item::Mod(_) => "a module",
+        syn::Item::Type(_) => "a type alias",
+        syn::Item::Const(_) => "a constant",
+        syn::Item::Static(_) => "a static",
+        _ => "this item",
+    }
+}
+
+/// The user's item followed by the errors.
+pub(crate) fn with_errors(item: TokenStream, error: &syn::Error) -> TokenStream {
+    let errors = error.to_compile_error();
+    quote!(#item #errors)
+}

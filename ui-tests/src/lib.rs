@@ -1,0 +1,1 @@
+//! Compile-time tests of the queue macros live in `tests/`.
