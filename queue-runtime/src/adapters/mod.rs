@@ -1,0 +1,3 @@
+//! Adapters: one module per backend.
+
+pub mod memory;

@@ -1,0 +1,105 @@
+//! Opening a queue from a URL.
+
+use std::sync::Arc;
+
+use queue_core::clock::Clock;
+use queue_core::{Queue, QueueError};
+
+use crate::adapters::memory::MemoryAdapter;
+use crate::system::{SystemClock, TokioSpawner};
+
+/// The environment variable naming the default queue URL.
+pub const QUEUE_URL_VAR: &str = "QUEUE_URL";
+
+/// The URL used when `QUEUE_URL` is not set: an embedded store in `./queue-data`.
+pub const DEFAULT_URL: &str = "file://queue-data";
+
+/// Options for [`connect_with`].
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// The clock every time rule reads; the system clock by default.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions").finish_non_exhaustive()
+    }
+}
+
+impl ConnectOptions {
+    /// Options with the given clock, such as a `VirtualClock` in tests.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        ConnectOptions { clock }
+    }
+}
+
+/// Opens the queue at `url`, choosing the adapter by scheme:
+///
+/// | URL | adapter |
+/// |---|---|
+/// | `memory://` or `memory://NAME` | in-process, not durable (tests) |
+/// | `file://PATH` or a plain path | embedded durable log |
+/// | `queue://HOST:PORT`, `queue+unix://PATH` | client of `queue-broker` |
+/// | `postgres://…` | PostgreSQL |
+///
+/// Must be called inside a tokio runtime: consumers run on it.
+///
+/// # Errors
+/// [`QueueError::InvalidUrl`] for an unknown scheme; the adapter's errors when it cannot open.
+pub async fn connect(url: &str) -> Result<Queue, QueueError> {
+    connect_with(url, ConnectOptions::default()).await
+}
+
+/// Opens the queue named by `QUEUE_URL`, or [`DEFAULT_URL`].
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_default() -> Result<Queue, QueueError> {
+    let url = std::env::var(QUEUE_URL_VAR).unwrap_or_else(|_| DEFAULT_URL.to_string());
+    connect(&url).await
+}
+
+/// [`connect`] with options.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, QueueError> {
+    let spawner = Arc::new(TokioSpawner::current());
+    let clock = options.clock;
+    let invalid = |reason: &str| QueueError::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (scheme, rest),
+        None if !url.is_empty() => ("file", url),
+        None => return Err(invalid("empty url")),
+    };
+    match scheme {
+        "memory" => {
+            let adapter = if rest.is_empty() {
+                MemoryAdapter::new(clock.clone())
+            } else {
+                MemoryAdapter::named(rest, clock.clone())
+            };
+            Ok(Queue::new(adapter, clock, spawner, url))
+        }
+        "file" | "queue" | "queue+unix" | "postgres" | "postgresql" => {
+            Err(QueueError::Unsupported(
+                "this build has no adapter for the url scheme yet; use memory://",
+            ))
+        }
+        other => Err(invalid(&format!(
+            "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix:// or postgres://"
+        ))),
+    }
+}

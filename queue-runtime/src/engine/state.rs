@@ -1,0 +1,681 @@
+//! The state of one channel and every queue rule, as a synchronous state machine that reads
+//! time only from the `now` it is given.
+//!
+//! A message is in exactly one of four places: `ready` (by priority, then the order it became
+//! ready), `delayed` (by due time), `leased` (held by one consumer under a fencing token until
+//! a deadline), or `dead`. Acked messages are gone. The dedup table maps keys to the first
+//! message produced with them until the window closes.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use queue_core::clock::{Timestamp, millis};
+use queue_core::{ChannelSpec, ChannelStats, MessageId, MessageState, Outcome, QueueError};
+
+/// A stored message as the engine tracks it; `P` is where its payload lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<P> {
+    /// The message id.
+    pub id: MessageId,
+    /// The payload, or where to find it.
+    pub payload: P,
+    /// Deliveries made so far.
+    pub attempts: u32,
+    /// Higher leaves first.
+    pub priority: u8,
+    /// When it was produced.
+    pub produced_at: Timestamp,
+}
+
+/// A message held under a lease.
+#[derive(Debug, Clone)]
+pub struct Held<P> {
+    /// The message.
+    pub entry: Entry<P>,
+    /// The fencing token of this delivery.
+    pub token: u64,
+    /// When the lease lapses.
+    pub deadline: Timestamp,
+    /// The subscription holding it.
+    pub consumer: u64,
+}
+
+/// A message in the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct Dead<P> {
+    /// The message.
+    pub entry: Entry<P>,
+    /// The last error.
+    pub error: String,
+    /// When it died.
+    pub dead_at: Timestamp,
+}
+
+/// What a state change did, for stores that journal it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A message went back to ready or delayed with `attempts` deliveries made.
+    Requeued {
+        /// The message.
+        id: MessageId,
+        /// Its attempts now.
+        attempts: u32,
+        /// When it is due.
+        due: Timestamp,
+    },
+    /// A message moved to the dead-letter queue.
+    Died {
+        /// The message.
+        id: MessageId,
+        /// Its attempts.
+        attempts: u32,
+        /// Why.
+        error: String,
+    },
+    /// A message was acked and is gone.
+    Acked {
+        /// The message.
+        id: MessageId,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    produced: u64,
+    duplicates: u64,
+    acked: u64,
+    retried: u64,
+    dead_lettered: u64,
+    lease_expiries: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConsumerSlot {
+    max_parallel: u32,
+    held: u32,
+}
+
+/// One channel's messages and rules.
+#[derive(Debug)]
+pub struct ChannelState<P> {
+    spec: ChannelSpec,
+    ready: BTreeMap<Reverse<u8>, VecDeque<Entry<P>>>,
+    ready_len: usize,
+    delayed: BTreeMap<(Timestamp, MessageId), Entry<P>>,
+    leased: HashMap<MessageId, Held<P>>,
+    deadlines: BTreeSet<(Timestamp, MessageId)>,
+    dead: BTreeMap<MessageId, Dead<P>>,
+    dedup: HashMap<u64, (MessageId, Timestamp)>,
+    dedup_expiry: BTreeSet<(Timestamp, u64)>,
+    consumers: HashMap<u64, ConsumerSlot>,
+    counters: Counters,
+}
+
+impl<P: Clone> ChannelState<P> {
+    /// An empty channel.
+    pub fn new(spec: ChannelSpec) -> Self {
+        ChannelState {
+            spec,
+            ready: BTreeMap::new(),
+            ready_len: 0,
+            delayed: BTreeMap::new(),
+            leased: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            dead: BTreeMap::new(),
+            dedup: HashMap::new(),
+            dedup_expiry: BTreeSet::new(),
+            consumers: HashMap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The channel's settings.
+    pub fn spec(&self) -> &ChannelSpec {
+        &self.spec
+    }
+
+    /// Adopts newer settings (the latest declaration a producer or consumer brings).
+    pub fn set_spec(&mut self, spec: &ChannelSpec) {
+        if &self.spec != spec {
+            self.spec = spec.clone();
+        }
+    }
+
+    /// Applies every rule that time triggers: lapsed leases, due delayed messages, closed
+    /// dedup windows. Returns the changes, for journaling.
+    pub fn tick(&mut self, now: Timestamp) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(held) = self.leased.remove(&id) else {
+                continue;
+            };
+            self.counters.lease_expiries += 1;
+            self.release_slot(held.consumer);
+            let attempts = held.entry.attempts;
+            if attempts >= self.spec.max_attempts {
+                let error = format!(
+                    "lease expired on attempt {attempts} of {}",
+                    self.spec.max_attempts
+                );
+                changes.push(Change::Died {
+                    id,
+                    attempts,
+                    error: error.clone(),
+                });
+                self.bury(held.entry, error, now);
+            } else {
+                changes.push(Change::Requeued {
+                    id,
+                    attempts,
+                    due: now,
+                });
+                self.push_ready_front(held.entry);
+            }
+        }
+        while let Some((&(due, _), _)) = self.delayed.first_key_value() {
+            if due > now {
+                break;
+            }
+            let (_, entry) = self.delayed.pop_first().expect("checked non-empty");
+            self.push_ready_back(entry);
+        }
+        while let Some(&(expires, key)) = self.dedup_expiry.first() {
+            if expires > now {
+                break;
+            }
+            self.dedup_expiry.pop_first();
+            if self.dedup.get(&key).is_some_and(|(_, e)| *e == expires) {
+                self.dedup.remove(&key);
+            }
+        }
+        changes
+    }
+
+    /// The earliest time a lease lapses or a delayed message becomes due.
+    pub fn next_wakeup(&self) -> Option<Timestamp> {
+        let lease = self.deadlines.first().map(|(t, _)| *t);
+        let delayed = self.delayed.first_key_value().map(|((t, _), _)| *t);
+        match (lease, delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The original message for a dedup key inside its window.
+    pub fn duplicate_of(&self, key: u64, now: Timestamp) -> Option<MessageId> {
+        self.dedup
+            .get(&key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(id, _)| *id)
+    }
+
+    /// Counts a produce dropped as a duplicate.
+    pub fn count_duplicate(&mut self) {
+        self.counters.duplicates += 1;
+    }
+
+    /// Remembers `key` for `id` until `expires`. The window is fixed at the first produce.
+    pub fn remember(&mut self, key: u64, id: MessageId, expires: Timestamp) {
+        if let Some((_, old)) = self.dedup.insert(key, (id, expires)) {
+            self.dedup_expiry.remove(&(old, key));
+        }
+        self.dedup_expiry.insert((expires, key));
+    }
+
+    /// Forgets a dedup key (a produce that failed to become durable).
+    pub fn forget(&mut self, key: u64, id: MessageId) {
+        if let Some(&(owner, expires)) = self.dedup.get(&key) {
+            if owner == id {
+                self.dedup.remove(&key);
+                self.dedup_expiry.remove(&(expires, key));
+            }
+        }
+    }
+
+    /// Adds a message, ready at `due` (at once when `due <= now`).
+    pub fn insert(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
+        self.counters.produced += 1;
+        self.place(entry, due, now);
+    }
+
+    fn place(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
+        if due <= now {
+            self.push_ready_back(entry);
+        } else {
+            self.delayed.insert((due, entry.id), entry);
+        }
+    }
+
+    fn push_ready_back(&mut self, entry: Entry<P>) {
+        self.ready
+            .entry(Reverse(entry.priority))
+            .or_default()
+            .push_back(entry);
+        self.ready_len += 1;
+    }
+
+    fn push_ready_front(&mut self, entry: Entry<P>) {
+        self.ready
+            .entry(Reverse(entry.priority))
+            .or_default()
+            .push_front(entry);
+        self.ready_len += 1;
+    }
+
+    fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) {
+        self.counters.dead_lettered += 1;
+        self.dead.insert(
+            entry.id,
+            Dead {
+                entry,
+                error,
+                dead_at: now,
+            },
+        );
+    }
+
+    fn release_slot(&mut self, consumer: u64) {
+        if let Some(slot) = self.consumers.get_mut(&consumer) {
+            slot.held = slot.held.saturating_sub(1);
+        }
+    }
+
+    /// Registers a subscription.
+    pub fn add_consumer(&mut self, consumer: u64, max_parallel: u32) {
+        self.consumers.insert(
+            consumer,
+            ConsumerSlot {
+                max_parallel: max_parallel.max(1),
+                held: 0,
+            },
+        );
+    }
+
+    /// Whether `consumer` may take another delivery.
+    pub fn has_capacity(&self, consumer: u64) -> bool {
+        self.consumers
+            .get(&consumer)
+            .is_some_and(|s| s.held < s.max_parallel)
+    }
+
+    /// Whether anything is ready.
+    pub fn has_ready(&self) -> bool {
+        self.ready_len > 0
+    }
+
+    /// Leases the next ready message to `consumer` under `token` until `now + lease`.
+    pub fn take(&mut self, consumer: u64, token: u64, now: Timestamp) -> Option<Held<P>> {
+        if !self.has_capacity(consumer) {
+            return None;
+        }
+        let mut slot = self.ready.first_entry()?;
+        let mut entry = slot
+            .get_mut()
+            .pop_front()
+            .expect("ready queues are never empty");
+        if slot.get().is_empty() {
+            slot.remove();
+        }
+        self.ready_len -= 1;
+        entry.attempts = entry.attempts.saturating_add(1);
+        let deadline = now.saturating_add(millis(self.spec.lease));
+        let held = Held {
+            entry,
+            token,
+            deadline,
+            consumer,
+        };
+        self.deadlines.insert((deadline, held.entry.id));
+        self.leased.insert(held.entry.id, held.clone());
+        if let Some(s) = self.consumers.get_mut(&consumer) {
+            s.held += 1;
+        }
+        Some(held)
+    }
+
+    fn holder(&self, id: MessageId, token: u64) -> Result<&Held<P>, QueueError> {
+        match self.leased.get(&id) {
+            Some(h) if h.token == token => Ok(h),
+            _ => Err(QueueError::StaleLease { id }),
+        }
+    }
+
+    /// Moves a lease's deadline to `now + by`.
+    ///
+    /// # Errors
+    /// [`QueueError::StaleLease`] for a token that does not hold the message.
+    pub fn extend(
+        &mut self,
+        id: MessageId,
+        token: u64,
+        by: Duration,
+        now: Timestamp,
+    ) -> Result<Timestamp, QueueError> {
+        let old = self.holder(id, token)?.deadline;
+        let deadline = now.saturating_add(millis(by));
+        self.deadlines.remove(&(old, id));
+        self.deadlines.insert((deadline, id));
+        self.leased.get_mut(&id).expect("checked").deadline = deadline;
+        Ok(deadline)
+    }
+
+    /// Ends a delivery. `unit` is a uniform draw from `[0, 1)` for backoff jitter.
+    ///
+    /// # Errors
+    /// [`QueueError::StaleLease`] for a token that does not hold the message.
+    pub fn settle(
+        &mut self,
+        id: MessageId,
+        token: u64,
+        outcome: Outcome,
+        now: Timestamp,
+        unit: f64,
+    ) -> Result<Change, QueueError> {
+        self.holder(id, token)?;
+        let held = self.leased.remove(&id).expect("checked");
+        self.deadlines.remove(&(held.deadline, id));
+        self.release_slot(held.consumer);
+        let mut entry = held.entry;
+        let attempts = entry.attempts;
+        Ok(match outcome {
+            Outcome::Ack => {
+                self.counters.acked += 1;
+                Change::Acked { id }
+            }
+            Outcome::Retry { after, error } => {
+                if attempts >= self.spec.max_attempts {
+                    let error =
+                        format!("{error} (attempt {attempts} of {})", self.spec.max_attempts);
+                    self.bury(entry, error.clone(), now);
+                    Change::Died {
+                        id,
+                        attempts,
+                        error,
+                    }
+                } else {
+                    self.counters.retried += 1;
+                    let delay = after.unwrap_or_else(|| self.spec.retry_delay(attempts, unit));
+                    let due = now.saturating_add(millis(delay));
+                    self.place(entry, due, now);
+                    Change::Requeued { id, attempts, due }
+                }
+            }
+            Outcome::DeadLetter { error } => {
+                self.bury(entry, error.clone(), now);
+                Change::Died {
+                    id,
+                    attempts,
+                    error,
+                }
+            }
+            Outcome::Release => {
+                entry.attempts = entry.attempts.saturating_sub(1);
+                let attempts = entry.attempts;
+                self.push_ready_front(entry);
+                Change::Requeued {
+                    id,
+                    attempts,
+                    due: now,
+                }
+            }
+        })
+    }
+
+    /// Drops a subscription: every message it holds is ready again at once, the attempt
+    /// counted. Returns the ids released.
+    pub fn remove_consumer(&mut self, consumer: u64) -> Vec<Change> {
+        self.consumers.remove(&consumer);
+        let mut ids: Vec<(u64, MessageId)> = self
+            .leased
+            .values()
+            .filter(|h| h.consumer == consumer)
+            .map(|h| (h.token, h.entry.id))
+            .collect();
+        // Newest first, so that pushing each to the front restores the original order.
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        let mut changes = Vec::with_capacity(ids.len());
+        for (_, id) in ids {
+            let held = self.leased.remove(&id).expect("listed above");
+            self.deadlines.remove(&(held.deadline, id));
+            changes.push(Change::Requeued {
+                id,
+                attempts: held.entry.attempts,
+                due: 0,
+            });
+            self.push_ready_front(held.entry);
+        }
+        changes
+    }
+
+    /// Moves dead letters back to ready with attempts reset.
+    pub fn redrive(&mut self, ids: Option<&[MessageId]>) -> Vec<MessageId> {
+        let chosen: Vec<MessageId> = match ids {
+            Some(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| self.dead.contains_key(id))
+                .collect(),
+            None => self.dead.keys().copied().collect(),
+        };
+        for id in &chosen {
+            let mut dead = self.dead.remove(id).expect("filtered").entry;
+            dead.attempts = 0;
+            self.push_ready_back(dead);
+        }
+        chosen
+    }
+
+    /// Deletes dead letters.
+    pub fn purge_dead(&mut self, ids: Option<&[MessageId]>) -> Vec<MessageId> {
+        match ids {
+            Some(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| self.dead.remove(id).is_some())
+                .collect(),
+            None => std::mem::take(&mut self.dead).into_keys().collect(),
+        }
+    }
+
+    /// The dead-letter queue, oldest first.
+    pub fn dead_letters(&self, limit: usize) -> impl Iterator<Item = &Dead<P>> {
+        self.dead.values().take(limit)
+    }
+
+    /// Pending messages in delivery order: ready, then delayed, then in flight.
+    pub fn peek(&self, limit: usize) -> Vec<(&Entry<P>, MessageState, Timestamp)> {
+        let ready = self
+            .ready
+            .values()
+            .flat_map(|q| q.iter())
+            .map(|e| (e, MessageState::Ready, 0));
+        let delayed = self
+            .delayed
+            .iter()
+            .map(|((due, _), e)| (e, MessageState::Delayed, *due));
+        let mut held: Vec<&Held<P>> = self.leased.values().collect();
+        held.sort_unstable_by_key(|h| h.token);
+        let held = held
+            .into_iter()
+            .map(|h| (&h.entry, MessageState::InFlight, h.deadline));
+        ready.chain(delayed).chain(held).take(limit).collect()
+    }
+
+    /// Counters and depths.
+    pub fn stats(&self) -> ChannelStats {
+        let c = &self.counters;
+        ChannelStats {
+            channel: self.spec.name.to_string(),
+            ready: self.ready_len as u64,
+            delayed: self.delayed.len() as u64,
+            in_flight: self.leased.len() as u64,
+            dead: self.dead.len() as u64,
+            produced: c.produced,
+            duplicates: c.duplicates,
+            acked: c.acked,
+            retried: c.retried,
+            dead_lettered: c.dead_lettered,
+            lease_expiries: c.lease_expiries,
+            consumers: self.consumers.len() as u64,
+        }
+    }
+
+    /// Every pending message and dead letter, for compaction: `(entry, due)` of ready, delayed
+    /// and held messages; dead letters separately.
+    pub fn live_entries(&self) -> impl Iterator<Item = &Entry<P>> {
+        self.ready
+            .values()
+            .flat_map(|q| q.iter())
+            .chain(self.delayed.values())
+            .chain(self.leased.values().map(|h| &h.entry))
+            .chain(self.dead.values().map(|d| &d.entry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64, priority: u8) -> Entry<()> {
+        Entry {
+            id: MessageId(id),
+            payload: (),
+            attempts: 0,
+            priority,
+            produced_at: 0,
+        }
+    }
+
+    fn spec() -> ChannelSpec {
+        ChannelSpec::new("t")
+            .lease(Duration::from_secs(10))
+            .max_attempts(3)
+            .backoff(Duration::from_secs(1))
+    }
+
+    #[test]
+    fn take_follows_priority_then_readiness_order() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        s.insert(entry(1, 0), 0, 0);
+        s.insert(entry(2, 5), 0, 0);
+        s.insert(entry(3, 0), 0, 0);
+        s.insert(entry(4, 5), 0, 0);
+        let order: Vec<u64> = (0..4)
+            .map(|t| s.take(1, t, 0).unwrap().entry.id.0)
+            .collect();
+        assert_eq!(order, vec![2, 4, 1, 3]);
+        assert!(s.take(1, 9, 0).is_none());
+    }
+
+    #[test]
+    fn a_lapsed_lease_requeues_at_the_front_and_counts_the_attempt() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        s.insert(entry(1, 0), 0, 0);
+        s.insert(entry(2, 0), 0, 0);
+        let h = s.take(1, 7, 0).unwrap();
+        assert_eq!(h.deadline, 10_000);
+        assert!(s.tick(9_999).is_empty());
+        let changes = s.tick(10_000);
+        assert_eq!(
+            changes,
+            vec![Change::Requeued {
+                id: MessageId(1),
+                attempts: 1,
+                due: 10_000
+            }]
+        );
+        let again = s.take(1, 8, 10_000).unwrap();
+        assert_eq!((again.entry.id.0, again.entry.attempts), (1, 2));
+        assert!(matches!(
+            s.settle(MessageId(1), 7, Outcome::Ack, 10_000, 0.0),
+            Err(QueueError::StaleLease { .. })
+        ));
+    }
+
+    #[test]
+    fn the_last_failed_attempt_dead_letters_with_the_error() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        s.insert(entry(1, 0), 0, 0);
+        let mut now = 0;
+        for attempt in 1..=3u64 {
+            let h = s.take(1, attempt, now).expect("ready");
+            let change = s
+                .settle(
+                    h.entry.id,
+                    attempt,
+                    Outcome::Retry {
+                        after: None,
+                        error: "boom".into(),
+                    },
+                    now,
+                    1.0,
+                )
+                .unwrap();
+            if attempt < 3 {
+                let Change::Requeued { due, .. } = change else {
+                    panic!("{change:?}")
+                };
+                assert_eq!(due - now, 1_000 << (attempt - 1));
+                now = due;
+                s.tick(now);
+            } else {
+                assert!(
+                    matches!(change, Change::Died { attempts: 3, .. }),
+                    "{change:?}"
+                );
+            }
+        }
+        let dead: Vec<_> = s.dead_letters(10).collect();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].error.starts_with("boom"), "{}", dead[0].error);
+    }
+
+    #[test]
+    fn capacity_bounds_what_one_consumer_holds() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 2);
+        for i in 0..3 {
+            s.insert(entry(i, 0), 0, 0);
+        }
+        assert!(s.take(1, 1, 0).is_some());
+        assert!(s.take(1, 2, 0).is_some());
+        assert!(s.take(1, 3, 0).is_none());
+        s.settle(MessageId(0), 1, Outcome::Ack, 0, 0.0).unwrap();
+        assert!(s.take(1, 3, 0).is_some());
+    }
+
+    #[test]
+    fn a_removed_consumer_gives_its_messages_back_in_order() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        s.add_consumer(2, 10);
+        for i in 0..3 {
+            s.insert(entry(i, 0), 0, 0);
+        }
+        s.take(1, 1, 0);
+        s.take(1, 2, 0);
+        assert_eq!(s.remove_consumer(1).len(), 2);
+        let order: Vec<u64> = (10..13)
+            .map(|t| s.take(2, t, 0).unwrap().entry.id.0)
+            .collect();
+        assert_eq!(order, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_dedup_key_expires_at_the_end_of_its_window() {
+        let mut s = ChannelState::<()>::new(spec());
+        s.remember(42, MessageId(1), 1_000);
+        assert_eq!(s.duplicate_of(42, 999), Some(MessageId(1)));
+        assert_eq!(s.duplicate_of(42, 1_000), None);
+        s.tick(1_000);
+        assert!(s.dedup.is_empty() && s.dedup_expiry.is_empty());
+    }
+}
