@@ -1,0 +1,16 @@
+//! The conformance suite against `memory://`.
+
+mod conformance;
+
+use std::sync::Arc;
+
+use queue_core::{Queue, VirtualClock};
+use queue_runtime::ConnectOptions;
+
+async fn memory(clock: VirtualClock) -> Queue {
+    queue_runtime::connect_with("memory://", ConnectOptions::with_clock(Arc::new(clock)))
+        .await
+        .expect("memory queue")
+}
+
+conformance_suite!(memory);
