@@ -17,7 +17,9 @@ struct Msg {
 
 fn msg() -> Msg {
     // About 256 bytes of BSON.
-    Msg { body: "x".repeat(236) }
+    Msg {
+        body: "x".repeat(236),
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -42,9 +42,15 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
     }
 
     let marker_doc = format!("The channel `{name}`, carrying [`{ident}`].");
+    // The only place the message type's serde and thread-safety bounds are proven, at its
+    // name. Everything below assumes them through a higher-ranked `where` clause (rustc
+    // rejects a plain `where Type: Trait` that does not hold as a trivially false bound, but
+    // not one under `for<'__a>`), so a type without `Serialize` gets this one error instead of
+    // one more per impl and method.
     let payload_check = quote_spanned! {ident.span()=>
         const _: () = #p::assert_payload::<#ident>();
     };
+    let payload = quote!(for<'__a> #ident: #p::ChannelPayload);
 
     quote! {
         #item
@@ -53,20 +59,20 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
         #vis struct #marker;
 
-        #payload_check
-
         const _: () = {
-            impl #p::Channel for #marker {
+            #payload_check
+
+            impl #p::Channel for #marker where #payload {
                 type Message = #ident;
                 const SPEC: #p::ChannelSpec = #spec;
             }
 
-            impl #p::Message for #ident {
+            impl #p::Message for #ident where #payload {
                 type Channel = #marker;
             }
 
             fn __spec() -> #p::ChannelSpec {
-                <#marker as #p::Channel>::SPEC
+                #spec
             }
 
             fn __message_type() -> &'static str {
@@ -89,13 +95,19 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
                 #vis async fn produce(
                     queue: &#p::Queue,
                     message: Self,
-                ) -> #p::Result<#p::Receipt, #p::QueueError> {
+                ) -> #p::Result<#p::Receipt, #p::QueueError>
+                where
+                    #payload,
+                {
                     queue.produce::<#marker>(message).await
                 }
 
                 /// A producer for this type's channel, with delay, priority, dedup key and
                 /// batches.
-                #vis fn producer(queue: &#p::Queue) -> #p::Producer<#marker> {
+                #vis fn producer(queue: &#p::Queue) -> #p::Producer<#marker>
+                where
+                    #payload,
+                {
                     queue.producer::<#marker>()
                 }
 
@@ -109,7 +121,8 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
                     handler: F,
                 ) -> #p::Result<#p::ConsumerHandle, #p::QueueError>
                 where
-                    F: Fn(Self) -> Fut + #p::Send + #p::Sync + 'static,
+                    #payload,
+                    F: ::core::ops::Fn(Self) -> Fut + #p::Send + #p::Sync + 'static,
                     Fut: #p::Future + #p::Send + 'static,
                     Fut::Output: #p::HandlerOutput,
                 {
@@ -117,7 +130,10 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
                 }
 
                 /// A consumer builder for this type's channel.
-                #vis fn consumer(queue: &#p::Queue) -> #p::ConsumerBuilder<#marker> {
+                #vis fn consumer(queue: &#p::Queue) -> #p::ConsumerBuilder<#marker>
+                where
+                    #payload,
+                {
                     queue.consumer::<#marker>()
                 }
             }

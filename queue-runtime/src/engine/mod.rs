@@ -250,7 +250,11 @@ impl<P: Clone + Send + 'static> Engine<P> {
     ///
     /// # Errors
     /// [`QueueError::StaleLease`], [`QueueError::UnknownChannel`].
-    pub fn settle(&self, lease: &Lease, outcome: Outcome) -> Result<Change, QueueError> {
+    pub fn settle(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+    ) -> Result<(Change, Option<P>), QueueError> {
         let cell = self
             .existing(&lease.channel)
             .map_err(|_| QueueError::StaleLease { id: lease.id })?;

@@ -375,18 +375,19 @@ impl<P: Clone> ChannelState<P> {
         outcome: Outcome,
         now: Timestamp,
         unit: f64,
-    ) -> Result<Change, QueueError> {
+    ) -> Result<(Change, Option<P>), QueueError> {
         self.holder(id, token)?;
         let held = self.leased.remove(&id).expect("checked");
         self.deadlines.remove(&(held.deadline, id));
         self.release_slot(held.consumer);
         let mut entry = held.entry;
         let attempts = entry.attempts;
-        Ok(match outcome {
-            Outcome::Ack => {
-                self.counters.acked += 1;
-                Change::Acked { id }
-            }
+        if outcome == Outcome::Ack {
+            self.counters.acked += 1;
+            return Ok((Change::Acked { id }, Some(entry.payload)));
+        }
+        let change = match outcome {
+            Outcome::Ack => unreachable!("handled above"),
             Outcome::Retry { after, error } => {
                 if attempts >= self.spec.max_attempts {
                     let error =
@@ -423,7 +424,8 @@ impl<P: Clone> ChannelState<P> {
                     due: now,
                 }
             }
-        })
+        };
+        Ok((change, None))
     }
 
     /// Drops a subscription: every message it holds is ready again at once, the attempt
@@ -607,7 +609,7 @@ mod tests {
         let mut now = 0;
         for attempt in 1..=3u64 {
             let h = s.take(1, attempt, now).expect("ready");
-            let change = s
+            let (change, _) = s
                 .settle(
                     h.entry.id,
                     attempt,
