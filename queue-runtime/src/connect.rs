@@ -5,6 +5,7 @@ use std::sync::Arc;
 use queue_core::clock::Clock;
 use queue_core::{Queue, QueueError};
 
+use crate::adapters::file::{FileAdapter, FileOptions};
 use crate::adapters::memory::MemoryAdapter;
 use crate::system::{SystemClock, TokioSpawner};
 
@@ -93,11 +94,22 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
             };
             Ok(Queue::new(adapter, clock, spawner, url))
         }
-        "file" | "queue" | "queue+unix" | "postgres" | "postgresql" => {
-            Err(QueueError::Unsupported(
-                "this build has no adapter for the url scheme yet; use memory://",
-            ))
+        "file" => {
+            if rest.is_empty() {
+                return Err(invalid("file:// needs a directory"));
+            }
+            let dir = rest.to_string();
+            let opened_clock = clock.clone();
+            let adapter = tokio::task::spawn_blocking(move || {
+                FileAdapter::open(&dir, opened_clock, FileOptions::default())
+            })
+            .await
+            .map_err(|e| QueueError::backend("opening the store panicked", e))??;
+            Ok(Queue::new(adapter, clock, spawner, url))
         }
+        "queue" | "queue+unix" | "postgres" | "postgresql" => Err(QueueError::Unsupported(
+            "this build has no adapter for the url scheme yet; use memory://",
+        )),
         other => Err(invalid(&format!(
             "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix:// or postgres://"
         ))),

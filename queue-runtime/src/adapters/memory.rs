@@ -80,7 +80,7 @@ impl Subscription for MemorySubscription {
         let channel = self.channel.clone();
         let consumer = self.consumer;
         async move {
-            let held = engine.take(&cell, consumer, &|_| {}).await?;
+            let held = engine.take(&cell, consumer, &|_, _| {}).await?;
             Ok(delivery(&channel, &held))
         }
         .boxed()
@@ -122,7 +122,7 @@ impl Adapter for MemoryAdapter {
                             continue;
                         }
                         let id = self.engine.next_id();
-                        state.remember(key, id, due(now, spec.dedup_window));
+                        state.remember(key, id, due(now, spec.dedup_window), 0);
                         state.insert(
                             entry(id, out.payload, out.priority, now),
                             due(now, out.delay),

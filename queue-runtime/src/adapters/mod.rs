@@ -1,3 +1,4 @@
 //! Adapters: one module per backend.
 
+pub mod file;
 pub mod memory;

@@ -22,6 +22,9 @@ use tokio::sync::Notify;
 
 pub use state::{Change, ChannelState, Dead, Entry, Held};
 
+/// Sees state changes and granted leases under the channel's lock.
+pub type Journal<'a, P> = dyn Fn(&[Change], Option<&Held<P>>) + Send + Sync + 'a;
+
 /// One channel: its state and the waiters' wake-up.
 #[derive(Debug)]
 pub struct Cell<P> {
@@ -88,15 +91,15 @@ impl<P: Clone + Send + 'static> Engine<P> {
         MessageId(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Makes later ids and tokens larger than the ones given (after recovery).
-    pub fn bump_counters(&self, last_id: u64, last_token: u64) {
-        self.next_id.fetch_max(last_id + 1, Ordering::Relaxed);
-        self.next_token.fetch_max(last_token + 1, Ordering::Relaxed);
+    /// Makes later ids and tokens at least the ones given (after recovery).
+    pub fn bump_counters(&self, next_id: u64, next_token: u64) {
+        self.next_id.fetch_max(next_id, Ordering::Relaxed);
+        self.next_token.fetch_max(next_token, Ordering::Relaxed);
     }
 
-    /// The last token handed out.
-    pub fn last_token(&self) -> u64 {
-        self.next_token.load(Ordering::Relaxed).saturating_sub(1)
+    /// The next id to be handed out.
+    pub fn peek_next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
     }
 
     fn next_token(&self) -> u64 {
@@ -179,12 +182,16 @@ impl<P: Clone + Send + 'static> Engine<P> {
         changes
     }
 
-    /// Takes the next ready message for `consumer` now, if any.
+    /// Takes the next ready message for `consumer` now, if any. `journal` sees what time
+    /// changed and the lease granted, under the channel's lock, so that a store records them
+    /// in the order they happened. Returns the delivery, whether anything changed, and when
+    /// to look again.
     pub fn try_take(
         &self,
         cell: &Cell<P>,
         consumer: u64,
-    ) -> (Option<Held<P>>, Vec<Change>, Option<Timestamp>) {
+        journal: &Journal<'_, P>,
+    ) -> (Option<Held<P>>, bool, Option<Timestamp>) {
         let now = self.now();
         let mut state = cell.lock();
         let changes = state.tick(now);
@@ -193,8 +200,11 @@ impl<P: Clone + Send + 'static> Engine<P> {
         } else {
             None
         };
+        if !changes.is_empty() || held.is_some() {
+            journal(&changes, held.as_ref());
+        }
         let wakeup = state.next_wakeup();
-        (held, changes, wakeup)
+        (held, !changes.is_empty(), wakeup)
     }
 
     /// Waits until a message can be leased to `consumer` and leases it. `journal` sees every
@@ -209,16 +219,15 @@ impl<P: Clone + Send + 'static> Engine<P> {
         &self,
         cell: &Cell<P>,
         consumer: u64,
-        journal: &(dyn Fn(&[Change]) + Send + Sync),
+        journal: &Journal<'_, P>,
     ) -> Result<Held<P>, QueueError> {
         loop {
             self.check_open()?;
             let notified = cell.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (held, changes, wakeup) = self.try_take(cell, consumer);
-            if !changes.is_empty() {
-                journal(&changes);
+            let (held, changed, wakeup) = self.try_take(cell, consumer, journal);
+            if changed {
                 cell.wake();
             }
             if let Some(held) = held {

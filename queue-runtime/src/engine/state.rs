@@ -106,7 +106,7 @@ pub struct ChannelState<P> {
     leased: HashMap<MessageId, Held<P>>,
     deadlines: BTreeSet<(Timestamp, MessageId)>,
     dead: BTreeMap<MessageId, Dead<P>>,
-    dedup: HashMap<u64, (MessageId, Timestamp)>,
+    dedup: HashMap<u64, (MessageId, Timestamp, u32)>,
     dedup_expiry: BTreeSet<(Timestamp, u64)>,
     consumers: HashMap<u64, ConsumerSlot>,
     counters: Counters,
@@ -189,7 +189,7 @@ impl<P: Clone> ChannelState<P> {
                 break;
             }
             self.dedup_expiry.pop_first();
-            if self.dedup.get(&key).is_some_and(|(_, e)| *e == expires) {
+            if self.dedup.get(&key).is_some_and(|(_, e, _)| *e == expires) {
                 self.dedup.remove(&key);
             }
         }
@@ -210,8 +210,8 @@ impl<P: Clone> ChannelState<P> {
     pub fn duplicate_of(&self, key: u64, now: Timestamp) -> Option<MessageId> {
         self.dedup
             .get(&key)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(id, _)| *id)
+            .filter(|(_, expires, _)| *expires > now)
+            .map(|(id, _, _)| *id)
     }
 
     /// Counts a produce dropped as a duplicate.
@@ -220,8 +220,9 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// Remembers `key` for `id` until `expires`. The window is fixed at the first produce.
-    pub fn remember(&mut self, key: u64, id: MessageId, expires: Timestamp) {
-        if let Some((_, old)) = self.dedup.insert(key, (id, expires)) {
+    /// `home` is where a store keeps the entry (its segment), 0 where that means nothing.
+    pub fn remember(&mut self, key: u64, id: MessageId, expires: Timestamp, home: u32) {
+        if let Some((_, old, _)) = self.dedup.insert(key, (id, expires, home)) {
             self.dedup_expiry.remove(&(old, key));
         }
         self.dedup_expiry.insert((expires, key));
@@ -229,7 +230,7 @@ impl<P: Clone> ChannelState<P> {
 
     /// Forgets a dedup key (a produce that failed to become durable).
     pub fn forget(&mut self, key: u64, id: MessageId) {
-        if let Some(&(owner, expires)) = self.dedup.get(&key) {
+        if let Some(&(owner, expires, _)) = self.dedup.get(&key) {
             if owner == id {
                 self.dedup.remove(&key);
                 self.dedup_expiry.remove(&(expires, key));
@@ -473,14 +474,87 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// Deletes dead letters.
-    pub fn purge_dead(&mut self, ids: Option<&[MessageId]>) -> Vec<MessageId> {
+    pub fn purge_dead(&mut self, ids: Option<&[MessageId]>) -> Vec<(MessageId, P)> {
         match ids {
             Some(ids) => ids
                 .iter()
-                .copied()
-                .filter(|id| self.dead.remove(id).is_some())
+                .filter_map(|id| self.dead.remove(id).map(|d| (*id, d.entry.payload)))
                 .collect(),
-            None => std::mem::take(&mut self.dead).into_keys().collect(),
+            None => std::mem::take(&mut self.dead)
+                .into_iter()
+                .map(|(id, d)| (id, d.entry.payload))
+                .collect(),
+        }
+    }
+
+    /// Restores a message after recovery: ready or delayed by `due`, or dead with its error.
+    pub fn restore(
+        &mut self,
+        entry: Entry<P>,
+        due: Timestamp,
+        dead: Option<(Timestamp, String)>,
+        now: Timestamp,
+    ) {
+        match dead {
+            Some((dead_at, error)) => {
+                self.dead.insert(
+                    entry.id,
+                    Dead {
+                        entry,
+                        error,
+                        dead_at,
+                    },
+                );
+            }
+            None => self.place(entry, due, now),
+        }
+    }
+
+    /// Moves the unexpired dedup entries whose home is below `below` to `to`, returning
+    /// `(key, original id, window end)` of each, for the store to write again.
+    pub fn rehome_dedup(
+        &mut self,
+        below: u32,
+        to: u32,
+        now: Timestamp,
+    ) -> Vec<(u64, MessageId, Timestamp)> {
+        let mut moved = Vec::new();
+        for (key, (id, expires, home)) in &mut self.dedup {
+            if *home < below && *expires > now {
+                *home = to;
+                moved.push((*key, *id, *expires));
+            }
+        }
+        moved
+    }
+
+    /// Visits the stored messages `pick` chooses with their state (`due`, 0 for ready and
+    /// held messages; `(dead_at, error)` for dead letters) and replaces their payload handle
+    /// with what `relocate` returns.
+    pub fn relocate(
+        &mut self,
+        mut pick: impl FnMut(&Entry<P>) -> bool,
+        mut relocate: impl FnMut(&Entry<P>, Timestamp, Option<(Timestamp, &str)>) -> P,
+    ) {
+        for e in self.ready.values_mut().flat_map(|q| q.iter_mut()) {
+            if pick(e) {
+                e.payload = relocate(e, 0, None);
+            }
+        }
+        for ((due, _), e) in &mut self.delayed {
+            if pick(e) {
+                e.payload = relocate(e, *due, None);
+            }
+        }
+        for h in self.leased.values_mut() {
+            if pick(&h.entry) {
+                h.entry.payload = relocate(&h.entry, 0, None);
+            }
+        }
+        for d in self.dead.values_mut() {
+            if pick(&d.entry) {
+                d.entry.payload = relocate(&d.entry, 0, Some((d.dead_at, &d.error)));
+            }
         }
     }
 
@@ -674,7 +748,7 @@ mod tests {
     #[test]
     fn a_dedup_key_expires_at_the_end_of_its_window() {
         let mut s = ChannelState::<()>::new(spec());
-        s.remember(42, MessageId(1), 1_000);
+        s.remember(42, MessageId(1), 1_000, 0);
         assert_eq!(s.duplicate_of(42, 999), Some(MessageId(1)));
         assert_eq!(s.duplicate_of(42, 1_000), None);
         s.tick(1_000);

@@ -1,6 +1,7 @@
 //! The conformance suite: every guarantee of the queue contract, as behaviours that every
 //! adapter must pass unchanged. An adapter's test file includes this module and calls
-//! [`conformance_suite!`] with an async factory `fn(VirtualClock) -> Queue`.
+//! [`conformance_suite!`] with an async factory `fn(VirtualClock) -> (Queue, guard)`, where the guard keeps
+//! whatever the queue needs alive until the test ends.
 //!
 //! Time moves only through the virtual clock. Waits on real time appear only as generous
 //! upper bounds (a failing adapter times out instead of hanging) and in `still_waiting`,
@@ -19,6 +20,8 @@ use queue_core::{ChannelStats, Queue, RawDelivery, Subscription, VirtualClock};
 pub struct Harness {
     pub queue: Queue,
     pub clock: VirtualClock,
+    /// Whatever must live as long as the queue (a temporary directory, a server).
+    pub guard: Box<dyn std::any::Any + Send>,
 }
 
 impl Harness {
@@ -150,8 +153,8 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let clock = ::queue_core::VirtualClock::default();
-                let queue = $factory(clock.clone()).await;
-                let harness = $crate::conformance::Harness { queue, clock };
+                let (queue, guard) = $factory(clock.clone()).await;
+                let harness = $crate::conformance::Harness { queue, clock, guard };
                 $crate::conformance::cases::$case(&harness).await;
                 let _ = harness.queue.close().await;
             }

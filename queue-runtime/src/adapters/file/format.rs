@@ -1,0 +1,528 @@
+//! The on-disk format of the embedded log (format version 1). See `docs/design.md`.
+//!
+//! A segment file is a 16-byte header (`QSEG`, the format version as `u16`, two reserved
+//! bytes, the segment number as `u64`) followed by records. A record is
+//! `len: u32 | crc: u32 | kind: u8 | body`, little endian, where `len` counts `kind` and
+//! `body` and `crc` is CRC32C over the same bytes. Each group commit ends with a
+//! [`Record::Commit`], which lets recovery tell a torn tail from damage in the middle.
+
+use std::fmt;
+
+use queue_core::clock::Timestamp;
+
+/// The segment magic.
+pub const MAGIC: &[u8; 4] = b"QSEG";
+/// The format version written and read.
+pub const VERSION: u16 = 1;
+/// Bytes of the segment header.
+pub const HEADER_LEN: usize = 16;
+/// Bytes of a record's frame before its kind byte.
+pub const FRAME_LEN: usize = 8;
+/// The largest record accepted on read: a maximal payload plus room for its metadata.
+pub const MAX_RECORD: usize = queue_core::codec::MAX_PAYLOAD + 64 * 1024;
+
+const PRODUCE: u8 = 1;
+const LEASE: u8 = 2;
+const ACK: u8 = 3;
+const REQUEUE: u8 = 4;
+const DEAD: u8 = 5;
+const REDRIVE: u8 = 6;
+const PURGE: u8 = 7;
+const DEDUP: u8 = 8;
+const COMMIT: u8 = 9;
+
+/// The state a message is written with, for new messages and for relocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord<'a> {
+    /// The channel name.
+    pub channel: &'a str,
+    /// The message id.
+    pub id: u64,
+    /// When it was produced.
+    pub produced_at: Timestamp,
+    /// When it is due.
+    pub due: Timestamp,
+    /// Its priority.
+    pub priority: u8,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// `(key, window end)` for a deduplicated message.
+    pub dedup: Option<(u64, Timestamp)>,
+    /// `(dead_at, error)` for a dead letter.
+    pub dead: Option<(Timestamp, &'a str)>,
+    /// The BSON payload.
+    pub payload: &'a [u8],
+}
+
+/// One log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A message and its state.
+    Message(MessageRecord<'a>),
+    /// A delivery was made: the message has used `attempts` deliveries.
+    Lease {
+        /// The message.
+        id: u64,
+        /// Deliveries made.
+        attempts: u32,
+    },
+    /// The message is done.
+    Ack {
+        /// The message.
+        id: u64,
+    },
+    /// The message is pending again, due at `due`.
+    Requeue {
+        /// The message.
+        id: u64,
+        /// Deliveries made.
+        attempts: u32,
+        /// When it is due.
+        due: Timestamp,
+    },
+    /// The message moved to the dead-letter queue.
+    Dead {
+        /// The message.
+        id: u64,
+        /// Deliveries made.
+        attempts: u32,
+        /// When.
+        dead_at: Timestamp,
+        /// Why.
+        error: &'a str,
+    },
+    /// A dead letter went back to its channel with attempts reset.
+    Redrive {
+        /// The message.
+        id: u64,
+    },
+    /// A dead letter was deleted.
+    Purge {
+        /// The message.
+        id: u64,
+    },
+    /// A dedup entry, rewritten when the segment of its message is compacted away.
+    Dedup {
+        /// The channel.
+        channel: &'a str,
+        /// The key.
+        key: u64,
+        /// The original message.
+        id: u64,
+        /// The window end.
+        expires: Timestamp,
+    },
+    /// The end of one group commit, with the counters that must never go backwards.
+    Commit {
+        /// The next message id to hand out.
+        next_id: u64,
+        /// The store's open count; fencing tokens of this run start at `epoch << 40`.
+        epoch: u64,
+    },
+}
+
+/// The segment header for segment `number`.
+pub fn header(number: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&number.to_le_bytes());
+    h
+}
+
+/// Why a header is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Fewer than 16 bytes.
+    Short,
+    /// Not a segment file.
+    BadMagic,
+    /// A version this build does not read.
+    Version(u16),
+    /// The header names another segment than the file name.
+    Number(u64),
+}
+
+impl fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderError::Short => f.write_str("segment header is incomplete"),
+            HeaderError::BadMagic => f.write_str("not a queue segment (bad magic)"),
+            HeaderError::Version(v) => {
+                write!(
+                    f,
+                    "segment format version {v} is not supported (this build reads {VERSION})"
+                )
+            }
+            HeaderError::Number(n) => write!(f, "segment header names segment {n}"),
+        }
+    }
+}
+
+/// Checks a segment header.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_header(bytes: &[u8], number: u64) -> Result<(), HeaderError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(HeaderError::Short);
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if n != number {
+        return Err(HeaderError::Number(n));
+    }
+    Ok(())
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str16(&mut self, s: &str) {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
+}
+
+/// Appends `record`, framed, to `out`. Returns the offset of the payload within `out` for a
+/// message record.
+pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Option<usize> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_LEN]);
+    let mut payload_at = None;
+    let mut w = Writer(out);
+    match record {
+        Record::Message(m) => {
+            w.u8(PRODUCE);
+            w.u64(m.id);
+            w.u64(m.produced_at);
+            w.u64(m.due);
+            w.u8(m.priority);
+            w.u32(m.attempts);
+            w.u8(u8::from(m.dedup.is_some()) | (u8::from(m.dead.is_some()) << 1));
+            if let Some((key, expires)) = m.dedup {
+                w.u64(key);
+                w.u64(expires);
+            }
+            w.str16(m.channel);
+            if let Some((dead_at, error)) = m.dead {
+                w.u64(dead_at);
+                w.str16(error);
+            }
+            w.u32(u32::try_from(m.payload.len()).expect("payloads are at most 16 MiB"));
+            payload_at = Some(w.0.len() - start);
+            w.0.extend_from_slice(m.payload);
+        }
+        Record::Lease { id, attempts } => {
+            w.u8(LEASE);
+            w.u64(*id);
+            w.u32(*attempts);
+        }
+        Record::Ack { id } => {
+            w.u8(ACK);
+            w.u64(*id);
+        }
+        Record::Requeue { id, attempts, due } => {
+            w.u8(REQUEUE);
+            w.u64(*id);
+            w.u32(*attempts);
+            w.u64(*due);
+        }
+        Record::Dead {
+            id,
+            attempts,
+            dead_at,
+            error,
+        } => {
+            w.u8(DEAD);
+            w.u64(*id);
+            w.u32(*attempts);
+            w.u64(*dead_at);
+            w.str16(error);
+        }
+        Record::Redrive { id } => {
+            w.u8(REDRIVE);
+            w.u64(*id);
+        }
+        Record::Purge { id } => {
+            w.u8(PURGE);
+            w.u64(*id);
+        }
+        Record::Dedup {
+            channel,
+            key,
+            id,
+            expires,
+        } => {
+            w.u8(DEDUP);
+            w.str16(channel);
+            w.u64(*key);
+            w.u64(*id);
+            w.u64(*expires);
+        }
+        Record::Commit { next_id, epoch } => {
+            w.u8(COMMIT);
+            w.u64(*next_id);
+            w.u64(*epoch);
+        }
+    }
+    let body = &out[start + FRAME_LEN..];
+    let len = u32::try_from(body.len()).expect("records are smaller than 4 GiB");
+    let crc = crc32c::crc32c(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    payload_at
+}
+
+/// What reading a record at some offset found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read<'a> {
+    /// A record and its total framed length.
+    Record(Record<'a>, usize),
+    /// The bytes end before the record does.
+    Incomplete,
+    /// The frame or checksum is wrong, or the body does not parse.
+    Damaged(&'static str),
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|s| s[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+    }
+    fn str16(&mut self) -> Option<&'a str> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+/// Reads the record at the start of `bytes`.
+pub fn decode(bytes: &[u8]) -> Read<'_> {
+    if bytes.len() < FRAME_LEN {
+        return Read::Incomplete;
+    }
+    let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD {
+        return Read::Damaged("record length out of range");
+    }
+    let Some(body) = bytes.get(FRAME_LEN..FRAME_LEN + len) else {
+        return Read::Incomplete;
+    };
+    if crc32c::crc32c(body) != crc {
+        return Read::Damaged("checksum mismatch");
+    }
+    match parse(body) {
+        Some(r) => Read::Record(r, FRAME_LEN + len),
+        None => Read::Damaged("record body does not parse"),
+    }
+}
+
+fn parse(body: &[u8]) -> Option<Record<'_>> {
+    let mut r = Reader { b: body, at: 0 };
+    let record = match r.u8()? {
+        PRODUCE => {
+            let id = r.u64()?;
+            let produced_at = r.u64()?;
+            let due = r.u64()?;
+            let priority = r.u8()?;
+            let attempts = r.u32()?;
+            let flags = r.u8()?;
+            let dedup = if flags & 1 != 0 {
+                Some((r.u64()?, r.u64()?))
+            } else {
+                None
+            };
+            let channel = r.str16()?;
+            let dead = if flags & 2 != 0 {
+                Some((r.u64()?, r.str16()?))
+            } else {
+                None
+            };
+            let n = r.u32()? as usize;
+            let payload = r.take(n)?;
+            Record::Message(MessageRecord {
+                channel,
+                id,
+                produced_at,
+                due,
+                priority,
+                attempts,
+                dedup,
+                dead,
+                payload,
+            })
+        }
+        LEASE => Record::Lease {
+            id: r.u64()?,
+            attempts: r.u32()?,
+        },
+        ACK => Record::Ack { id: r.u64()? },
+        REQUEUE => Record::Requeue {
+            id: r.u64()?,
+            attempts: r.u32()?,
+            due: r.u64()?,
+        },
+        DEAD => Record::Dead {
+            id: r.u64()?,
+            attempts: r.u32()?,
+            dead_at: r.u64()?,
+            error: r.str16()?,
+        },
+        REDRIVE => Record::Redrive { id: r.u64()? },
+        PURGE => Record::Purge { id: r.u64()? },
+        DEDUP => Record::Dedup {
+            channel: r.str16()?,
+            key: r.u64()?,
+            id: r.u64()?,
+            expires: r.u64()?,
+        },
+        COMMIT => Record::Commit {
+            next_id: r.u64()?,
+            epoch: r.u64()?,
+        },
+        _ => return None,
+    };
+    (r.at == body.len()).then_some(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Record<'static>> {
+        vec![
+            Record::Message(MessageRecord {
+                channel: "user/registered",
+                id: 7,
+                produced_at: 1,
+                due: 2,
+                priority: 3,
+                attempts: 4,
+                dedup: Some((5, 6)),
+                dead: Some((8, "boom")),
+                payload: b"\x05\x00\x00\x00\x00",
+            }),
+            Record::Message(MessageRecord {
+                channel: "c",
+                id: 1,
+                produced_at: 0,
+                due: 0,
+                priority: 0,
+                attempts: 0,
+                dedup: None,
+                dead: None,
+                payload: b"",
+            }),
+            Record::Lease { id: 1, attempts: 2 },
+            Record::Ack { id: 3 },
+            Record::Requeue {
+                id: 4,
+                attempts: 5,
+                due: 6,
+            },
+            Record::Dead {
+                id: 7,
+                attempts: 8,
+                dead_at: 9,
+                error: "e",
+            },
+            Record::Redrive { id: 10 },
+            Record::Purge { id: 11 },
+            Record::Dedup {
+                channel: "x",
+                key: 12,
+                id: 13,
+                expires: 14,
+            },
+            Record::Commit {
+                next_id: 15,
+                epoch: 16,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_record_round_trips() {
+        for r in samples() {
+            let mut buf = Vec::new();
+            let payload_at = encode(&r, &mut buf);
+            assert_eq!(decode(&buf), Read::Record(r.clone(), buf.len()));
+            if let Record::Message(m) = &r {
+                let at = payload_at.expect("message records have a payload");
+                assert_eq!(&buf[at..at + m.payload.len()], m.payload);
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_or_a_cut_is_detected() {
+        let mut buf = Vec::new();
+        encode(&samples()[0], &mut buf);
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                !matches!(decode(&bad), Read::Record(..)),
+                "flip at {i} went unnoticed"
+            );
+            assert!(
+                !matches!(decode(&buf[..i]), Read::Record(..)),
+                "cut at {i} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_check_magic_version_and_number() {
+        let h = header(42);
+        assert_eq!(check_header(&h, 42), Ok(()));
+        assert_eq!(check_header(&h, 41), Err(HeaderError::Number(42)));
+        assert_eq!(check_header(&h[..10], 42), Err(HeaderError::Short));
+        let mut v = h;
+        v[4] = 9;
+        assert_eq!(check_header(&v, 42), Err(HeaderError::Version(9)));
+        let mut m = h;
+        m[0] = b'X';
+        assert_eq!(check_header(&m, 42), Err(HeaderError::BadMagic));
+    }
+}

@@ -1,0 +1,396 @@
+//! Group commit: one thread owns the active segment. It takes every write waiting, appends
+//! them with a commit record in one `write`, calls `fdatasync` once, and answers all of them.
+//! A lone writer is written at once; no timer holds it back. After any failed write or sync
+//! the store is poisoned: the failed batch and every later one fail, and the sync is never
+//! retried (the kernel may have dropped the dirty pages it could not write).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::{Mutex, RwLock};
+use queue_core::QueueError;
+use tokio::sync::oneshot;
+
+use super::format::{self, Record};
+
+/// The file-system calls the log makes, replaceable to inject failures in tests.
+pub trait Storage: Send + Sync + 'static {
+    /// Appends bytes to the active segment.
+    ///
+    /// # Errors
+    /// The write error.
+    fn append(&self, file: &mut File, bytes: &[u8]) -> io::Result<()> {
+        file.write_all(bytes)
+    }
+
+    /// Makes a file's data durable (`fdatasync`).
+    ///
+    /// # Errors
+    /// The sync error.
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    /// Makes a directory's entries durable, after a file was created, renamed or removed.
+    ///
+    /// # Errors
+    /// The sync error.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// The operating system's file calls.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsStorage;
+
+impl Storage for OsStorage {}
+
+/// The path of segment `n` in `dir`.
+pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:020}.qlog"))
+}
+
+/// Where a write landed: its segment and the offset of its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// The segment number.
+    pub segment: u64,
+    /// The byte offset in the segment.
+    pub offset: u64,
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    messages: u64,
+    done: Option<oneshot::Sender<Result<Placed, QueueError>>>,
+}
+
+/// Per segment: message records written, and those whose message is still stored.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Message records written into the segment.
+    pub written: u64,
+    /// Stored messages whose payload is in the segment.
+    pub live: u64,
+}
+
+/// State shared between the writer thread and readers.
+pub struct Shared {
+    /// Read handles of every segment, by number.
+    pub segments: RwLock<BTreeMap<u64, Arc<File>>>,
+    /// The active segment's number.
+    pub active: AtomicU64,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<String>,
+    /// The next message id, written in every commit record.
+    pub next_id: AtomicU64,
+    /// This run's epoch, written in every commit record.
+    pub epoch: u64,
+    /// Bytes written since open, for compaction heuristics and stats.
+    pub written: AtomicU64,
+    /// Group commits made.
+    pub commits: AtomicU64,
+    /// Usage of each segment; the writer counts messages in as it writes them.
+    pub usage: Mutex<BTreeMap<u64, Usage>>,
+}
+
+impl Shared {
+    /// Fails once the store is poisoned.
+    ///
+    /// # Errors
+    /// [`QueueError::Poisoned`].
+    pub fn check(&self) -> Result<(), QueueError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            Err(QueueError::Poisoned(self.poison_reason.lock().clone()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn poison(&self, reason: String) {
+        tracing::error!(error = %reason, "store poisoned; every later write fails until it is reopened");
+        *self.poison_reason.lock() = reason;
+        self.poisoned.store(true, Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The sending side of the writer thread.
+pub struct Writer {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What the thread shares.
+    pub shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A submitted write; await it for durability.
+pub type Pending = oneshot::Receiver<Result<Placed, QueueError>>;
+
+/// Settings of the writer.
+#[expect(
+    missing_debug_implementations,
+    reason = "holds a file handle and a trait object"
+)]
+pub struct WriterConfig {
+    /// The store directory.
+    pub dir: PathBuf,
+    /// The active segment, opened for append, and its length.
+    pub file: File,
+    /// Its length.
+    pub len: u64,
+    /// Its number.
+    pub segment: u64,
+    /// Roll to a new segment once the active one is larger than this.
+    pub segment_size: u64,
+    /// The file calls.
+    pub storage: Arc<dyn Storage>,
+}
+
+impl Writer {
+    /// Starts the writer thread on the active segment.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn start(config: WriterConfig, shared: Arc<Shared>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("queue-log-writer".into())
+            .spawn(move || run(config, &thread_shared, &rx))?;
+        Ok(Writer {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            shared,
+        })
+    }
+
+    /// Queues encoded records; the returned future completes once they are durable.
+    /// Records submitted earlier are written earlier.
+    /// `messages` counts the message records among them, which the writer adds to the
+    /// segment's usage as it writes them.
+    pub fn submit(&self, bytes: Vec<u8>, messages: u64) -> Pending {
+        let (done, rx) = oneshot::channel();
+        self.send(Job {
+            bytes,
+            messages,
+            done: Some(done),
+        });
+        rx
+    }
+
+    /// Queues records without waiting for them; they become durable with the next commit.
+    pub fn submit_quiet(&self, bytes: Vec<u8>) {
+        self.send(Job {
+            bytes,
+            messages: 0,
+            done: None,
+        });
+    }
+
+    fn send(&self, job: Job) {
+        let guard = self.tx.lock();
+        match guard.as_ref() {
+            Some(tx) => {
+                if let Err(mpsc::SendError(job)) = tx.send(job) {
+                    fail(job, &QueueError::Closed);
+                }
+            }
+            None => fail(job, &QueueError::Closed),
+        }
+    }
+
+    /// Waits for a submitted write.
+    ///
+    /// # Errors
+    /// [`QueueError::Poisoned`] after a failed write or sync; [`QueueError::Closed`].
+    pub async fn wait(pending: Pending) -> Result<Placed, QueueError> {
+        pending.await.unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Stops accepting writes, lets the thread write and sync what it has, and joins it.
+    pub fn shutdown(&self) {
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn fail(job: Job, error: &QueueError) {
+    if let Some(done) = job.done {
+        let _ = done.send(Err(match error {
+            QueueError::Poisoned(r) => QueueError::Poisoned(r.clone()),
+            _ => QueueError::Closed,
+        }));
+    }
+}
+
+/// Bytes gathered into one group commit at most (a single larger write goes alone).
+const BATCH_BYTES: usize = 4 << 20;
+
+fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut batch: Vec<(usize, Option<oneshot::Sender<Result<Placed, QueueError>>>)> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut size = jobs[0].bytes.len();
+        while size < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(j) => {
+                    size += j.bytes.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = shared.check() {
+            jobs.into_iter().for_each(|j| fail(j, &e));
+            continue;
+        }
+        if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size {
+            if let Err(e) = roll(&mut c, shared) {
+                shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
+                let err = shared.check().expect_err("just poisoned");
+                jobs.into_iter().for_each(|j| fail(j, &err));
+                continue;
+            }
+        }
+        buf.clear();
+        batch.clear();
+        let mut messages = 0;
+        for job in jobs {
+            batch.push((buf.len(), job.done));
+            buf.extend_from_slice(&job.bytes);
+            messages += job.messages;
+        }
+        format::encode(
+            &Record::Commit {
+                next_id: shared.next_id.load(Ordering::Acquire),
+                epoch: shared.epoch,
+            },
+            &mut buf,
+        );
+        let result = c
+            .storage
+            .append(&mut c.file, &buf)
+            .and_then(|()| c.storage.sync_data(&c.file));
+        match result {
+            Ok(()) => {
+                let base = c.len;
+                c.len += buf.len() as u64;
+                shared
+                    .written
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                if messages > 0 {
+                    let mut usage = shared.usage.lock();
+                    let u = usage.entry(c.segment).or_default();
+                    u.written += messages;
+                    u.live += messages;
+                }
+                for (at, done) in batch.drain(..) {
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(Placed {
+                            segment: c.segment,
+                            offset: base + at as u64,
+                        }));
+                    }
+                }
+            }
+            Err(e) => {
+                shared.poison(format!(
+                    "write or fdatasync of {} failed: {e}",
+                    segment_path(&c.dir, c.segment).display()
+                ));
+                let err = shared.check().expect_err("just poisoned");
+                for (_, done) in batch.drain(..) {
+                    if let Some(done) = done {
+                        let _ = done.send(Err(QueueError::Poisoned(match &err {
+                            QueueError::Poisoned(r) => r.clone(),
+                            other => other.to_string(),
+                        })));
+                    }
+                }
+            }
+        }
+    }
+    if shared.check().is_ok() {
+        if let Err(e) = c.storage.sync_data(&c.file) {
+            tracing::error!(error = %e, "final fdatasync failed");
+        }
+    }
+}
+
+/// Seals the active segment and starts the next: the old one is synced, the new one gets a
+/// header and a commit record, is synced, and the directory is synced.
+fn roll(c: &mut WriterConfig, shared: &Shared) -> io::Result<()> {
+    c.storage.sync_data(&c.file)?;
+    let next = c.segment + 1;
+    let path = segment_path(&c.dir, next);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .read(true)
+        .open(&path)?;
+    let mut head = format::header(next).to_vec();
+    format::encode(
+        &Record::Commit {
+            next_id: shared.next_id.load(Ordering::Acquire),
+            epoch: shared.epoch,
+        },
+        &mut head,
+    );
+    c.storage.append(&mut file, &head)?;
+    c.storage.sync_data(&file)?;
+    c.storage.sync_dir(&c.dir)?;
+    let reader = Arc::new(File::open(&path)?);
+    shared.segments.write().insert(next, reader);
+    shared.active.store(next, Ordering::Release);
+    c.file = file;
+    c.len = head.len() as u64;
+    c.segment = next;
+    tracing::debug!(segment = next, "started a new segment");
+    Ok(())
+}
+
+/// A new shared state.
+pub fn shared(next_id: u64, epoch: u64, active: u64) -> Arc<Shared> {
+    Arc::new(Shared {
+        segments: RwLock::new(BTreeMap::new()),
+        active: AtomicU64::new(active),
+        poisoned: AtomicBool::new(false),
+        poison_reason: Mutex::new(String::new()),
+        next_id: AtomicU64::new(next_id),
+        epoch,
+        written: AtomicU64::new(0),
+        commits: AtomicU64::new(0),
+        usage: Mutex::new(BTreeMap::new()),
+    })
+}
