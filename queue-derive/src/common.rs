@@ -107,28 +107,49 @@ pub(crate) fn parse_duration(
         lit: Lit::Str(s), ..
     }) = value
     else {
-        errors.push_spanned(
-            value,
-            format!("`{option}` must be a duration string such as `\"30s\"` or `\"1h 30m\"`"),
-        );
+        let message = match value {
+            Expr::Lit(syn::ExprLit {
+                lit: Lit::Int(i), ..
+            }) => format!(
+                "`{option}` must be a duration string, did you mean `{option} = \"{}s\"`?",
+                i.base10_digits()
+            ),
+            _ => format!("`{option}` must be a duration string such as `\"30s\"` or `\"1h 30m\"`"),
+        };
+        errors.push_spanned(value, message);
         return None;
     };
-    match humantime::parse_duration(s.value().trim()) {
+    let text = s.value();
+    match humantime::parse_duration(text.trim()) {
         Ok(d) if d.is_zero() => {
             errors.push(s.span(), format!("`{option}` must be longer than zero"));
             None
         }
         Ok(d) => Some((d, s.span())),
         Err(e) => {
-            errors.push(
-                s.span(),
-                format!(
-                    "invalid duration `{}` for `{option}`: {}",
-                    s.value(),
-                    lowercase_first(&e.to_string())
-                ),
-            );
+            errors.push(s.span(), duration_error(&text, option, &e));
             None
+        }
+    }
+}
+
+/// Says what is wrong with a duration; humantime's own messages give byte offsets.
+fn duration_error(text: &str, option: &str, e: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    let example = "such as `\"30s\"`, `\"500ms\"` or `\"1h 30m\"`";
+    match e {
+        E::Empty => format!("`{option}` must not be empty: give a duration {example}"),
+        E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("duration `{text}` for `{option}` needs a unit, did you mean `\"{value}s\"`?")
+        }
+        E::UnknownUnit { unit, .. } => format!(
+            "unknown unit `{unit}` in duration `{text}` for `{option}`, expected one of `ms`, `s`, `m`, `h`, `d`"
+        ),
+        E::NumberOverflow => format!("duration `{text}` for `{option}` is too large"),
+        E::InvalidCharacter(_) | E::NumberExpected(_) => {
+            format!(
+                "invalid duration `{text}` for `{option}`: expected a number and a unit, {example}"
+            )
         }
     }
 }
@@ -139,7 +160,16 @@ pub(crate) fn parse_positive_int(value: &Expr, option: &str, errors: &mut Errors
         lit: Lit::Int(i), ..
     }) = value
     else {
-        errors.push_spanned(value, format!("`{option}` must be an integer literal"));
+        let message = match value {
+            Expr::Lit(syn::ExprLit {
+                lit: Lit::Str(s), ..
+            }) if s.value().trim().parse::<u32>().is_ok_and(|n| n > 0) => format!(
+                "`{option}` must be an integer, not a string, did you mean `{option} = {}`?",
+                s.value().trim()
+            ),
+            _ => format!("`{option}` must be an integer literal such as `{option} = 5`"),
+        };
+        errors.push_spanned(value, message);
         return None;
     };
     match i.base10_parse::<u32>() {
@@ -155,19 +185,6 @@ pub(crate) fn parse_positive_int(value: &Expr, option: &str, errors: &mut Errors
             );
             None
         }
-    }
-}
-
-fn lowercase_first(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f
-            .to_lowercase()
-            .chain(c)
-            .collect::<String>()
-            .trim_end_matches('.')
-            .to_string(),
-        None => String::new(),
     }
 }
 

@@ -98,13 +98,12 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
             if rest.is_empty() {
                 return Err(invalid("file:// needs a directory"));
             }
-            let dir = rest.to_string();
+            let (dir, options) = file_options(rest).map_err(|r| invalid(&r))?;
             let opened_clock = clock.clone();
-            let adapter = tokio::task::spawn_blocking(move || {
-                FileAdapter::open(&dir, opened_clock, FileOptions::default())
-            })
-            .await
-            .map_err(|e| QueueError::backend("opening the store panicked", e))??;
+            let adapter =
+                tokio::task::spawn_blocking(move || FileAdapter::open(&dir, opened_clock, options))
+                    .await
+                    .map_err(|e| QueueError::backend("opening the store panicked", e))??;
             Ok(Queue::new(adapter, clock, spawner, url))
         }
         "queue" | "queue+unix" | "postgres" | "postgresql" => Err(QueueError::Unsupported(
@@ -114,4 +113,25 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
             "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix:// or postgres://"
         ))),
     }
+}
+
+/// Splits `PATH?segment_size=BYTES` into the directory and options.
+fn file_options(rest: &str) -> Result<(String, FileOptions), String> {
+    let mut options = FileOptions::default();
+    let (dir, query) = rest.split_once('?').unwrap_or((rest, ""));
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("segment_size", v)) => {
+                options.segment_size = v
+                    .parse()
+                    .map_err(|_| format!("`segment_size` must be a number of bytes, not `{v}`"))?;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option `{pair}`; the file adapter takes `segment_size`"
+                ));
+            }
+        }
+    }
+    Ok((dir.to_string(), options))
 }

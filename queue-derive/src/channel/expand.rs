@@ -51,12 +51,27 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         const _: () = #p::assert_payload::<#ident>();
     };
     let payload = quote!(for<'__a> #ident: #p::ChannelPayload);
+    // At the type's name, so rustc's "the trait `Message` is implemented for …" hints point
+    // at the declaration rather than at the attribute.
+    let message_impl = quote_spanned! {ident.span()=>
+        impl #p::Message for #ident where #payload {
+            type Channel = #marker;
+        }
+    };
 
     quote! {
         #item
 
         #[doc = #marker_doc]
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #[derive(
+            ::core::clone::Clone,
+            ::core::marker::Copy,
+            ::core::fmt::Debug,
+            ::core::default::Default,
+            ::core::cmp::PartialEq,
+            ::core::cmp::Eq,
+            ::core::hash::Hash
+        )]
         #vis struct #marker;
 
         const _: () = {
@@ -67,9 +82,7 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
                 const SPEC: #p::ChannelSpec = #spec;
             }
 
-            impl #p::Message for #ident where #payload {
-                type Channel = #marker;
-            }
+            #message_impl
 
             fn __spec() -> #p::ChannelSpec {
                 #spec

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use proc_macro2::Span;
 use quote::ToTokens;
-use syn::spanned::Spanned;
-use syn::{Ident, Lit, Visibility};
+use syn::{Expr, Ident, Lit, Visibility};
 
 use super::parse::{Opt, Parsed};
 use crate::common::{
@@ -38,9 +37,10 @@ pub(super) struct Valid {
 
 pub(super) fn validate(p: Parsed) -> syn::Result<Valid> {
     let mut errors = Errors::default();
-    let name = check_name(&p, &mut errors);
+    let (name, options) = split_name(p.name, p.options);
+    let name = check_name(name, p.attr_span, &mut errors);
     let target = check_item(&p.item, &mut errors);
-    let opts = check_options(&p.options, &mut errors);
+    let opts = check_options(&options, &mut errors);
     errors.finish()?;
     let (ident, vis) = target.expect("checked");
     Ok(Valid {
@@ -56,71 +56,155 @@ pub(super) fn validate(p: Parsed) -> syn::Result<Valid> {
     })
 }
 
+/// Where the channel name is, once options written before it are recognised as options.
+enum Name {
+    /// The first argument, as the user wrote it.
+    First(Arg),
+    /// A string literal after options: `#[channel(lease = "1s", "name")]`.
+    Late(syn::LitStr),
+    /// No string literal anywhere; the first option, if any.
+    Missing(Option<Ident>),
+}
+
+/// An option where the name belongs is an option, so it is still checked, and the name is
+/// looked for after it: the mistake is the order (or a missing name), not the option.
+fn split_name(first: Option<Arg>, mut options: Vec<Opt>) -> (Name, Vec<Opt>) {
+    let (key, leading) = match first {
+        None => return (Name::Missing(None), options),
+        Some(Arg::KeyValue { key, value }) => (key.clone(), Opt::Value(key, value)),
+        Some(Arg::Flag(f)) if OPTIONS.contains(&f.to_string().as_str()) => {
+            (f.clone(), Opt::Flag(f))
+        }
+        Some(other) => return (Name::First(other), options),
+    };
+    let late = options
+        .iter()
+        .position(|o| matches!(o, Opt::Stray(Lit::Str(_))));
+    let name = match late.map(|i| options.remove(i)) {
+        Some(Opt::Stray(Lit::Str(s))) => Name::Late(s),
+        _ => Name::Missing(Some(key)),
+    };
+    options.insert(0, leading);
+    (name, options)
+}
+
 /// The name must be a non-empty string literal of `[A-Za-z0-9/._-]` without a leading or
 /// trailing `/`: it is a key in stores, URLs and metrics, where other characters need escaping.
-fn check_name(p: &Parsed, errors: &mut Errors) -> Option<String> {
-    let lit = match &p.name {
-        None => {
+fn check_name(name: Name, attr_span: Span, errors: &mut Errors) -> Option<String> {
+    let lit = match name {
+        Name::First(Arg::Lit(Lit::Str(s))) => s,
+        Name::Late(s) => {
             errors.push(
-                p.attr_span,
-                "missing channel name: expected `#[channel(\"name\")]`",
-            );
-            return None;
-        }
-        Some(Arg::Lit(Lit::Str(s))) => s,
-        Some(Arg::Flag(f)) => {
-            errors.push(
-                f.span(),
-                format!("the channel name must come first as a string literal, found `{f}`"),
-            );
-            return None;
-        }
-        Some(Arg::KeyValue { key, .. }) => {
-            errors.push(
-                key.span(),
+                s.span(),
                 format!(
-                    "the channel name must come first as a string literal, found option `{key}`"
+                    "the channel name must be the first argument: `#[channel({}, …)]`",
+                    s.to_token_stream()
                 ),
             );
             return None;
         }
-        Some(Arg::Lit(other)) => {
-            errors.push_spanned(other, "the channel name must be a string literal");
-            return None;
-        }
-        Some(Arg::Other(e)) => {
-            errors.push_spanned(
-                e,
-                "the channel name must be a string literal, not an expression",
+        Name::Missing(None) => {
+            errors.push(
+                attr_span,
+                "missing channel name: expected `#[channel(\"name\")]`",
             );
             return None;
         }
+        Name::Missing(Some(option)) => {
+            errors.push(
+                option.span(),
+                format!(
+                    "missing channel name before `{option}`: expected `#[channel(\"name\", …)]`"
+                ),
+            );
+            return None;
+        }
+        Name::First(Arg::Flag(f)) => {
+            errors.push(
+                f.span(),
+                format!("the channel name must be a string literal, found `{f}`"),
+            );
+            return None;
+        }
+        Name::First(Arg::Lit(other)) => {
+            errors.push_spanned(
+                &other,
+                format!(
+                    "the channel name must be a string literal, found `{}`",
+                    other.to_token_stream()
+                ),
+            );
+            return None;
+        }
+        Name::First(Arg::Other(e)) => {
+            let found = match &e {
+                Expr::Path(path) => format!("`{}`", path.to_token_stream()).replace(" :: ", "::"),
+                Expr::Macro(_) => "a macro call".to_string(),
+                _ => "an expression".to_string(),
+            };
+            errors.push_spanned(
+                &e,
+                format!("the channel name must be a string literal, found {found}"),
+            );
+            return None;
+        }
+        Name::First(Arg::KeyValue { .. }) => unreachable!("split_name takes options out"),
     };
     let name = lit.value();
     if name.is_empty() {
         errors.push(lit.span(), "the channel name must not be empty");
         return None;
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')))
-    {
+    if let Some(bad) = name.chars().find(|c| !valid_name_char(*c)) {
+        let suggestion = if name
+            .chars()
+            .all(|c| valid_name_char(c) || matches!(c, ' ' | '\t' | ':' | '\\'))
+        {
+            let fixed: String = name
+                .trim()
+                .chars()
+                .map(|c| match c {
+                    ':' | '\\' => '/',
+                    ' ' | '\t' => '-',
+                    c => c,
+                })
+                .collect();
+            format!(", did you mean `{fixed}`?")
+        } else {
+            String::new()
+        };
         errors.push(
             lit.span(),
             format!(
-                "channel name `{name}` contains {bad:?}; use letters, digits, `/`, `.`, `_` and `-`"
+                "channel name `{name}` contains {bad:?}: use only letters, digits, `/`, `.`, `_` and `-`{suggestion}"
             ),
         );
         return None;
     }
-    if name.starts_with('/') || name.ends_with('/') {
+    let (leading, trailing) = (name.starts_with('/'), name.ends_with('/'));
+    if leading || trailing {
+        let place = match (leading, trailing) {
+            (true, true) => "start or end",
+            (true, false) => "start",
+            _ => "end",
+        };
+        let trimmed = name.trim_matches('/');
+        let suggestion = if trimmed.is_empty() {
+            String::new()
+        } else {
+            format!(", did you mean `{trimmed}`?")
+        };
         errors.push(
             lit.span(),
-            format!("channel name `{name}` must not start or end with `/`"),
+            format!("channel name `{name}` must not {place} with `/`{suggestion}"),
         );
         return None;
     }
     Some(name)
+}
+
+fn valid_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')
 }
 
 /// Only a non-generic struct or enum can be a message: a channel carries one concrete type,
@@ -140,9 +224,18 @@ fn check_item(item: &syn::Item, errors: &mut Errors) -> Option<(Ident, Visibilit
             return None;
         }
     };
+    if let Some(lifetime) = generics.lifetimes().next() {
+        errors.push_spanned(
+            lifetime,
+            format!(
+                "channel message type `{ident}` cannot borrow: messages are decoded into owned values"
+            ),
+        );
+        return None;
+    }
     if !generics.params.is_empty() {
-        errors.push(
-            generics.span(),
+        errors.push_spanned(
+            &generics.params,
             format!(
                 "channel message type `{ident}` cannot be generic: a channel carries one concrete type"
             ),
@@ -204,7 +297,7 @@ fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
         let is_flag = FLAGS.contains(&name.as_str());
         match (is_flag, value) {
             (true, Some(v)) => {
-                errors.push_spanned(v, format!("`{name}` takes no value"));
+                errors.push_spanned(v, format!("`{name}` takes no value: write `{name}` alone"));
                 continue;
             }
             (false, None) => {
@@ -247,13 +340,13 @@ fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
             _ => unreachable!("every option is matched above"),
         }
     }
-    if let Some(span) = dedup_span {
-        if !out.exactly_once {
-            errors.push(
-                span,
-                "`dedup` applies only to `exactly_once` channels: add `exactly_once` or remove `dedup`",
-            );
-        }
+    if let Some(span) = dedup_span
+        && !out.exactly_once
+    {
+        errors.push(
+            span,
+            "`dedup` applies only to `exactly_once` channels: add `exactly_once` or remove `dedup`",
+        );
     }
     out
 }

@@ -65,19 +65,19 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         let this = gate(k);
         let before = &assumed[..k];
         let (ty, assert) = (b.ty, format_ident!("{}", b.assert));
-        // `__gateN::<Type>` starts on the type's first token and ends on its last, the span
-        // rustc gives the `assert_*` error after narrowing it to the type argument.
+        // `__gateN::<>` starts on the type's first token and ends on its last: the span rustc
+        // gives the `assert_*` error after narrowing it to the type argument.
         let (first, last) = outer_spans(ty);
         let mut next = gate(k + 1);
         next.set_span(first);
         let close = quote_spanned!(last=> >());
         quote! {
-            const fn #this<__T: ?::core::marker::Sized>() -> #p::ConsumerDecl
+            const fn #this() -> #p::ConsumerDecl
             where
                 #(#before,)*
             {
                 #p::#assert::<#ty>();
-                #next::<#ty #close
+                #next::<#close
             }
         }
     });
@@ -88,6 +88,14 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         .map(|i| format_ident!("__dep{}", i))
         .collect();
     let dep_types = &v.deps;
+    // At the function's name: a future that is not `Send` is reported there.
+    let handler = quote_spanned! {fn_name.span()=>
+        #p::ErasedHandler::new::<#message, _, _>(
+            move |message: #message| {
+                #fn_name(message, #(#p::Clone::clone(&#dep_idents)),*)
+            },
+        )
+    };
 
     quote! {
         #func
@@ -95,7 +103,7 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         const _: () = {
             #(#gates)*
 
-            const fn #last<__T: ?::core::marker::Sized>() -> #p::ConsumerDecl
+            const fn #last() -> #p::ConsumerDecl
             where
                 #(#assumed,)*
             {
@@ -124,15 +132,11 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
 
             fn __build(deps: &#p::Deps) -> #p::Option<#p::ErasedHandler> where #(#assumed,)* {
                 #(let #dep_idents = <#dep_types as #p::FromDeps>::from_deps(deps)?;)*
-                #p::Some(#p::ErasedHandler::new::<#message, _, _>(
-                    move |message: #message| {
-                        #fn_name(message, #(#p::Clone::clone(&#dep_idents)),*)
-                    },
-                ))
+                #p::Some(#handler)
             }
 
             #p::inventory::submit! {
-                #first::<()>()
+                #first()
             }
         };
     }

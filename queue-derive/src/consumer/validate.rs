@@ -1,7 +1,6 @@
 //! Validation: named checks over the consumer function, collecting every mistake.
 
 use quote::ToTokens;
-use syn::spanned::Spanned;
 use syn::{FnArg, GenericArgument, PathArguments, ReturnType, Type};
 
 use super::parse::Parsed;
@@ -89,8 +88,8 @@ fn check_async(func: &syn::ItemFn, errors: &mut Errors) {
 /// A consumer is registered once for one message type, so it cannot be generic.
 fn check_generics(func: &syn::ItemFn, errors: &mut Errors) {
     if !func.sig.generics.params.is_empty() {
-        errors.push(
-            func.sig.generics.span(),
+        errors.push_spanned(
+            &func.sig.generics.params,
             format!(
                 "consumer `{}` cannot be generic: it is registered for one concrete message type",
                 func.sig.ident
@@ -100,7 +99,7 @@ fn check_generics(func: &syn::ItemFn, errors: &mut Errors) {
 }
 
 /// The first parameter is the message; the rest are dependencies. No `self`: a worker calls
-/// consumers as free functions.
+/// consumers as free functions. No `impl Trait`: like generics, it has no one concrete type.
 fn check_params(func: &syn::ItemFn, errors: &mut Errors) -> Option<(Type, Vec<Type>)> {
     let mut types = Vec::new();
     let mut ok = true;
@@ -116,12 +115,22 @@ fn check_params(func: &syn::ItemFn, errors: &mut Errors) -> Option<(Type, Vec<Ty
                 );
                 ok = false;
             }
+            FnArg::Typed(t) if matches!(*t.ty, Type::ImplTrait(_)) => {
+                errors.push_spanned(
+                    &t.ty,
+                    format!(
+                        "consumer `{}` cannot take `impl Trait`: it is registered for one concrete message type",
+                        func.sig.ident
+                    ),
+                );
+                ok = false;
+            }
             FnArg::Typed(t) => types.push((*t.ty).clone()),
         }
     }
     if func.sig.inputs.is_empty() {
         errors.push(
-            func.sig.ident.span(),
+            func.sig.paren_token.span.join(),
             format!(
                 "consumer `{}` takes no message: its first parameter must be a `#[channel]` type",
                 func.sig.ident
@@ -137,27 +146,15 @@ fn check_params(func: &syn::ItemFn, errors: &mut Errors) -> Option<(Type, Vec<Ty
     Some((message, types.collect()))
 }
 
-/// `()`, nothing, or `Result<(), E>` (any path ending in `Result`, so aliases such as
-/// `anyhow::Result<()>` work). Anything else would have no meaning for ack or retry.
+/// `()`, nothing, or `Result<(), E>`; anything else would have no meaning for ack or retry.
+/// Only shapes that can never be either are rejected here: any other path may be an alias
+/// (`anyhow::Result<()>`, `fmt::Result`, `type Handled = Result<(), MyError>`), so it is left to
+/// the `HandlerOutput` bound, which rustc checks with the type resolved.
 fn check_output(func: &syn::ItemFn, errors: &mut Errors) -> Option<Type> {
     let ReturnType::Type(_, ty) = &func.sig.output else {
         return None;
     };
-    let ok = match &**ty {
-        Type::Tuple(t) => t.elems.is_empty(),
-        Type::Path(p) => p.path.segments.last().is_some_and(|seg| {
-            seg.ident == "Result"
-                && match &seg.arguments {
-                    PathArguments::AngleBracketed(a) => matches!(
-                        a.args.first(),
-                        Some(GenericArgument::Type(Type::Tuple(t))) if t.elems.is_empty()
-                    ),
-                    _ => false,
-                }
-        }),
-        _ => false,
-    };
-    if !ok {
+    if never_an_output(ty) {
         errors.push_spanned(
             ty.to_token_stream(),
             format!(
@@ -166,10 +163,34 @@ fn check_output(func: &syn::ItemFn, errors: &mut Errors) -> Option<Type> {
                 ty.to_token_stream()
                     .to_string()
                     .replace(" < ", "<")
+                    .replace("< ", "<")
                     .replace(" >", ">")
                     .replace(" ,", ",")
+                    .replace("& ", "&")
             ),
         );
     }
     Some((**ty).clone())
+}
+
+/// A tuple other than `()`, a `Result` whose success type is not `()`, or a type that is not
+/// a path at all (a reference, `impl Trait`, an array…).
+fn never_an_output(ty: &Type) -> bool {
+    match ty {
+        Type::Tuple(t) => !t.elems.is_empty(),
+        Type::Paren(p) => never_an_output(&p.elem),
+        Type::Group(g) => never_an_output(&g.elem),
+        Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|seg| {
+            seg.ident == "Result"
+                && match &seg.arguments {
+                    PathArguments::AngleBracketed(a) => matches!(
+                        a.args.first(),
+                        Some(GenericArgument::Type(t)) if !matches!(t, Type::Tuple(t) if t.elems.is_empty())
+                    ),
+                    _ => false,
+                }
+        }),
+        Type::Macro(_) | Type::Verbatim(_) => false,
+        _ => true,
+    }
 }

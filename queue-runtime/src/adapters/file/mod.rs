@@ -152,6 +152,8 @@ impl FileAdapter {
             Err(fs::TryLockError::Error(e)) => return Err(e.into()),
         }
         let storage = options.storage.clone();
+        let segment_size = options.segment_size.max(4096);
+        recovery::remove_prepared(&dir)?;
         let state = recovery::recover(&dir, &*storage)?;
         let engine = Arc::new(Engine::new(clock));
         let now = engine.now();
@@ -159,15 +161,13 @@ impl FileAdapter {
         let (active, active_len) = match state.segments.last() {
             Some(&(n, len)) => (n, len),
             None => {
-                let path = segment_path(&dir, 1);
-                let mut f = OpenOptions::new()
-                    .create_new(true)
-                    .append(true)
-                    .open(&path)?;
-                storage.append(&mut f, &format::header(1))?;
-                storage.sync_data(&f)?;
-                storage.sync_dir(&dir)?;
-                (1, format::HEADER_LEN as u64)
+                let f = writer::prepare_segment(&dir, 1, segment_size, &*storage)?;
+                let commit = Record::Commit {
+                    next_id: state.next_id,
+                    epoch: state.epoch + 1,
+                };
+                let len = writer::install_segment(&dir, 1, &f, &commit, &*storage)?;
+                (1, len)
             }
         };
         let epoch = state.epoch + 1;
@@ -222,7 +222,8 @@ impl FileAdapter {
         shared.usage.lock().extend(usage);
 
         let file = OpenOptions::new()
-            .append(true)
+            .read(true)
+            .write(true)
             .open(segment_path(&dir, active))?;
         let writer = Writer::start(
             WriterConfig {
@@ -230,7 +231,7 @@ impl FileAdapter {
                 file,
                 len: active_len,
                 segment: active,
-                segment_size: options.segment_size.max(format::HEADER_LEN as u64 + 1),
+                segment_size,
                 storage: storage.clone(),
             },
             shared.clone(),

@@ -221,7 +221,7 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
         let path = segment_path(dir, n);
         let bytes = fs::read(&path)?;
         if let Err(e) = format::check_header(&bytes, n) {
-            if last && bytes.len() < format::HEADER_LEN {
+            if last && bytes.iter().take(format::HEADER_LEN).all(|b| *b == 0) {
                 // Created but never synced whole: an empty segment.
                 rewrite_header(&path, n, storage)?;
                 state.segments.push((n, format::HEADER_LEN as u64));
@@ -231,6 +231,10 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
         }
         let mut at = format::HEADER_LEN;
         while at < bytes.len() {
+            if bytes[at] == 0 && bytes[at..].iter().all(|b| *b == 0) {
+                // The zeroed rest of a preallocated segment.
+                break;
+            }
             match format::decode(&bytes[at..]) {
                 Read::Record(record, len) => {
                     let payload_at = match &record {
@@ -248,10 +252,11 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
                     if !last || committed_after(&bytes, at) {
                         return Err(corrupt(&path, at, what));
                     }
-                    let cut = (bytes.len() - at) as u64;
-                    tracing::warn!(file = %path.display(), offset = at, bytes = cut, reason = what, "truncating a torn tail");
+                    let end = bytes.iter().rposition(|b| *b != 0).map_or(at, |p| p + 1);
+                    let cut = (end - at) as u64;
+                    tracing::warn!(file = %path.display(), offset = at, bytes = cut, reason = what, "cutting off a torn tail");
                     let f = OpenOptions::new().write(true).open(&path)?;
-                    f.set_len(at as u64)?;
+                    storage.write_at(&f, &vec![0u8; end - at], at as u64)?;
                     storage.sync_data(&f)?;
                     state.truncated += cut;
                     break;
@@ -286,8 +291,22 @@ fn committed_after(bytes: &[u8], from: usize) -> bool {
 }
 
 fn rewrite_header(path: &PathBuf, n: u64, storage: &dyn Storage) -> Result<(), QueueError> {
-    let mut f = OpenOptions::new().write(true).truncate(true).open(path)?;
-    storage.append(&mut f, &format::header(n))?;
+    let f = OpenOptions::new().write(true).open(path)?;
+    storage.write_at(&f, &format::header(n), 0)?;
     storage.sync_data(&f)?;
+    Ok(())
+}
+
+/// Removes segments that were being prepared when the store last closed.
+///
+/// # Errors
+/// I/O errors.
+pub fn remove_prepared(dir: &Path) -> Result<(), QueueError> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(".qlog.tmp") {
+            fs::remove_file(entry.path())?;
+        }
+    }
     Ok(())
 }

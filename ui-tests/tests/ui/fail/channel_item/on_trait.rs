@@ -1,0 +1,6 @@
+use queue_core::channel;
+
+#[channel("user/registered")]
+trait UserRegistered {}
+
+fn main() {}

@@ -1,0 +1,10 @@
+use queue_core::channel;
+use serde::{Deserialize, Serialize};
+
+#[channel("")]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+use queue_core::channel;
+use serde::{Deserialize, Serialize};
+
+#[channel("user/registered", priority = 3)]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,19 @@
+use queue_core::{channel, consumer};
+use serde::{Deserialize, Serialize};
+
+#[channel("user/registered")]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u64,
+}
+
+struct Welcome {
+    id: u64,
+}
+
+#[consumer]
+async fn send_welcome(welcome: Welcome) {
+    let _ = welcome.id;
+}
+
+fn main() {}

@@ -1,0 +1,13 @@
+use queue_core::{channel, consumer};
+use serde::{Deserialize, Serialize};
+
+#[channel("user/registered")]
+#[derive(Serialize, Deserialize)]
+struct UserRegistered {
+    id: u64,
+}
+
+#[consumer]
+async fn send_welcome(_id: u32) {}
+
+fn main() {}
