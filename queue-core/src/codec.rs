@@ -56,7 +56,7 @@ pub fn dedup_key(payload: &[u8]) -> u64 {
 /// The dedup key of an explicit, caller-chosen key string. Hashed with a different seed from
 /// payload keys so the two never collide by construction.
 pub fn explicit_dedup_key(key: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), 0x6b65_79)
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), 0x006b_6579)
 }
 
 /// A payload as a generic BSON value, for tools that show messages without knowing their type.

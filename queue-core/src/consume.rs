@@ -395,11 +395,11 @@ impl ConsumerLoop {
                 if next.is_none() && running.len() < self.max_parallel {
                     next = Some(subscription.next());
                 }
-                if let Some(fut) = next.as_mut() {
-                    if let Poll::Ready(r) = fut.poll_unpin(cx) {
-                        next = None;
-                        return Poll::Ready(Step::Delivery(r));
-                    }
+                if let Some(fut) = next.as_mut()
+                    && let Poll::Ready(r) = fut.poll_unpin(cx)
+                {
+                    next = None;
+                    return Poll::Ready(Step::Delivery(r));
                 }
                 Poll::Pending
             })
@@ -486,10 +486,10 @@ impl ConsumerLoop {
                     Outcome::DeadLetter { error }
                 }
             };
-            if !cx.settled.swap(true, Ordering::AcqRel) {
-                if let Err(e) = queue.adapter().settle(&lease, outcome).await {
-                    tracing::warn!(error = %e, "settling the delivery failed");
-                }
+            if !cx.settled.swap(true, Ordering::AcqRel)
+                && let Err(e) = queue.adapter().settle(&lease, outcome).await
+            {
+                tracing::warn!(error = %e, "settling the delivery failed");
             }
             unsettled
                 .lock()
