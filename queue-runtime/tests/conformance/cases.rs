@@ -114,7 +114,7 @@ pub async fn an_acked_message_is_gone(h: &Harness) {
     );
     assert!(h.queue.peek(JOBS, 10).await.unwrap().is_empty());
     h.advance(Duration::from_secs(60)).await;
-    let _ = still_waiting(sub.next()).await;
+    drop(still_waiting(sub.next()).await);
 }
 
 pub async fn equal_priority_messages_leave_in_produce_order(h: &Harness) {
@@ -398,7 +398,7 @@ pub async fn after_max_attempts_the_message_is_dead_lettered_with_its_last_error
         codec::decode::<Job>(&dead[0].payload).unwrap(),
         Job { n: 0 }
     );
-    let _ = still_waiting(sub.next()).await;
+    drop(still_waiting(sub.next()).await);
 }
 
 pub async fn dead_letter_moves_a_message_at_once(h: &Harness) {
@@ -561,7 +561,7 @@ pub async fn the_dedup_window_outlives_the_ack(h: &Harness) {
     let again = Signup::produce(&h.queue, s).await.unwrap();
     assert!(again.duplicate);
     assert_eq!(again.id, first.id);
-    let _ = still_waiting(sub.next()).await;
+    drop(still_waiting(sub.next()).await);
 }
 
 pub async fn explicit_dedup_keys_deduplicate_different_payloads(h: &Harness) {
@@ -615,7 +615,7 @@ pub async fn at_least_once_channels_accept_equal_payloads(h: &Harness) {
 pub async fn channels_are_independent(h: &Harness) {
     Other::produce(&h.queue, Other { n: 5 }).await.unwrap();
     let sub = subscribe(h, 1).await;
-    let _ = still_waiting(sub.next()).await;
+    drop(still_waiting(sub.next()).await);
     let other = h
         .queue
         .adapter()

@@ -254,11 +254,10 @@ impl FileAdapter {
             me: me.clone(),
             _lock: lock,
         });
-        if options.background_compaction {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        if options.background_compaction
+            && let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(compact_in_background(Arc::downgrade(&adapter)));
             }
-        }
         Ok(adapter)
     }
 
@@ -626,8 +625,8 @@ impl Adapter for FileAdapter {
                 let mut state = cell.lock();
                 for out in &batch {
                     let dedup = out.dedup_key.filter(|_| spec.deduplicates());
-                    if let Some(key) = dedup {
-                        if let Some(original) = state.duplicate_of(key, now) {
+                    if let Some(key) = dedup
+                        && let Some(original) = state.duplicate_of(key, now) {
                             state.count_duplicate();
                             receipts.push(Receipt {
                                 id: original,
@@ -635,7 +634,6 @@ impl Adapter for FileAdapter {
                             });
                             continue;
                         }
-                    }
                     let id = self.engine.next_id();
                     let expires = due_at(now, spec.dedup_window);
                     if let Some(key) = dedup {

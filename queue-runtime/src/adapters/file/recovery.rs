@@ -280,11 +280,10 @@ fn committed_after(bytes: &[u8], from: usize) -> bool {
             at += 1;
             continue;
         }
-        if let Read::Record(Record::Commit { .. }, len) = format::decode(&bytes[at..]) {
-            if matches!(format::decode(&bytes[at + len..]), Read::Record(..)) {
+        if let Read::Record(Record::Commit { .. }, len) = format::decode(&bytes[at..])
+            && matches!(format::decode(&bytes[at + len..]), Read::Record(..)) {
                 return true;
             }
-        }
         at += 1;
     }
     false

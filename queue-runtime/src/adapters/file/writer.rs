@@ -116,10 +116,12 @@ pub struct Placed {
     pub offset: u64,
 }
 
+type Done = oneshot::Sender<Result<Placed, QueueError>>;
+
 struct Job {
     bytes: Vec<u8>,
     messages: u64,
-    done: Option<oneshot::Sender<Result<Placed, QueueError>>>,
+    done: Option<Done>,
 }
 
 /// Per segment: message records written, and those whose message is still stored.
@@ -310,7 +312,7 @@ const BATCH_BYTES: usize = 4 << 20;
 fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
     let mut prepared = Some(Preparing::start(&c, c.segment + 1));
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut batch: Vec<(usize, Option<oneshot::Sender<Result<Placed, QueueError>>>)> = Vec::new();
+    let mut batch: Vec<(usize, Option<Done>)> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut size = jobs[0].bytes.len();
@@ -327,14 +329,13 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
             jobs.into_iter().for_each(|j| fail(j, &e));
             continue;
         }
-        if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size {
-            if let Err(e) = roll(&mut c, shared, &mut prepared) {
+        if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size
+            && let Err(e) = roll(&mut c, shared, &mut prepared) {
                 shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
                 let err = shared.check().expect_err("just poisoned");
                 jobs.into_iter().for_each(|j| fail(j, &err));
                 continue;
             }
-        }
         buf.clear();
         batch.clear();
         let mut messages = 0;
@@ -394,11 +395,10 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
             }
         }
     }
-    if shared.check().is_ok() {
-        if let Err(e) = c.storage.sync_data(&c.file) {
+    if shared.check().is_ok()
+        && let Err(e) = c.storage.sync_data(&c.file) {
             tracing::error!(error = %e, "final fdatasync failed");
         }
-    }
     if let Some(p) = prepared {
         let _ = p.handle.join();
         let _ = std::fs::remove_file(prepared_path(&c.dir, p.number));
