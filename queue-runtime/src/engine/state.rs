@@ -231,10 +231,11 @@ impl<P: Clone> ChannelState<P> {
     /// Forgets a dedup key (a produce that failed to become durable).
     pub fn forget(&mut self, key: u64, id: MessageId) {
         if let Some(&(owner, expires, _)) = self.dedup.get(&key)
-            && owner == id {
-                self.dedup.remove(&key);
-                self.dedup_expiry.remove(&(expires, key));
-            }
+            && owner == id
+        {
+            self.dedup.remove(&key);
+            self.dedup_expiry.remove(&(expires, key));
+        }
     }
 
     /// Adds a message, ready at `due` (at once when `due <= now`).

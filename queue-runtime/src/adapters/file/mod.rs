@@ -97,7 +97,7 @@ pub struct FileAdapter {
     compacting: tokio::sync::Mutex<()>,
     report: OpenReport,
     me: Weak<FileAdapter>,
-    _lock: File,
+    lock: parking_lot::Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for FileAdapter {
@@ -252,12 +252,13 @@ impl FileAdapter {
             compacting: tokio::sync::Mutex::new(()),
             report,
             me: me.clone(),
-            _lock: lock,
+            lock: parking_lot::Mutex::new(Some(lock)),
         });
         if options.background_compaction
-            && let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(compact_in_background(Arc::downgrade(&adapter)));
-            }
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(compact_in_background(Arc::downgrade(&adapter)));
+        }
         Ok(adapter)
     }
 
@@ -279,6 +280,16 @@ impl FileAdapter {
     /// Segment numbers on disk now.
     pub fn segments(&self) -> Vec<u64> {
         self.shared.segments.read().keys().copied().collect()
+    }
+
+    /// Per segment: `(number, message records written, messages still stored)`.
+    pub fn usage(&self) -> Vec<(u64, u64, u64)> {
+        self.shared
+            .usage
+            .lock()
+            .iter()
+            .map(|(s, u)| (*s, u.written, u.live))
+            .collect()
     }
 
     fn check(&self) -> Result<(), QueueError> {
@@ -626,14 +637,15 @@ impl Adapter for FileAdapter {
                 for out in &batch {
                     let dedup = out.dedup_key.filter(|_| spec.deduplicates());
                     if let Some(key) = dedup
-                        && let Some(original) = state.duplicate_of(key, now) {
-                            state.count_duplicate();
-                            receipts.push(Receipt {
-                                id: original,
-                                duplicate: true,
-                            });
-                            continue;
-                        }
+                        && let Some(original) = state.duplicate_of(key, now)
+                    {
+                        state.count_duplicate();
+                        receipts.push(Receipt {
+                            id: original,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
                     let id = self.engine.next_id();
                     let expires = due_at(now, spec.dedup_window);
                     if let Some(key) = dedup {
@@ -905,6 +917,8 @@ impl Adapter for FileAdapter {
         async move {
             self.engine.close();
             self.writer.shutdown();
+            // Another process may open the directory now.
+            self.lock.lock().take();
             self.shared.check()
         }
         .boxed()

@@ -281,9 +281,10 @@ fn committed_after(bytes: &[u8], from: usize) -> bool {
             continue;
         }
         if let Read::Record(Record::Commit { .. }, len) = format::decode(&bytes[at..])
-            && matches!(format::decode(&bytes[at + len..]), Read::Record(..)) {
-                return true;
-            }
+            && matches!(format::decode(&bytes[at + len..]), Read::Record(..))
+        {
+            return true;
+        }
         at += 1;
     }
     false

@@ -329,13 +329,15 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
             jobs.into_iter().for_each(|j| fail(j, &e));
             continue;
         }
-        if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size
-            && let Err(e) = roll(&mut c, shared, &mut prepared) {
-                shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
-                let err = shared.check().expect_err("just poisoned");
-                jobs.into_iter().for_each(|j| fail(j, &err));
-                continue;
-            }
+        if c.len > format::HEADER_LEN as u64
+            && c.len + size as u64 > c.segment_size
+            && let Err(e) = roll(&mut c, shared, &mut prepared)
+        {
+            shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
+            let err = shared.check().expect_err("just poisoned");
+            jobs.into_iter().for_each(|j| fail(j, &err));
+            continue;
+        }
         buf.clear();
         batch.clear();
         let mut messages = 0;
@@ -396,9 +398,10 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
         }
     }
     if shared.check().is_ok()
-        && let Err(e) = c.storage.sync_data(&c.file) {
-            tracing::error!(error = %e, "final fdatasync failed");
-        }
+        && let Err(e) = c.storage.sync_data(&c.file)
+    {
+        tracing::error!(error = %e, "final fdatasync failed");
+    }
     if let Some(p) = prepared {
         let _ = p.handle.join();
         let _ = std::fs::remove_file(prepared_path(&c.dir, p.number));

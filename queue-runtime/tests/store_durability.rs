@@ -1,0 +1,461 @@
+//! The embedded store across restarts, damage and failing disks.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use queue_core::{
+    Adapter, Channel, ChannelSpec, Outcome, Outgoing, Queue, QueueError, RawDelivery, VirtualClock,
+    channel, codec,
+};
+use queue_runtime::TokioSpawner;
+use queue_runtime::adapters::file::format::{self, Read, Record};
+use queue_runtime::adapters::file::writer::{Storage, segment_path};
+use queue_runtime::adapters::file::{FileAdapter, FileOptions};
+use serde::{Deserialize, Serialize};
+
+#[channel("store/orders", lease = "10s", max_attempts = 5, backoff = "1s")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    pub n: u32,
+}
+
+#[channel("store/signups", exactly_once, dedup = "1m")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signup {
+    pub email: String,
+}
+
+const ORDERS: &str = "store/orders";
+
+fn options(segment_size: u64) -> FileOptions {
+    FileOptions {
+        segment_size,
+        background_compaction: false,
+        ..FileOptions::default()
+    }
+}
+
+fn open_with(dir: &Path, clock: &VirtualClock, options: FileOptions) -> (Arc<FileAdapter>, Queue) {
+    let adapter = FileAdapter::open(dir, Arc::new(clock.clone()), options).expect("open store");
+    let queue = Queue::new(
+        adapter.clone(),
+        Arc::new(clock.clone()),
+        Arc::new(TokioSpawner::current()),
+        "file://test",
+    );
+    (adapter, queue)
+}
+
+fn open(dir: &Path, clock: &VirtualClock) -> (Arc<FileAdapter>, Queue) {
+    open_with(dir, clock, options(1 << 20))
+}
+
+async fn take(queue: &Queue, spec: &ChannelSpec) -> RawDelivery {
+    let sub = queue.adapter().subscribe(spec, 1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a delivery")
+        .unwrap();
+    // Keep the lease: dropping the subscription would release it.
+    std::mem::forget(sub);
+    d
+}
+
+async fn stats(queue: &Queue, channel: &str) -> queue_core::ChannelStats {
+    queue
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.channel == channel)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_restart_keeps_messages_dedup_windows_delays_attempts_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let signup = Signup {
+        email: "a@example.com".into(),
+    };
+    let (first_signup, delayed, failing, dead, acked, token_before) = {
+        let (adapter, queue) = open(dir.path(), &clock);
+        let first_signup = Signup::produce(&queue, signup.clone()).await.unwrap();
+        let failing = Order::produce(&queue, Order { n: 1 }).await.unwrap();
+        for _ in 0..2 {
+            let d = take(&queue, &OrderChannel::SPEC).await;
+            assert_eq!(d.lease.id, failing.id);
+            let retry = Outcome::Retry {
+                after: Some(Duration::ZERO),
+                error: "flaky".into(),
+            };
+            queue.adapter().settle(&d.lease, retry).await.unwrap();
+        }
+        let d = take(&queue, &OrderChannel::SPEC).await;
+        assert_eq!(d.lease.id, failing.id);
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Release)
+            .await
+            .unwrap();
+        let held = take(&queue, &OrderChannel::SPEC).await;
+        assert_eq!((held.lease.id, held.attempt), (failing.id, 3));
+        let dead = Order::produce(&queue, Order { n: 2 }).await.unwrap();
+        let acked = Order::produce(&queue, Order { n: 3 }).await.unwrap();
+        let delayed = Order::producer(&queue)
+            .delay(Duration::from_secs(3600))
+            .produce(Order { n: 4 })
+            .await
+            .unwrap();
+        let d = take(&queue, &OrderChannel::SPEC).await;
+        assert_eq!(d.lease.id, dead.id);
+        queue
+            .adapter()
+            .settle(
+                &d.lease,
+                Outcome::DeadLetter {
+                    error: "bad order".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let d = take(&queue, &OrderChannel::SPEC).await;
+        assert_eq!(d.lease.id, acked.id);
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+        let token_before = d.lease.token;
+        queue.close().await.unwrap();
+        drop(adapter);
+        (first_signup, delayed, failing, dead, acked, token_before)
+    };
+
+    clock.advance(Duration::from_secs(30));
+    let (adapter, queue) = open(dir.path(), &clock);
+    assert_eq!(
+        adapter.open_report().messages,
+        4,
+        "{:?}",
+        adapter.open_report()
+    );
+
+    // The dedup window (1 minute from the first produce) holds across the restart.
+    let again = Signup::produce(&queue, signup.clone()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.id, first_signup.id);
+
+    // Attempts survive: the message had three deliveries (one given back unprocessed).
+    let d = take(&queue, &OrderChannel::SPEC).await;
+    assert_eq!(d.lease.id, failing.id);
+    assert_eq!(
+        d.attempt, 4,
+        "two failures and one delivery cut short by the restart, plus this one"
+    );
+    assert!(
+        d.lease.token > token_before,
+        "fencing tokens never go backwards across restarts"
+    );
+
+    // The dead letter and its error survive; the acked message is gone; the delay holds.
+    let dl = queue.dead_letters(ORDERS, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!((dl[0].id, dl[0].error.as_str()), (dead.id, "bad order"));
+    let pending = queue.peek(ORDERS, 10).await.unwrap();
+    assert!(pending.iter().all(|m| m.id != acked.id));
+    let s = stats(&queue, ORDERS).await;
+    assert_eq!((s.delayed, s.in_flight, s.dead), (1, 1, 1));
+    assert!(
+        pending
+            .iter()
+            .any(|m| m.id == delayed.id && m.state == queue_core::MessageState::Delayed)
+    );
+
+    // New ids are larger than every id before the restart.
+    let fresh = Order::produce(&queue, Order { n: 5 }).await.unwrap();
+    assert!(fresh.id > delayed.id);
+
+    // After the window the payload is accepted again.
+    clock.advance(Duration::from_secs(31));
+    assert!(!Signup::produce(&queue, signup).await.unwrap().duplicate);
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let (_adapter, _queue) = open(dir.path(), &clock);
+    let err = FileAdapter::open(dir.path(), Arc::new(clock), options(1 << 20)).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+}
+
+fn payload(n: u32) -> Outgoing {
+    Outgoing {
+        payload: codec::encode(&Order { n }).unwrap(),
+        dedup_key: None,
+        delay: Duration::ZERO,
+        priority: 0,
+    }
+}
+
+#[tokio::test]
+async fn compaction_deletes_acked_segments_and_relocates_sparse_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let spec = OrderChannel::SPEC;
+    let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    let mut ids = BTreeMap::new();
+    for n in 0..600 {
+        let r = queue.produce_raw(&spec, vec![payload(n)]).await.unwrap();
+        ids.insert(r[0].id, n);
+    }
+    let signup = Signup::produce(
+        &queue,
+        Signup {
+            email: "keep@example.com".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let before = adapter.segments().len();
+    assert!(before > 5, "{before} segments");
+
+    // Ack all but every 50th; dead-letter one of the survivors.
+    let sub = queue.adapter().subscribe(&spec, 1000).await.unwrap();
+    let mut kept = Vec::new();
+    for _ in 0..600 {
+        let d = sub.next().await.unwrap();
+        let n = ids[&d.lease.id];
+        if n % 50 == 0 {
+            kept.push((d.lease.id, n));
+            if n == 100 {
+                let dead = Outcome::DeadLetter {
+                    error: "kept dead".into(),
+                };
+                queue.adapter().settle(&d.lease, dead).await.unwrap();
+            }
+        } else {
+            queue
+                .adapter()
+                .settle(&d.lease, Outcome::Ack)
+                .await
+                .unwrap();
+        }
+    }
+    drop(sub);
+    let deleted = adapter.compact().await.unwrap();
+    let after = adapter.segments().len();
+    assert!(
+        deleted > 0 && after < before / 2,
+        "{before} segments before, {after} after, {deleted} deleted; usage {:?}",
+        adapter.usage()
+    );
+    queue.close().await.unwrap();
+    drop(adapter);
+
+    let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    assert_eq!(adapter.open_report().messages, kept.len() as u64 + 1);
+    let pending = queue.peek(ORDERS, 1000).await.unwrap();
+    let mut seen: Vec<u32> = pending
+        .iter()
+        .map(|m| codec::decode::<Order>(&m.payload).unwrap().n)
+        .collect();
+    let dead = queue.dead_letters(ORDERS, 10).await.unwrap();
+    assert_eq!(codec::decode::<Order>(&dead[0].payload).unwrap().n, 100);
+    assert_eq!(dead[0].error, "kept dead");
+    seen.push(100);
+    seen.sort_unstable();
+    assert_eq!(seen, kept.iter().map(|(_, n)| *n).collect::<Vec<_>>());
+    let dup = Signup::produce(
+        &queue,
+        Signup {
+            email: "keep@example.com".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        dup.duplicate && dup.id == signup.id,
+        "the dedup entry survives compaction"
+    );
+}
+
+/// The end offset of every message record in a segment, in order.
+fn record_ends(path: &Path) -> Vec<(usize, usize)> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut at = format::HEADER_LEN;
+    let mut ends = Vec::new();
+    while at < bytes.len() {
+        match format::decode(&bytes[at..]) {
+            Read::Record(r, len) => {
+                if let Record::Message(_) = r {
+                    ends.push((at, at + len));
+                }
+                at += len;
+            }
+            _ => break,
+        }
+    }
+    ends
+}
+
+async fn produce_each(queue: &Queue, n: u32) -> Vec<queue_core::MessageId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            queue
+                .produce_raw(&OrderChannel::SPEC, vec![payload(i)])
+                .await
+                .unwrap()[0]
+                .id,
+        );
+    }
+    ids
+}
+
+async fn surviving(dir: &Path, clock: &VirtualClock) -> Result<Vec<u32>, QueueError> {
+    let adapter = FileAdapter::open(dir, Arc::new(clock.clone()), options(1 << 20))?;
+    let pending = match adapter.peek(ORDERS, 10_000).await {
+        Err(QueueError::UnknownChannel(_)) => Vec::new(),
+        other => other?,
+    };
+    Ok(pending
+        .iter()
+        .map(|m| codec::decode::<Order>(&m.payload).unwrap().n)
+        .collect())
+}
+
+#[tokio::test]
+async fn a_truncated_segment_keeps_every_record_before_the_cut() {
+    let clock = VirtualClock::default();
+    for round in 0..8u64 {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (adapter, queue) = open(dir.path(), &clock);
+            produce_each(&queue, 40).await;
+            queue.close().await.unwrap();
+            drop(adapter);
+        }
+        let path = segment_path(dir.path(), 1);
+        let ends = record_ends(&path);
+        assert_eq!(ends.len(), 40);
+        let data_end = ends.last().unwrap().1 + 30;
+        let cut = format::HEADER_LEN
+            + (fastrand::usize(..) ^ round as usize) % (data_end - format::HEADER_LEN);
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        let expected: Vec<u32> = (0..40).filter(|i| ends[*i as usize].1 <= cut).collect();
+        let got = surviving(dir.path(), &clock)
+            .await
+            .expect("a torn tail is repaired, not refused");
+        assert_eq!(got, expected, "cut at {cut}");
+    }
+}
+
+#[tokio::test]
+async fn damage_in_the_last_commit_is_cut_off_and_damage_before_a_later_commit_is_refused() {
+    let clock = VirtualClock::default();
+    for round in 0..6 {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (adapter, queue) = open(dir.path(), &clock);
+            produce_each(&queue, 20).await;
+            queue.close().await.unwrap();
+            drop(adapter);
+        }
+        let path = segment_path(dir.path(), 1);
+        let ends = record_ends(&path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        if round % 2 == 0 {
+            // Inside the last message: its commit never completed as far as the disk knows.
+            let (start, end) = ends[19];
+            let at = start + fastrand::usize(..end - start);
+            bytes[at] ^= 0x5a;
+            std::fs::write(&path, &bytes).unwrap();
+            let got = surviving(dir.path(), &clock)
+                .await
+                .expect("a damaged tail is cut off");
+            assert_eq!(got, (0..19).collect::<Vec<_>>(), "flip at {at}");
+        } else {
+            // Inside an earlier message: later commits made it, so this is corruption.
+            let (start, end) = ends[5 + fastrand::usize(..10)];
+            let at = start + fastrand::usize(..end - start);
+            bytes[at] ^= 0x5a;
+            std::fs::write(&path, &bytes).unwrap();
+            let err = surviving(dir.path(), &clock).await.unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, QueueError::Corrupt(_)), "{text}");
+            assert!(
+                text.contains("00000000000000000001.qlog")
+                    && text.contains(&format!("offset {start}")),
+                "{text}"
+            );
+        }
+    }
+}
+
+/// Storage whose syncs fail once `fail` is set.
+#[derive(Default)]
+struct FailingSync {
+    fail: AtomicBool,
+}
+
+impl Storage for FailingSync {
+    fn sync_data(&self, file: &std::fs::File) -> io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        file.sync_data()
+    }
+}
+
+#[tokio::test]
+async fn an_fsync_failure_poisons_the_store_and_surfaces_to_producers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let storage = Arc::new(FailingSync::default());
+    let opts = FileOptions {
+        storage: storage.clone(),
+        ..options(1 << 20)
+    };
+    let (adapter, queue) = open_with(dir.path(), &clock, opts);
+    let kept = Order::produce(&queue, Order { n: 1 }).await.unwrap();
+    storage.fail.store(true, Ordering::SeqCst);
+    let err = Order::produce(&queue, Order { n: 2 }).await.unwrap_err();
+    assert!(matches!(err, QueueError::Poisoned(_)), "{err:?}");
+    assert!(err.to_string().contains("injected fsync failure"), "{err}");
+    // Poisoned for good, even once the disk recovers: no retried fsync.
+    storage.fail.store(false, Ordering::SeqCst);
+    let err = Order::produce(&queue, Order { n: 3 }).await.unwrap_err();
+    assert!(matches!(err, QueueError::Poisoned(_)), "{err:?}");
+    let err = queue
+        .adapter()
+        .subscribe(&OrderChannel::SPEC, 1)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, QueueError::Poisoned(_)), "{err:?}");
+    drop(queue);
+    drop(adapter);
+
+    let (_adapter, queue) = open(dir.path(), &clock);
+    let pending = queue.peek(ORDERS, 10).await.unwrap();
+    assert_eq!(
+        pending.first().map(|m| m.id),
+        Some(kept.id),
+        "what was confirmed is still there"
+    );
+}
