@@ -60,7 +60,7 @@ pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};
 pub use delivery::Delivery;
 pub use error::QueueError;
-pub use queue::{Producer, Queue, Spawn};
+pub use queue::{Producer, Queue, Spawn, TransactionalProduce, produce_in};
 pub use registry::{Dep, Deps};
 pub use spec::{Channel, ChannelSpec, Message, Processing};
 
@@ -78,7 +78,7 @@ pub mod __private {
         HandlerOutput,
     };
     pub use crate::error::QueueError;
-    pub use crate::queue::{Producer, Queue};
+    pub use crate::queue::{Producer, Queue, TransactionalProduce, produce_in};
     pub use crate::registry::{ChannelDecl, ConsumerDecl, Deps, FromDeps, Requirement};
     pub use crate::spec::{Channel, ChannelSpec, Message, Processing};
     pub use ::inventory;

@@ -267,18 +267,7 @@ impl<C: Channel> Producer<C> {
     }
 
     fn outgoing(&self, message: &C::Message, key: Option<&str>) -> Result<Outgoing, QueueError> {
-        let payload = codec::encode(message)?;
-        let dedup_key = if C::SPEC.deduplicates() {
-            Some(key.map_or_else(|| codec::dedup_key(&payload), codec::explicit_dedup_key))
-        } else {
-            None
-        };
-        Ok(Outgoing {
-            payload,
-            dedup_key,
-            delay: self.delay,
-            priority: self.priority,
-        })
+        outgoing::<C>(message, key, self.delay, self.priority)
     }
 
     fn check_key(&self) -> Result<(), QueueError> {
@@ -326,4 +315,52 @@ impl<C: Channel> Producer<C> {
         }
         self.queue.adapter().produce(&C::SPEC, batch).await
     }
+}
+
+/// Encodes a message of channel `C` with its dedup key.
+fn outgoing<C: Channel>(
+    message: &C::Message,
+    key: Option<&str>,
+    delay: Duration,
+    priority: u8,
+) -> Result<Outgoing, QueueError> {
+    let payload = codec::encode(message)?;
+    let dedup_key = if C::SPEC.deduplicates() {
+        Some(key.map_or_else(|| codec::dedup_key(&payload), codec::explicit_dedup_key))
+    } else {
+        None
+    };
+    Ok(Outgoing {
+        payload,
+        dedup_key,
+        delay,
+        priority,
+    })
+}
+
+/// A database transaction that can carry produces: the messages are stored when it commits
+/// and never when it rolls back. The PostgreSQL adapter implements it for its transactions.
+pub trait TransactionalProduce: Send + Sync {
+    /// Stores encoded messages inside the transaction and returns one receipt per message.
+    fn produce_outgoing<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>>;
+}
+
+/// Produces a message of channel `C` inside a transaction. Generated `T::produce_in` calls
+/// this.
+///
+/// # Errors
+/// Encoding errors and the transaction's errors.
+pub async fn produce_in<C: Channel, T: TransactionalProduce + ?Sized>(
+    tx: &T,
+    message: C::Message,
+) -> Result<Receipt, QueueError> {
+    let out = outgoing::<C>(&message, None, Duration::ZERO, 0)?;
+    let receipts = tx.produce_outgoing(&C::SPEC, vec![out]).await?;
+    receipts.into_iter().next().ok_or_else(|| {
+        QueueError::Protocol("a transactional produce answered with no receipt".into())
+    })
 }

@@ -16,7 +16,10 @@ struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-#[expect(unsafe_code, reason = "a global allocator is unsafe to implement; this one only counts")]
+#[expect(
+    unsafe_code,
+    reason = "a global allocator is unsafe to implement; this one only counts"
+)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
@@ -29,7 +32,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: forwarded unchanged to the system allocator.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -46,10 +52,18 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let spec = ChannelSpec::new("bench/depth");
     let payload = codec::encode(&"x".repeat(236)).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let options = FileOptions { background_compaction: false, ..FileOptions::default() };
-        let adapter = FileAdapter::open(dir.path(), Arc::new(SystemClock), options.clone()).unwrap();
+        let options = FileOptions {
+            background_compaction: false,
+            ..FileOptions::default()
+        };
+        let adapter =
+            FileAdapter::open(dir.path(), Arc::new(SystemClock), options.clone()).unwrap();
         let before = LIVE.load(Ordering::Relaxed);
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -60,7 +74,12 @@ fn main() {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..n / 8 / 500 {
                     let batch: Vec<Outgoing> = (0..500)
-                        .map(|_| Outgoing { payload: payload.clone(), dedup_key: None, delay: Duration::ZERO, priority: 0 })
+                        .map(|_| Outgoing {
+                            payload: payload.clone(),
+                            dedup_key: None,
+                            delay: Duration::ZERO,
+                            priority: 0,
+                        })
                         .collect();
                     adapter.produce(&spec, batch).await.unwrap();
                 }
@@ -78,7 +97,10 @@ fn main() {
             produce.as_secs_f64(),
             stored as f64 / produce.as_secs_f64()
         );
-        println!("heap per pending message while running: {:.1} bytes", (after - before) as f64 / stored as f64);
+        println!(
+            "heap per pending message while running: {:.1} bytes",
+            (after - before) as f64 / stored as f64
+        );
         adapter.close().await.unwrap();
         drop(adapter);
 
@@ -95,7 +117,10 @@ fn main() {
             report.records,
             report.segments
         );
-        println!("heap per pending message after reopen: {:.1} bytes", (after - before) as f64 / report.messages as f64);
+        println!(
+            "heap per pending message after reopen: {:.1} bytes",
+            (after - before) as f64 / report.messages as f64
+        );
         let stats = adapter.stats().await.unwrap();
         assert_eq!(stats[0].ready, stored as u64);
     });

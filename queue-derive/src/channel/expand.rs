@@ -149,6 +149,22 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
                 {
                     queue.consumer::<#marker>()
                 }
+
+                /// Produces a message inside a transaction (the PostgreSQL adapter's): it is
+                /// stored when the transaction commits and never if it rolls back.
+                ///
+                /// # Errors
+                /// Encoding errors and the transaction's errors.
+                #vis async fn produce_in<__Tx>(
+                    tx: &__Tx,
+                    message: Self,
+                ) -> #p::Result<#p::Receipt, #p::QueueError>
+                where
+                    #payload,
+                    __Tx: #p::TransactionalProduce + ?::core::marker::Sized,
+                {
+                    #p::produce_in::<#marker, __Tx>(tx, message).await
+                }
             }
         };
     }
