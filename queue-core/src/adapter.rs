@@ -206,6 +206,13 @@ pub trait Subscription: Send + Sync {
     /// Waits for the next delivery. The future may be dropped at any time; a message it had
     /// taken stays leased to this subscription and is released when the subscription drops.
     fn next(&self) -> BoxFuture<'static, Result<RawDelivery, QueueError>>;
+
+    /// Stops taking messages ahead of `next` calls, giving back unprocessed (attempt not
+    /// counted) any that were fetched ahead and not yet returned. Called before a graceful
+    /// shutdown; subscriptions that only take on demand need not do anything.
+    fn stop(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A queue backend. Object safe: [`Queue`](crate::Queue) holds it as `Arc<dyn Adapter>`.

@@ -431,6 +431,7 @@ impl ConsumerLoop {
             }
         };
         drop(next);
+        subscription.stop().await;
         if !running.is_empty() && !grace.is_zero() {
             let clock = self.queue.clock().clone();
             let deadline = clock.sleep_until(clock.now() + millis(grace));

@@ -7,6 +7,7 @@ use queue_core::{Queue, QueueError};
 
 use crate::adapters::file::{FileAdapter, FileOptions};
 use crate::adapters::memory::MemoryAdapter;
+use crate::adapters::remote::{RemoteAdapter, RemoteOptions, Target};
 use crate::system::{SystemClock, TokioSpawner};
 
 /// The environment variable naming the default queue URL.
@@ -106,7 +107,35 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
                     .map_err(|e| QueueError::backend("opening the store panicked", e))??;
             Ok(Queue::new(adapter, clock, spawner, url))
         }
-        "queue" | "queue+unix" | "postgres" | "postgresql" => Err(QueueError::Unsupported(
+        "queue" | "queue+unix" => {
+            let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let mut options = RemoteOptions::default();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("token", t)) => options.token = Some(t.to_string()),
+                    _ => {
+                        return Err(invalid(&format!(
+                            "unknown option `{pair}`; the broker client takes `token`"
+                        )));
+                    }
+                }
+            }
+            if options.token.is_none() {
+                options.token = std::env::var("QUEUE_TOKEN").ok().filter(|t| !t.is_empty());
+            }
+            if address.is_empty() {
+                return Err(invalid("the broker address is missing"));
+            }
+            let target = if scheme == "queue" {
+                Target::Tcp(address.to_string())
+            } else {
+                Target::Unix(address.into())
+            };
+            let adapter = RemoteAdapter::connect(target, options).await?;
+            let shown = url.split('?').next().unwrap_or(url).to_string();
+            Ok(Queue::new(Arc::new(adapter), clock, spawner, shown))
+        }
+        "postgres" | "postgresql" => Err(QueueError::Unsupported(
             "this build has no adapter for the url scheme yet; use memory://",
         )),
         other => Err(invalid(&format!(

@@ -32,6 +32,7 @@
 //! ```
 
 pub mod adapters;
+pub mod broker;
 mod connect;
 pub mod engine;
 mod system;

@@ -1,0 +1,728 @@
+//! `queue://HOST:PORT` and `queue+unix://PATH`: the client of `queue-broker`.
+//!
+//! One connection per adapter, shared by every request (pipelined: each request has an id,
+//! replies may come in any order) and every subscription (deliveries are pushed). When the
+//! connection drops, the adapter reconnects with backoff and opens every live subscription
+//! again; deliveries from the old connection that were not yet handed out are dropped, since
+//! the broker released their leases when the connection closed. A produce carries a key
+//! chosen by the client and is retried after a reconnect with the same key, so the broker
+//! stores it once. Settling or extending a lease across a reconnect fails with
+//! `StaleLease`: the lease was released with the old connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use parking_lot::Mutex;
+use queue_core::clock::Timestamp;
+use queue_core::{
+    Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, Outcome, Outgoing,
+    QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::broker::protocol::{
+    self, ClientFrame, Reply, Request, ServerFrame, WireLease, WireSpec, error_from,
+    receipts_from_wire,
+};
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `host:port`.
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(std::path::PathBuf),
+}
+
+/// Settings of the client.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// The token to present.
+    pub token: Option<String>,
+    /// The largest frame accepted from the broker.
+    pub max_frame: usize,
+    /// How long a request may wait for a connection before it fails.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            token: None,
+            max_frame: protocol::DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+type Pending = HashMap<i64, oneshot::Sender<Result<Reply, QueueError>>>;
+
+/// One live connection.
+struct Conn {
+    out: mpsc::Sender<Bytes>,
+    pending: Mutex<Pending>,
+    next_id: AtomicI64,
+    alive: AtomicBool,
+    generation: u64,
+    /// Server subscription id to local subscription id.
+    subs: Mutex<HashMap<i64, u64>>,
+    /// Wakes the reader to close the connection.
+    closing: tokio::sync::Notify,
+}
+
+/// Why a request did not get an answer.
+enum CallError {
+    /// The connection dropped before the answer came.
+    Lost,
+    /// The broker answered with an error.
+    Queue(QueueError),
+}
+
+impl Conn {
+    async fn call(&self, request: Request) -> Result<Reply, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let bytes = protocol::encode(&ClientFrame { id, request }).map_err(CallError::Queue)?;
+        if bytes.len() > protocol::DEFAULT_MAX_FRAME {
+            self.pending.lock().remove(&id);
+            return Err(CallError::Queue(QueueError::PayloadTooLarge {
+                size: bytes.len(),
+                max: protocol::DEFAULT_MAX_FRAME,
+            }));
+        }
+        if self.out.send(bytes).await.is_err() {
+            self.pending.lock().remove(&id);
+            return Err(CallError::Lost);
+        }
+        match rx.await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(CallError::Queue(e)),
+            Err(_) => Err(CallError::Lost),
+        }
+    }
+
+    fn fail_all(&self) {
+        self.alive.store(false, Ordering::Release);
+        self.pending.lock().clear();
+        self.closing.notify_one();
+    }
+}
+
+struct LocalSub {
+    spec: ChannelSpec,
+    max_parallel: u32,
+    tx: mpsc::UnboundedSender<(u64, RawDelivery)>,
+    /// The connection generation its current server subscription belongs to.
+    generation: Arc<AtomicU64>,
+}
+
+struct Inner {
+    target: Target,
+    options: RemoteOptions,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    current: Mutex<Option<Arc<Conn>>>,
+    subs: Mutex<HashMap<u64, LocalSub>>,
+    next_local: AtomicU64,
+    generation: AtomicU64,
+    closed: AtomicBool,
+    reconnect: Arc<tokio::sync::Notify>,
+}
+
+/// The `queue://` adapter.
+#[derive(Clone)]
+pub struct RemoteAdapter {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RemoteAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteAdapter")
+            .field("target", &self.inner.target)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lost() -> QueueError {
+    QueueError::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "connection to the broker lost",
+    ))
+}
+
+impl RemoteAdapter {
+    /// Connects to a broker.
+    ///
+    /// # Errors
+    /// The connection or handshake error.
+    pub async fn connect(target: Target, options: RemoteOptions) -> Result<Self, QueueError> {
+        let adapter = RemoteAdapter {
+            inner: Arc::new(Inner {
+                target,
+                options,
+                conn: tokio::sync::Mutex::new(None),
+                current: Mutex::new(None),
+                subs: Mutex::new(HashMap::new()),
+                next_local: AtomicU64::new(1),
+                generation: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+                reconnect: Arc::new(tokio::sync::Notify::new()),
+            }),
+        };
+        adapter.inner.connection().await?;
+        let weak = Arc::downgrade(&adapter.inner);
+        let reconnect = adapter.inner.reconnect.clone();
+        tokio::spawn(async move {
+            loop {
+                reconnect.notified().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = inner.connection().await {
+                    tracing::warn!(error = %e, "reconnecting to the broker failed");
+                    inner.reconnect.notify_one();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+        Ok(adapter)
+    }
+}
+
+async fn open_stream(target: &Target) -> std::io::Result<Box<dyn Stream>> {
+    match target {
+        Target::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        Target::Unix(path) => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+impl Inner {
+    /// The live connection, connecting (with backoff, up to the connect timeout) if needed.
+    async fn connection(self: &Arc<Self>) -> Result<Arc<Conn>, QueueError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
+            return Ok(c.clone());
+        }
+        let deadline = tokio::time::Instant::now() + self.options.connect_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.handshake().await {
+                Ok(conn) => {
+                    *slot = Some(conn.clone());
+                    *self.current.lock() = Some(conn.clone());
+                    drop(slot);
+                    self.resubscribe(&conn).await;
+                    return Ok(conn);
+                }
+                Err(e @ (QueueError::Unauthorized(_) | QueueError::Protocol(_))) => return Err(e),
+                Err(e) => {
+                    if tokio::time::Instant::now() + pause > deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, ?pause, "broker unreachable, retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return Err(QueueError::Closed);
+            }
+        }
+    }
+
+    async fn handshake(self: &Arc<Self>) -> Result<Arc<Conn>, QueueError> {
+        let stream = open_stream(&self.target).await?;
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(self.options.max_frame)
+            .new_codec();
+        let (mut sink, mut frames) = Framed::new(stream, codec).split();
+        let (out, mut out_rx) = mpsc::channel::<Bytes>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = out_rx.recv().await {
+                if sink.feed(first).await.is_err() {
+                    return;
+                }
+                while let Ok(more) = out_rx.try_recv() {
+                    if sink.feed(more).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let conn = Arc::new(Conn {
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicI64::new(1),
+            alive: AtomicBool::new(true),
+            generation,
+            subs: Mutex::new(HashMap::new()),
+            closing: tokio::sync::Notify::new(),
+        });
+        let reader_conn = conn.clone();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    () = reader_conn.closing.notified() => break,
+                    frame = frames.next() => frame,
+                };
+                let Some(Ok(bytes)) = frame else { break };
+                let Ok(frame) = protocol::decode::<ServerFrame>(&bytes) else {
+                    tracing::warn!("malformed frame from the broker; reconnecting");
+                    break;
+                };
+                match frame {
+                    ServerFrame::Reply { id, reply } => {
+                        if let Some(tx) = reader_conn.pending.lock().remove(&id) {
+                            let _ = tx.send(Ok(reply));
+                        }
+                    }
+                    ServerFrame::Error {
+                        id: 0,
+                        code,
+                        message,
+                    } => {
+                        tracing::warn!(code = %code, message = %message, "the broker closed the connection");
+                        let err = error_from(&code, message, None);
+                        for (_, tx) in reader_conn.pending.lock().drain() {
+                            let _ = tx.send(Err(match &err {
+                                QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
+                                other => QueueError::Protocol(other.to_string()),
+                            }));
+                        }
+                        break;
+                    }
+                    ServerFrame::Error { id, code, message } => {
+                        if let Some(tx) = reader_conn.pending.lock().remove(&id) {
+                            let _ = tx.send(Err(error_from(&code, message, None)));
+                        }
+                    }
+                    ServerFrame::Delivery { sub, delivery } => {
+                        let Some(inner) = weak.upgrade() else { break };
+                        let local = reader_conn.subs.lock().get(&sub).copied();
+                        if let Some(local) = local {
+                            if let Some(s) = inner.subs.lock().get(&local) {
+                                let _ = s.tx.send((reader_conn.generation, delivery.into()));
+                            }
+                        }
+                    }
+                }
+            }
+            reader_conn.fail_all();
+            // Reconnect at once if subscriptions are waiting for deliveries.
+            if let Some(inner) = weak.upgrade()
+                && !inner.closed.load(Ordering::Acquire)
+                && !inner.subs.lock().is_empty()
+            {
+                inner.reconnect.notify_one();
+            }
+        });
+        let hello = Request::Hello {
+            version: protocol::VERSION,
+            token: self.options.token.clone(),
+            client: format!("queue-runtime/{}", env!("CARGO_PKG_VERSION")),
+        };
+        match conn.call(hello).await {
+            Ok(Reply::Welcome { .. }) => Ok(conn),
+            Ok(other) => Err(QueueError::Protocol(format!(
+                "unexpected handshake reply {other:?}"
+            ))),
+            Err(CallError::Queue(e)) => Err(e),
+            Err(CallError::Lost) => Err(lost()),
+        }
+    }
+
+    async fn resubscribe(self: &Arc<Self>, conn: &Arc<Conn>) {
+        let subs: Vec<(u64, ChannelSpec, u32, Arc<AtomicU64>)> = self
+            .subs
+            .lock()
+            .iter()
+            .map(|(id, s)| (*id, s.spec.clone(), s.max_parallel, s.generation.clone()))
+            .collect();
+        for (local, spec, max_parallel, generation) in subs {
+            if generation.load(Ordering::Acquire) == conn.generation {
+                continue;
+            }
+            if let Err(e) = subscribe_on(conn, local, &spec, max_parallel, &generation).await {
+                tracing::warn!(channel = %spec.name, error = %e, "resubscribing failed");
+            }
+        }
+    }
+
+    /// Sends a request, reconnecting and retrying it when `retry` says the request is safe
+    /// to send again.
+    async fn call(self: &Arc<Self>, request: Request, retry: bool) -> Result<Reply, QueueError> {
+        let mut attempts = 0;
+        loop {
+            let conn = self.connection().await?;
+            match conn.call(request.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(CallError::Queue(e)) => return Err(e),
+                Err(CallError::Lost) => {
+                    attempts += 1;
+                    if !retry || attempts > 20 {
+                        return Err(lost());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe_on(
+    conn: &Conn,
+    local: u64,
+    spec: &ChannelSpec,
+    max_parallel: u32,
+    generation: &AtomicU64,
+) -> Result<(), QueueError> {
+    // The server numbers its pushes with our id, so the mapping exists before any delivery.
+    let sub = local as i64;
+    conn.subs.lock().insert(sub, local);
+    generation.store(conn.generation, Ordering::Release);
+    let request = Request::Subscribe {
+        sub,
+        spec: WireSpec::from(spec),
+        max_parallel: i64::from(max_parallel),
+    };
+    let result = match conn.call(request).await {
+        Ok(Reply::Subscribed { .. }) => return Ok(()),
+        Ok(other) => Err(QueueError::Protocol(format!("unexpected reply {other:?}"))),
+        Err(CallError::Queue(e)) => Err(e),
+        Err(CallError::Lost) => Err(lost()),
+    };
+    conn.subs.lock().remove(&sub);
+    result
+}
+
+struct RemoteSubscription {
+    inner: Arc<Inner>,
+    local: u64,
+    generation: Arc<AtomicU64>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(u64, RawDelivery)>>>,
+}
+
+impl Subscription for RemoteSubscription {
+    fn next(&self) -> BoxFuture<'static, Result<RawDelivery, QueueError>> {
+        let rx = self.rx.clone();
+        let generation = self.generation.clone();
+        let inner = self.inner.clone();
+        async move {
+            let mut rx = rx.lock().await;
+            loop {
+                if inner.closed.load(Ordering::Acquire) {
+                    return Err(QueueError::Closed);
+                }
+                let Some((from, d)) = rx.recv().await else {
+                    return Err(QueueError::Closed);
+                };
+                if from == generation.load(Ordering::Acquire) {
+                    return Ok(d);
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn stop(&self) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        let rx = self.rx.clone();
+        let generation = self.generation.clone();
+        let local = self.local;
+        async move {
+            let conn = inner.current.lock().clone();
+            let Some(conn) = conn.filter(|c| c.alive.load(Ordering::Acquire)) else {
+                return;
+            };
+            let subs: Vec<i64> = conn
+                .subs
+                .lock()
+                .iter()
+                .filter(|(_, l)| **l == local)
+                .map(|(s, _)| *s)
+                .collect();
+            for sub in subs {
+                let _ = conn.call(Request::Pause { sub }).await;
+            }
+            // Give back what was pushed ahead and never handed out, without counting it.
+            let mut rx = rx.lock().await;
+            while let Ok((from, d)) = rx.try_recv() {
+                if from == generation.load(Ordering::Acquire) {
+                    let request = Request::Settle {
+                        lease: WireLease::from(&d.lease),
+                        outcome: Outcome::Release.into(),
+                    };
+                    let _ = conn.call(request).await;
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+impl RemoteSubscription {
+    fn server_subs(&self, conn: &Conn) -> Vec<i64> {
+        conn.subs
+            .lock()
+            .iter()
+            .filter(|(_, l)| **l == self.local)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
+
+impl Drop for RemoteSubscription {
+    fn drop(&mut self) {
+        self.inner.subs.lock().remove(&self.local);
+        let conn = self.inner.current.lock().clone();
+        if let Some(conn) = conn.filter(|c| c.alive.load(Ordering::Acquire)) {
+            for sub in self.server_subs(&conn) {
+                conn.subs.lock().remove(&sub);
+                let conn = conn.clone();
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = conn.call(Request::Unsubscribe { sub }).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn unexpected(reply: &Reply) -> QueueError {
+    QueueError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn stale_on_loss(lease: &Lease, e: QueueError) -> QueueError {
+    match e {
+        QueueError::Io(_) => QueueError::StaleLease { id: lease.id },
+        QueueError::StaleLease { .. } => QueueError::StaleLease { id: lease.id },
+        other => other,
+    }
+}
+
+fn produce_key() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+impl Adapter for RemoteAdapter {
+    fn produce<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        async move {
+            let request = Request::Produce {
+                spec: spec.into(),
+                messages: batch.into_iter().map(Into::into).collect(),
+                key: Some(produce_key()),
+            };
+            match self.inner.call(request, true).await? {
+                Reply::Receipts { receipts } => Ok(receipts_from_wire(receipts)),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        max_parallel: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>> {
+        async move {
+            let local = self.inner.next_local.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let generation = Arc::new(AtomicU64::new(0));
+            self.inner.subs.lock().insert(
+                local,
+                LocalSub {
+                    spec: spec.clone(),
+                    max_parallel,
+                    tx,
+                    generation: generation.clone(),
+                },
+            );
+            let sub = RemoteSubscription {
+                inner: self.inner.clone(),
+                local,
+                generation: generation.clone(),
+                rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            };
+            let conn = self.inner.connection().await?;
+            if generation.load(Ordering::Acquire) != conn.generation {
+                subscribe_on(&conn, local, spec, max_parallel, &generation).await?;
+            }
+            Ok(Box::new(sub) as Box<dyn Subscription>)
+        }
+        .boxed()
+    }
+
+    fn settle<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        async move {
+            let request = Request::Settle {
+                lease: WireLease::from(lease),
+                outcome: outcome.into(),
+            };
+            match self
+                .inner
+                .call(request, false)
+                .await
+                .map_err(|e| stale_on_loss(lease, e))?
+            {
+                Reply::Done => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a Lease,
+        by: Duration,
+    ) -> BoxFuture<'a, Result<Timestamp, QueueError>> {
+        async move {
+            let request = Request::Extend {
+                lease: WireLease::from(lease),
+                by_ms: i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
+            };
+            match self
+                .inner
+                .call(request, false)
+                .await
+                .map_err(|e| stale_on_loss(lease, e))?
+            {
+                Reply::Deadline { deadline } => Ok(deadline.max(0) as u64),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>> {
+        async move {
+            match self.inner.call(Request::Stats, true).await? {
+                Reply::Stats { channels } => Ok(channels.into_iter().map(Into::into).collect()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn peek<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>> {
+        async move {
+            let request = Request::Peek {
+                channel: channel.into(),
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            };
+            match self.inner.call(request, true).await? {
+                Reply::Peeked { messages } => Ok(messages.into_iter().map(Into::into).collect()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>> {
+        async move {
+            let request = Request::DeadLetters {
+                channel: channel.into(),
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            };
+            match self.inner.call(request, true).await? {
+                Reply::DeadLetters { messages } => {
+                    Ok(messages.into_iter().map(Into::into).collect())
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        async move {
+            let request = Request::Redrive {
+                channel: channel.into(),
+                ids: ids.map(|i| i.iter().map(|m| m.0 as i64).collect()),
+            };
+            match self.inner.call(request, false).await? {
+                Reply::Count { count } => Ok(count.max(0) as u64),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn purge_dead<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        async move {
+            let request = Request::Purge {
+                channel: channel.into(),
+                ids: ids.map(|i| i.iter().map(|m| m.0 as i64).collect()),
+            };
+            match self.inner.call(request, false).await? {
+                Reply::Count { count } => Ok(count.max(0) as u64),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        async move {
+            self.inner.closed.store(true, Ordering::Release);
+            let conn = self.inner.current.lock().take();
+            if let Some(conn) = conn {
+                conn.fail_all();
+            }
+            *self.inner.conn.lock().await = None;
+            self.inner.subs.lock().clear();
+            self.inner.reconnect.notify_one();
+            Ok(())
+        }
+        .boxed()
+    }
+}

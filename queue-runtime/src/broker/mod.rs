@@ -1,0 +1,6 @@
+//! The broker: the protocol, the server, and (in `adapters::remote`) its client.
+
+pub mod protocol;
+pub mod server;
+
+pub use server::{Broker, BrokerConfig, BrokerCounters};
