@@ -41,6 +41,9 @@ struct Args {
     /// Segment size of the store, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     segment_size: u64,
+    /// Threads serving connections (the log writer has its own).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 fn main() -> Result<()> {

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use parking_lot::Mutex;
 use queue_core::{Adapter, MessageId, QueueError, Receipt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -354,18 +356,37 @@ impl Connection {
             },
         };
         send(out, &welcome).await;
-        loop {
+        // Requests run concurrently inside this task: no task switch per request.
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        let result = loop {
             let frame = tokio::select! {
-                () = stopped(&mut stop) => return Ok(()),
+                () = stopped(&mut stop) => break Ok(()),
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
                 frame = stream.next() => frame,
             };
-            let Some(frame) = frame else { return Ok(()) };
-            let frame = decode_frame(frame)?;
-            self.dispatch(frame, out);
+            let Some(frame) = frame else { break Ok(()) };
+            match decode_frame(frame) {
+                Ok(frame) => {
+                    if let Some(work) = self.dispatch(frame, out) {
+                        in_flight.push(work);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        // Requests already taken finish even though the connection is gone: a produce that
+        // was stored must be remembered for its retry.
+        if !in_flight.is_empty() {
+            tokio::spawn(async move { while in_flight.next().await.is_some() {} });
         }
+        result
     }
 
-    fn dispatch(&self, frame: ClientFrame, out: &mpsc::Sender<Bytes>) {
+    fn dispatch(
+        &self,
+        frame: ClientFrame,
+        out: &mpsc::Sender<Bytes>,
+    ) -> Option<BoxFuture<'static, ()>> {
         let id = frame.id;
         let broker = self.broker.clone();
         let out = out.clone();
@@ -380,8 +401,12 @@ impl Connection {
                     let e = QueueError::InvalidRequest(format!(
                         "subscription {sub_id} is open already"
                     ));
-                    tokio::spawn(async move { send(&out, &error_reply(id, &e)).await });
-                    return;
+                    return Some(
+                        async move {
+                            send(&out, &error_reply(id, &e)).await;
+                        }
+                        .boxed(),
+                    );
                 }
                 let (pause, mut paused) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
                 let task = tokio::spawn(async move {
@@ -483,15 +508,19 @@ impl Connection {
                 });
             }
             request => {
-                tokio::spawn(async move {
-                    let frame = match answer(&broker, request).await {
-                        Ok(reply) => ServerFrame::Reply { id, reply },
-                        Err(e) => error_reply(id, &e),
-                    };
-                    send(&out, &frame).await;
-                });
+                return Some(
+                    async move {
+                        let frame = match answer(&broker, request).await {
+                            Ok(reply) => ServerFrame::Reply { id, reply },
+                            Err(e) => error_reply(id, &e),
+                        };
+                        send(&out, &frame).await;
+                    }
+                    .boxed(),
+                );
             }
         }
+        None
     }
 }
 

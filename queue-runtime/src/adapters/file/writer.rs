@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use queue_core::QueueError;
@@ -68,6 +69,23 @@ pub fn prepared_path(dir: &Path, n: u64) -> PathBuf {
 /// # Errors
 /// I/O errors.
 pub fn prepare_segment(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<File> {
+    prepare(dir, n, size, storage, Duration::ZERO)
+}
+
+/// [`prepare_segment`] in the background: synced every 4 MiB with a pause after each, so the
+/// zeros never queue a long write-back in front of the commits that share the disk.
+fn prepare_gently(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<File> {
+    prepare(dir, n, size, storage, Duration::from_millis(3))
+}
+
+fn prepare(
+    dir: &Path,
+    n: u64,
+    size: u64,
+    storage: &dyn Storage,
+    pause: Duration,
+) -> io::Result<File> {
+    const CHUNK: u64 = 1 << 20;
     let path = prepared_path(dir, n);
     let file = OpenOptions::new()
         .create(true)
@@ -75,12 +93,16 @@ pub fn prepare_segment(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> 
         .read(true)
         .write(true)
         .open(&path)?;
-    let zeros = vec![0u8; 1 << 20];
+    let zeros = vec![0u8; CHUNK as usize];
     let mut at = 0;
     while at < size {
-        let n = (size - at).min(zeros.len() as u64) as usize;
+        let n = (size - at).min(CHUNK) as usize;
         storage.write_at(&file, &zeros[..n], at)?;
         at += n as u64;
+        if !pause.is_zero() && at % (4 * CHUNK) == 0 {
+            storage.sync_data(&file)?;
+            std::thread::sleep(pause);
+        }
     }
     storage.sync_data(&file)?;
     Ok(file)
@@ -310,7 +332,8 @@ fn fail(job: Job, error: &QueueError) {
 const BATCH_BYTES: usize = 4 << 20;
 
 fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
-    let mut prepared = Some(Preparing::start(&c, c.segment + 1));
+    // The next segment is prepared once the active one is half full.
+    let mut prepared: Option<Preparing> = None;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut batch: Vec<(usize, Option<Done>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -365,6 +388,9 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
                     .written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 shared.commits.fetch_add(1, Ordering::Relaxed);
+                if prepared.is_none() && c.len > c.segment_size / 2 {
+                    prepared = Some(Preparing::start(&c, c.segment + 1));
+                }
                 if messages > 0 {
                     let mut usage = shared.usage.lock();
                     let u = usage.entry(c.segment).or_default();
@@ -430,7 +456,6 @@ fn roll(c: &mut WriterConfig, shared: &Shared, prepared: &mut Option<Preparing>)
     c.file = file;
     c.len = len;
     c.segment = next;
-    *prepared = Some(Preparing::start(c, next + 1));
     tracing::debug!(segment = next, "started a new segment");
     Ok(())
 }
@@ -448,7 +473,7 @@ impl Preparing {
         let storage = c.storage.clone();
         Preparing {
             number,
-            handle: std::thread::spawn(move || prepare_segment(&dir, number, size, &*storage)),
+            handle: std::thread::spawn(move || prepare_gently(&dir, number, size, &*storage)),
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Messages per produce call.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Connections the producers share, round robin (each opens its own queue handle).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
     /// Skip the fsync probe.
     #[arg(long)]
     pub no_fsync_probe: bool,
@@ -199,9 +202,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     } else {
         args.count
     };
+    let mut handles = vec![queue.clone()];
+    for _ in 1..args.connections.max(1) {
+        handles.push(queue_runtime::connect(&url).await?);
+    }
     for p in 0..args.producers {
         let s = shared.clone();
-        let queue = queue.clone();
+        let queue = handles[p % handles.len()].clone();
         let body = body.clone();
         let batch = args.batch.max(1);
         let my_quota =
