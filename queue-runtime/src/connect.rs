@@ -135,8 +135,16 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
             let shown = url.split('?').next().unwrap_or(url).to_string();
             Ok(Queue::new(Arc::new(adapter), clock, spawner, shown))
         }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            let adapter =
+                crate::adapters::postgres::PostgresAdapter::connect(url, clock.clone()).await?;
+            let shown = adapter.description().to_string();
+            Ok(Queue::new(adapter, clock, spawner, shown))
+        }
+        #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(QueueError::Unsupported(
-            "this build has no adapter for the url scheme yet; use memory://",
+            "this build has no postgres adapter; enable the `postgres` feature of queue-runtime",
         )),
         other => Err(invalid(&format!(
             "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix:// or postgres://"
