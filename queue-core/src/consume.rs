@@ -472,10 +472,19 @@ impl ConsumerLoop {
                 settled: Arc::new(AtomicBool::new(false)),
             };
             let keeper = keep_lease(queue.clone(), lease.clone(), spec.lease, deadline);
+            let started = std::time::Instant::now();
             let result = match select(Box::pin(handler.call(&cx)), Box::pin(keeper)).await {
                 Either::Left((r, _)) => r,
                 Either::Right(((), handler)) => handler.await,
             };
+            if let Some(observer) = queue.observer() {
+                let handled = match &result {
+                    Ok(()) => crate::queue::Handled::Acked,
+                    Err(HandlerFailure::Failed(_)) => crate::queue::Handled::Failed,
+                    Err(HandlerFailure::Poison(_)) => crate::queue::Handled::DeadLettered,
+                };
+                observer.handled(&spec.name, handled, started.elapsed());
+            }
             let outcome = match result {
                 Ok(()) => Outcome::Ack,
                 Err(HandlerFailure::Failed(error)) => {

@@ -60,7 +60,7 @@ pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};
 pub use delivery::Delivery;
 pub use error::QueueError;
-pub use queue::{Producer, Queue, Spawn, TransactionalProduce, produce_in};
+pub use queue::{Handled, Observer, Producer, Queue, Spawn, TransactionalProduce, produce_in};
 pub use registry::{Dep, Deps};
 pub use spec::{Channel, ChannelSpec, Message, Processing};
 

@@ -36,6 +36,35 @@ struct QueueInner {
     clock: Arc<dyn Clock>,
     spawner: Arc<dyn Spawn>,
     description: String,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+/// How a handled delivery ended, for [`Observer`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Handled {
+    /// The handler succeeded and the message was acked.
+    Acked,
+    /// The handler failed or panicked; the message will be retried.
+    Failed,
+    /// The payload did not decode, or the handler dead-lettered it.
+    DeadLettered,
+}
+
+impl Handled {
+    /// A lowercase name for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handled::Acked => "acked",
+            Handled::Failed => "failed",
+            Handled::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Sees every delivery a consumer of this queue handles: for metrics.
+pub trait Observer: Send + Sync + 'static {
+    /// A delivery of `channel` was handled in `elapsed` and ended as `handled`.
+    fn handled(&self, channel: &str, handled: Handled, elapsed: Duration);
 }
 
 impl fmt::Debug for Queue {
@@ -61,8 +90,28 @@ impl Queue {
                 clock,
                 spawner,
                 description: description.into(),
+                observer: None,
             }),
         }
+    }
+
+    /// A handle to the same queue whose consumers report to `observer`.
+    #[must_use]
+    pub fn observed(&self, observer: Arc<dyn Observer>) -> Queue {
+        Queue {
+            inner: Arc::new(QueueInner {
+                adapter: self.inner.adapter.clone(),
+                clock: self.inner.clock.clone(),
+                spawner: self.inner.spawner.clone(),
+                description: self.inner.description.clone(),
+                observer: Some(observer),
+            }),
+        }
+    }
+
+    /// The observer consumers report to, if any.
+    pub fn observer(&self) -> Option<&Arc<dyn Observer>> {
+        self.inner.observer.as_ref()
     }
 
     /// The adapter behind this handle.

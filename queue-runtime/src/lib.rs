@@ -35,6 +35,8 @@ pub mod adapters;
 pub mod broker;
 mod connect;
 pub mod engine;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod system;
 mod worker;
 

@@ -85,6 +85,7 @@ pub struct Worker {
     deps: Deps,
     only: Option<Vec<String>>,
     grace: Duration,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl fmt::Debug for Worker {
@@ -105,7 +106,17 @@ impl Worker {
             deps: Deps::default(),
             only: None,
             grace: Duration::from_secs(30),
+            metrics: None,
         }
+    }
+
+    /// Serves Prometheus metrics on `addr` (`GET /metrics`): what this worker's consumers
+    /// handled and how long they took, and the queue's depths and counters.
+    #[cfg(feature = "metrics")]
+    #[must_use]
+    pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
     }
 
     /// Provides a dependency that consumers take as `Dep<T>`.
@@ -163,6 +174,22 @@ impl Worker {
     /// As [`Worker::plan`]; the queue's error when a subscription cannot be opened.
     pub async fn start(self) -> Result<RunningWorker, WorkerError> {
         let plan = self.plan()?;
+        #[cfg(feature = "metrics")]
+        let (queue, metrics_server) = match self.metrics {
+            Some(addr) => {
+                let metrics = crate::metrics::Metrics::new();
+                let queue = self.queue.observed(metrics.clone());
+                let server = metrics
+                    .serve(addr, queue.clone())
+                    .await
+                    .map_err(|e| WorkerError::Queue(QueueError::Io(e)))?;
+                (queue, Some(server))
+            }
+            None => (self.queue.clone(), None),
+        };
+        #[cfg(not(feature = "metrics"))]
+        let (queue, metrics_server): (Queue, Option<tokio::task::JoinHandle<()>>) =
+            (self.queue.clone(), None);
         let mut handles = Vec::with_capacity(plan.len());
         for decl in plan {
             let handler = (decl.build)(&self.deps).ok_or_else(|| {
@@ -179,13 +206,13 @@ impl Worker {
             let spec = (decl.spec)();
             tracing::info!(consumer = %decl.path(), channel = %spec.name, max_parallel, "starting consumer");
             let handle =
-                start_consumer(self.queue.clone(), spec, handler, max_parallel, decl.path())
-                    .await?;
+                start_consumer(queue.clone(), spec, handler, max_parallel, decl.path()).await?;
             handles.push(handle);
         }
         Ok(RunningWorker {
             handles,
             grace: self.grace,
+            metrics_server,
         })
     }
 
@@ -218,6 +245,7 @@ impl Worker {
 pub struct RunningWorker {
     handles: Vec<ConsumerHandle>,
     grace: Duration,
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningWorker {
@@ -228,6 +256,9 @@ impl RunningWorker {
 
     /// Stops every consumer, waiting for running handlers up to the grace period.
     pub async fn shutdown(self) {
+        if let Some(server) = &self.metrics_server {
+            server.abort();
+        }
         let grace = self.grace;
         let stops = self.handles.into_iter().map(|h| h.stop(grace));
         for r in futures_util::future::join_all(stops).await {

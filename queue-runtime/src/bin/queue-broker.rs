@@ -41,6 +41,9 @@ struct Args {
     /// Segment size of the store, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     segment_size: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Threads serving connections (the log writer has its own).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -99,6 +102,22 @@ async fn run(args: Args) -> Result<()> {
         "queue-broker ready"
     );
     let mut servers = vec![tokio::spawn(broker.clone().serve_tcp(listener))];
+    let mut metrics_server = None;
+    if let Some(addr) = args.metrics {
+        // Metrics read the store directly, not through a connection.
+        let local = queue_core::Queue::new(
+            adapter.clone(),
+            Arc::new(SystemClock),
+            Arc::new(queue_runtime::TokioSpawner::current()),
+            "metrics",
+        );
+        let metrics = queue_runtime::metrics::Metrics::for_broker(broker.clone());
+        let server = metrics
+            .serve(addr, local)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        metrics_server = Some(server);
+    }
     if let Some(path) = &args.unix {
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)
@@ -109,6 +128,9 @@ async fn run(args: Args) -> Result<()> {
     queue_runtime::shutdown_signal()?.await;
     tracing::info!("shutting down: closing connections, flushing the store");
     broker.shutdown();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
