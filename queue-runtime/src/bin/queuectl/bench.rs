@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200_000, conflicts_with = "duration")]
     pub count: u64,
     /// Produce for this long instead of a count, e.g. `10s`.
-    #[arg(long, value_parser = humantime_duration)]
+    #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Total messages per second across producers (open loop); unlimited when omitted.
     #[arg(long)]
@@ -67,20 +67,9 @@ pub struct BenchArgs {
     pub no_fsync_probe: bool,
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (n, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = n.parse().map_err(|_| format!("invalid duration `{s}`"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in `{s}`; use ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+/// Parses `500ms`, `10s`, `1m 30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration `{s}`: {e}"))
 }
 
 fn now_ns() -> u64 {

@@ -1,5 +1,6 @@
 //! `queuectl`: operate a queue from the command line.
 
+mod admin;
 mod bench;
 
 use anyhow::Result;
@@ -15,11 +16,32 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Per channel: ready, delayed, in flight, dead, and the store's counters.
+    Stats(admin::StatsArgs),
+    /// A live table of `stats` with rates, refreshed until Ctrl-C.
+    Watch(admin::WatchArgs),
+    /// Show pending messages of a channel, decoded from BSON to JSON, without taking them.
+    Peek(admin::PeekArgs),
+    /// List, redrive or purge a channel's dead letters.
+    #[command(subcommand)]
+    Dlq(admin::Dlq),
+    /// Produce one message from JSON.
+    Produce(admin::ProduceArgs),
     /// Measure produce and consume throughput and end-to-end latency.
     Bench(bench::BenchArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -33,6 +55,11 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
+            Command::Stats(args) => admin::stats(args).await,
+            Command::Watch(args) => admin::watch(args).await,
+            Command::Peek(args) => admin::peek(args).await,
+            Command::Dlq(command) => admin::dlq(command).await,
+            Command::Produce(args) => admin::produce(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })
