@@ -61,3 +61,8 @@ pub mod prelude {
 
     pub use crate::{Worker, connect, connect_default};
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
