@@ -107,15 +107,17 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
                     .map_err(|e| QueueError::backend("opening the store panicked", e))??;
             Ok(Queue::new(adapter, clock, spawner, url))
         }
-        "queue" | "queue+unix" => {
+        "queue" | "queue+unix" | "queue+tls" => {
             let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
             let mut options = RemoteOptions::default();
+            let mut ca = None;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 match pair.split_once('=') {
                     Some(("token", t)) => options.token = Some(t.to_string()),
+                    Some(("ca", path)) => ca = Some(std::path::PathBuf::from(path)),
                     _ => {
                         return Err(invalid(&format!(
-                            "unknown option `{pair}`; the broker client takes `token`"
+                            "unknown option `{pair}`; the broker client takes `token` and, with TLS, `ca`"
                         )));
                     }
                 }
@@ -126,11 +128,22 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
             if address.is_empty() {
                 return Err(invalid("the broker address is missing"));
             }
-            let target = if scheme == "queue" {
-                Target::Tcp(address.to_string())
-            } else {
-                Target::Unix(address.into())
+            let target = match scheme {
+                "queue" => Target::Tcp(address.to_string()),
+                "queue+unix" => Target::Unix(address.into()),
+                #[cfg(feature = "tls")]
+                _ => Target::Tls {
+                    address: address.to_string(),
+                    ca: ca.take().ok_or_else(|| {
+                        invalid("queue+tls:// needs `?ca=PATH` naming the trusted certificate")
+                    })?,
+                },
+                #[cfg(not(feature = "tls"))]
+                _ => return Err(invalid("this build has no TLS; enable the `tls` feature")),
             };
+            if ca.is_some() {
+                return Err(invalid("`ca` applies to queue+tls:// only"));
+            }
             let adapter = RemoteAdapter::connect(target, options).await?;
             let shown = url.split('?').next().unwrap_or(url).to_string();
             Ok(Queue::new(Arc::new(adapter), clock, spawner, shown))

@@ -264,3 +264,59 @@ async fn a_closed_connection_gives_its_leases_to_another_worker_at_once() {
     assert_eq!(again.lease.id, held.lease.id);
     assert!(again.lease.token > held.lease.token);
 }
+
+#[tokio::test]
+async fn a_tls_broker_serves_a_tls_client_and_refuses_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let acceptor = queue_runtime::broker::tls::acceptor(&cert_path, &key_path).unwrap();
+
+    let clock = Arc::new(VirtualClock::default());
+    let store = dir.path().join("store");
+    let adapter = FileAdapter::open(
+        &store,
+        clock,
+        FileOptions {
+            segment_size: 1 << 16,
+            ..FileOptions::default()
+        },
+    )
+    .unwrap();
+    let broker = Broker::new(
+        adapter,
+        BrokerConfig {
+            handshake_timeout: Duration::from_millis(500),
+            ..BrokerConfig::default()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(broker.clone().serve_tls(listener, acceptor));
+
+    let url = format!("queue+tls://localhost:{port}?ca={}", cert_path.display());
+    let queue = queue_runtime::connect(&url).await.expect("a tls client");
+    let receipt = Keep::produce(&queue, Keep { n: 3 }).await.unwrap();
+    let sub = queue
+        .adapter()
+        .subscribe(&<KeepChannel as queue_core::Channel>::SPEC, 1)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.lease.id, receipt.id);
+
+    // Plain text to a TLS port gets nowhere, and the broker keeps serving.
+    let mut plain = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    plain.write_all(&hello(None)).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a plain-text client is disconnected");
+    assert!(Keep::produce(&queue, Keep { n: 4 }).await.is_ok());
+    broker.shutdown();
+}

@@ -37,6 +37,14 @@ use crate::broker::protocol::{
 pub enum Target {
     /// `host:port`.
     Tcp(String),
+    /// `host:port` with TLS, trusting the certificates in the PEM file.
+    #[cfg(feature = "tls")]
+    Tls {
+        /// `host:port`.
+        address: String,
+        /// The trusted certificates.
+        ca: std::path::PathBuf,
+    },
     /// A Unix socket path.
     Unix(std::path::PathBuf),
 }
@@ -205,6 +213,14 @@ async fn open_stream(target: &Target) -> std::io::Result<Box<dyn Stream>> {
             Ok(Box::new(s))
         }
         Target::Unix(path) => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+        #[cfg(feature = "tls")]
+        Target::Tls { address, ca } => {
+            let connector = crate::broker::tls::connector(ca).map_err(std::io::Error::other)?;
+            let name = crate::broker::tls::server_name(address).map_err(std::io::Error::other)?;
+            let s = tokio::net::TcpStream::connect(address).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(connector.connect(name, s).await?))
+        }
     }
 }
 

@@ -41,6 +41,12 @@ struct Args {
     /// Segment size of the store, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     segment_size: u64,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -99,9 +105,20 @@ async fn run(args: Args) -> Result<()> {
         data = %args.data.display(),
         messages = report.messages,
         token = args.token.is_some(),
+        tls = args.tls_cert.is_some(),
         "queue-broker ready"
     );
-    let mut servers = vec![tokio::spawn(broker.clone().serve_tcp(listener))];
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            queue_runtime::broker::tls::acceptor(cert, key)
+                .context("loading the TLS certificate")?,
+        ),
+        _ => None,
+    };
+    let mut servers = vec![match tls {
+        Some(acceptor) => tokio::spawn(broker.clone().serve_tls(listener, acceptor)),
+        None => tokio::spawn(broker.clone().serve_tcp(listener)),
+    }];
     let mut metrics_server = None;
     if let Some(addr) = args.metrics {
         // Metrics read the store directly, not through a connection.

@@ -2,5 +2,7 @@
 
 pub mod protocol;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use server::{Broker, BrokerConfig, BrokerCounters};

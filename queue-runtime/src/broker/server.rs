@@ -141,6 +141,47 @@ impl Broker {
         }
     }
 
+    /// Accepts TLS connections from `listener` until [`Broker::shutdown`]. The TLS handshake
+    /// must finish within the handshake timeout.
+    #[cfg(feature = "tls")]
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let broker = self.clone();
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let timeout = broker.config.handshake_timeout;
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => broker.spawn_connection(tls, peer.to_string()),
+                                Ok(Err(e)) => {
+                                    broker.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                                    tracing::info!(peer = %peer, error = %e, "tls handshake failed");
+                                }
+                                Err(_) => {
+                                    broker.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                                    tracing::info!(peer = %peer, "tls handshake timed out");
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
     /// Accepts connections on a Unix socket until [`Broker::shutdown`].
     #[cfg(unix)]
     pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener) {
