@@ -15,7 +15,8 @@
 //! | `cargo run -p examples --bin worker` | runs every consumer against `QUEUE_URL`, writing to `EXAMPLE_DB` |
 //! | `cargo run -p examples --bin app` | HTTP server on `APP_ADDR`: `POST /users` produces `UserRegistered` |
 //!
-//! Several processes share one queue through the broker:
+//! An embedded store (the default `QUEUE_URL`, `file://queue-data`) belongs to one process,
+//! so the app and a worker share one queue through the broker:
 //!
 //! ```text
 //! cargo run -p queue-runtime --bin queue-broker -- --listen 127.0.0.1:7878 --data broker-data
@@ -27,3 +28,59 @@
 pub mod channels;
 pub mod consumers;
 pub mod services;
+
+use anyhow::Context as _;
+use queue_runtime::{DEFAULT_URL, QUEUE_URL_VAR, Queue};
+
+/// Opens the queue named by `QUEUE_URL` (default `file://queue-data`) with
+/// [`queue_runtime::connect_default`], saying which URL failed and, for an embedded store,
+/// that it serves one process.
+///
+/// # Errors
+/// When the queue cannot be opened.
+pub async fn connect_from_env() -> anyhow::Result<Queue> {
+    let (url, source) = match std::env::var(QUEUE_URL_VAR) {
+        Ok(url) => (url, "from QUEUE_URL"),
+        Err(_) => (
+            DEFAULT_URL.to_string(),
+            "the default; set QUEUE_URL to change it",
+        ),
+    };
+    queue_runtime::connect_default().await.with_context(|| {
+        let embedded = !url.contains("://") || url.starts_with("file://");
+        let hint = if embedded {
+            "; an embedded store belongs to one process: to share a queue between the app and \
+             workers, run `queue-broker` and set QUEUE_URL=queue://127.0.0.1:7878"
+        } else {
+            ""
+        };
+        format!("opening the queue {} ({source}){hint}", redacted(&url))
+    })
+}
+
+/// `url` without its query (a `token=…`) and its user information (a password).
+fn redacted(url: &str) -> String {
+    let url = url.split('?').next().unwrap_or(url);
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://…{}", &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn secrets_in_queue_urls_are_not_shown() {
+        assert_eq!(
+            redacted("queue://127.0.0.1:7878?token=s3cret"),
+            "queue://127.0.0.1:7878"
+        );
+        assert_eq!(
+            redacted("postgres://app:s3cret@db:5432/queue"),
+            "postgres://…@db:5432/queue"
+        );
+        assert_eq!(redacted("file://queue-data"), "file://queue-data");
+    }
+}

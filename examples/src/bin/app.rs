@@ -121,9 +121,7 @@ async fn main() -> anyhow::Result<()> {
 
     let stop = shutdown_signal().context("listening for SIGINT and SIGTERM")?;
     let addr = std::env::var(ADDR_VAR).unwrap_or_else(|_| DEFAULT_ADDR.to_string());
-    let queue = queue_runtime::connect_default()
-        .await
-        .context("opening the queue named by QUEUE_URL")?;
+    let queue = examples::connect_from_env().await?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("listening on {addr} (set {ADDR_VAR} to change it)"))?;

@@ -20,9 +20,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let stop = shutdown_signal().context("listening for SIGINT and SIGTERM")?;
-    let queue = queue_runtime::connect_default()
-        .await
-        .context("opening the queue named by QUEUE_URL")?;
+    let queue = examples::connect_from_env().await?;
     let db_path = Database::default_path();
     let db = Database::open(&db_path)
         .with_context(|| format!("opening the database {}", db_path.display()))?;
