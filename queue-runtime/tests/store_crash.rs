@@ -88,7 +88,7 @@ fn child(dir: &Path, start: u64) {
             tasks.push(tokio::spawn(async move {
                 let mut seq = start + p * 100_000;
                 loop {
-                    let n = if seq % 7 == 0 { 3 } else { 1 };
+                    let n = if seq.is_multiple_of(7) { 3 } else { 1 };
                     let batch: Vec<Outgoing> = (seq..seq + n)
                         .map(|s| {
                             say(format!("I {s}"));
@@ -252,13 +252,13 @@ fn verify(dir: &Path, ledger: &Ledger) -> Result<u64, String> {
                     m.id, item.seq
                 ));
             }
-            if let Some(&id) = ledger.produced.get(&item.seq) {
-                if id != m.id.0 {
-                    return Err(format!(
-                        "seq {} stored as {} but confirmed as {id}",
-                        item.seq, m.id
-                    ));
-                }
+            if let Some(&id) = ledger.produced.get(&item.seq)
+                && id != m.id.0
+            {
+                return Err(format!(
+                    "seq {} stored as {} but confirmed as {id}",
+                    item.seq, m.id
+                ));
             }
             if ledger.acked.contains(&m.id.0) {
                 return Err(format!("message {} was acked but is stored again", m.id));

@@ -142,7 +142,24 @@ struct Inner {
     generation: AtomicU64,
     closed: AtomicBool,
     reconnect: Arc<tokio::sync::Notify>,
+    batches: Mutex<HashMap<String, ChannelBatch>>,
 }
+
+type Waiting = (usize, oneshot::Sender<Result<Vec<Receipt>, QueueError>>);
+
+/// Produces of one channel waiting to be sent. While one request for the channel is in
+/// flight, later produces gather here and go together in the next request: the client-side
+/// half of group commit, so that many concurrent producers cost the broker few requests.
+struct ChannelBatch {
+    spec: ChannelSpec,
+    messages: Vec<Outgoing>,
+    waiting: Vec<Waiting>,
+    in_flight: bool,
+}
+
+/// The most messages or bytes one produce request carries.
+const BATCH_MESSAGES: usize = 1024;
+const BATCH_BYTES: usize = 4 << 20;
 
 /// The `queue://` adapter.
 #[derive(Clone)]
@@ -182,6 +199,7 @@ impl RemoteAdapter {
                 generation: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 reconnect: Arc::new(tokio::sync::Notify::new()),
+                batches: Mutex::new(HashMap::new()),
             }),
         };
         adapter.inner.connection().await?;
@@ -339,10 +357,10 @@ impl Inner {
                     ServerFrame::Delivery { sub, delivery } => {
                         let Some(inner) = weak.upgrade() else { break };
                         let local = reader_conn.subs.lock().get(&sub).copied();
-                        if let Some(local) = local {
-                            if let Some(s) = inner.subs.lock().get(&local) {
-                                let _ = s.tx.send((reader_conn.generation, delivery.into()));
-                            }
+                        if let Some(local) = local
+                            && let Some(s) = inner.subs.lock().get(&local)
+                        {
+                            let _ = s.tx.send((reader_conn.generation, delivery.into()));
                         }
                     }
                 }
@@ -528,6 +546,67 @@ impl Drop for RemoteSubscription {
     }
 }
 
+/// Sends the waiting produces of `channel` until none are left.
+async fn flush(inner: Arc<Inner>, channel: String) {
+    loop {
+        let (spec, messages, waiting) = {
+            let mut batches = inner.batches.lock();
+            let Some(b) = batches.get_mut(&channel) else {
+                return;
+            };
+            if b.waiting.is_empty() {
+                b.in_flight = false;
+                return;
+            }
+            // Take whole produces while they fit in one request.
+            let (mut count, mut bytes, mut take) = (0, 0, 0);
+            for (n, _) in &b.waiting {
+                let size: usize = b.messages[count..count + n]
+                    .iter()
+                    .map(|m| m.payload.len())
+                    .sum();
+                if take > 0 && (count + n > BATCH_MESSAGES || bytes + size > BATCH_BYTES) {
+                    break;
+                }
+                count += n;
+                bytes += size;
+                take += 1;
+            }
+            let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
+            let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
+            (b.spec.clone(), messages, waiting)
+        };
+        let request = Request::Produce {
+            spec: (&spec).into(),
+            messages: messages.into_iter().map(Into::into).collect(),
+            key: Some(produce_key()),
+        };
+        let result = match inner.call(request, true).await {
+            Ok(Reply::Receipts { receipts }) => Ok(receipts_from_wire(receipts)),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(receipts) => {
+                let mut receipts = receipts.into_iter();
+                for (n, tx) in waiting {
+                    let _ = tx.send(Ok(receipts.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let mut first = Some(e);
+                for (_, tx) in waiting {
+                    let err = first
+                        .take()
+                        .unwrap_or_else(|| QueueError::Protocol(text.clone()));
+                    let _ = tx.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
 fn unexpected(reply: &Reply) -> QueueError {
     QueueError::Protocol(format!("unexpected reply {reply:?}"))
 }
@@ -551,15 +630,29 @@ impl Adapter for RemoteAdapter {
         batch: Vec<Outgoing>,
     ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
         async move {
-            let request = Request::Produce {
-                spec: spec.into(),
-                messages: batch.into_iter().map(Into::into).collect(),
-                key: Some(produce_key()),
-            };
-            match self.inner.call(request, true).await? {
-                Reply::Receipts { receipts } => Ok(receipts_from_wire(receipts)),
-                other => Err(unexpected(&other)),
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(QueueError::Closed);
             }
+            let (tx, rx) = oneshot::channel();
+            let start = {
+                let mut batches = self.inner.batches.lock();
+                let b = batches
+                    .entry(spec.name.to_string())
+                    .or_insert_with(|| ChannelBatch {
+                        spec: spec.clone(),
+                        messages: Vec::new(),
+                        waiting: Vec::new(),
+                        in_flight: false,
+                    });
+                b.spec = spec.clone();
+                b.waiting.push((batch.len(), tx));
+                b.messages.extend(batch);
+                !std::mem::replace(&mut b.in_flight, true)
+            };
+            if start {
+                tokio::spawn(flush(self.inner.clone(), spec.name.to_string()));
+            }
+            rx.await.unwrap_or(Err(QueueError::Closed))
         }
         .boxed()
     }
