@@ -154,8 +154,12 @@ struct ChannelBatch {
     spec: ChannelSpec,
     messages: Vec<Outgoing>,
     waiting: Vec<Waiting>,
-    in_flight: bool,
+    in_flight: usize,
 }
+
+/// Produce requests of one channel in flight at once: one being synced while the next is
+/// on its way keeps the broker's group commit fed.
+const FLUSHERS: usize = 2;
 
 /// The most messages or bytes one produce request carries.
 const BATCH_MESSAGES: usize = 1024;
@@ -555,7 +559,7 @@ async fn flush(inner: Arc<Inner>, channel: String) {
                 return;
             };
             if b.waiting.is_empty() {
-                b.in_flight = false;
+                b.in_flight -= 1;
                 return;
             }
             // Take whole produces while they fit in one request.
@@ -642,12 +646,16 @@ impl Adapter for RemoteAdapter {
                         spec: spec.clone(),
                         messages: Vec::new(),
                         waiting: Vec::new(),
-                        in_flight: false,
+                        in_flight: 0,
                     });
                 b.spec = spec.clone();
                 b.waiting.push((batch.len(), tx));
                 b.messages.extend(batch);
-                !std::mem::replace(&mut b.in_flight, true)
+                let start = b.in_flight < FLUSHERS;
+                if start {
+                    b.in_flight += 1;
+                }
+                start
             };
             if start {
                 tokio::spawn(flush(self.inner.clone(), spec.name.to_string()));
