@@ -27,6 +27,13 @@ enum Command {
     Dlq(admin::Dlq),
     /// Produce one message from JSON.
     Produce(admin::ProduceArgs),
+    /// Apply the PostgreSQL adapter's schema migrations (connecting applies them too).
+    #[cfg(feature = "postgres")]
+    Migrate {
+        /// The database: `postgres://user@host/db?schema=queue`.
+        #[arg(long, env = "QUEUE_URL")]
+        url: String,
+    },
     /// Measure produce and consume throughput and end-to-end latency.
     Bench(bench::BenchArgs),
 }
@@ -60,6 +67,19 @@ fn run() -> Result<()> {
             Command::Peek(args) => admin::peek(args).await,
             Command::Dlq(command) => admin::dlq(command).await,
             Command::Produce(args) => admin::produce(args).await,
+            #[cfg(feature = "postgres")]
+            Command::Migrate { url } => {
+                let report = queue_runtime::adapters::postgres::migrate(&url).await?;
+                if report.from == report.to {
+                    println!("schema is at version {}: nothing to do", report.to);
+                } else {
+                    println!(
+                        "migrated the schema from version {} to {}",
+                        report.from, report.to
+                    );
+                }
+                Ok(())
+            }
             Command::Bench(args) => bench::run(args).await,
         }
     })
