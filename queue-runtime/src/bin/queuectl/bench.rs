@@ -214,8 +214,45 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             deadline,
         )));
     }
-    for p in producers {
-        p.await??;
+    // A progress bar on a terminal (hidden when stderr is not one).
+    let bar = match (args.producers, args.duration) {
+        (0, _) => None,
+        (_, Some(d)) => Some(indicatif::ProgressBar::new(d.as_millis() as u64)),
+        (_, None) => Some(indicatif::ProgressBar::new(args.count)),
+    };
+    if let Some(bar) = &bar {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} producing [{bar:40}] {percent:>3}% {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let all = futures_util::future::try_join_all(producers);
+        tokio::pin!(all);
+        loop {
+            tokio::select! {
+                done = &mut all => {
+                    for r in done? {
+                        r?;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let produced = shared.produced.load(Ordering::Relaxed);
+                    match args.duration {
+                        Some(_) => bar.set_position(start.elapsed().as_millis() as u64),
+                        None => bar.set_position(produced),
+                    }
+                    bar.set_message(format!("{produced} messages"));
+                }
+            }
+        }
+        bar.finish_and_clear();
+    } else {
+        for p in producers {
+            p.await??;
+        }
     }
     let produce_elapsed = start.elapsed();
     let produced = shared.produced.load(Ordering::Relaxed);
