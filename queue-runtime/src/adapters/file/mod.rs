@@ -701,7 +701,8 @@ impl Adapter for FileAdapter {
                 }
             };
             if !planned.is_empty() {
-                let now = self.engine.now();
+                // Produce time and due time as the log has them; readiness against the clock now.
+                let current = self.engine.now();
                 let mut state = cell.lock();
                 for p in planned {
                     let entry = Entry {
@@ -716,7 +717,7 @@ impl Adapter for FileAdapter {
                         produced_at: now,
                     };
                     let due = due_at(now, p.delay);
-                    state.insert(entry, due, now);
+                    state.insert(entry, due, current);
                 }
                 drop(state);
                 cell.wake();
