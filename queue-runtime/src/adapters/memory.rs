@@ -16,7 +16,7 @@ use queue_core::{
     QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
 };
 
-use crate::engine::{Cell, Engine, Held};
+use crate::engine::{Cell, Engine};
 
 /// A payload held in memory.
 pub type MemoryPayload = Arc<[u8]>;
@@ -51,21 +51,6 @@ impl MemoryAdapter {
     }
 }
 
-pub(crate) fn delivery(channel: &str, held: &Held<MemoryPayload>) -> RawDelivery {
-    RawDelivery {
-        lease: Lease {
-            channel: channel.to_string(),
-            id: held.entry.id,
-            token: held.token,
-        },
-        payload: held.entry.payload.to_vec(),
-        attempt: held.entry.attempts,
-        priority: held.entry.priority,
-        produced_at: held.entry.produced_at,
-        deadline: held.deadline,
-    }
-}
-
 struct MemorySubscription {
     engine: Arc<Engine<MemoryPayload>>,
     cell: Arc<Cell<MemoryPayload>>,
@@ -81,7 +66,7 @@ impl Subscription for MemorySubscription {
         let consumer = self.consumer;
         async move {
             let held = engine.take(&cell, consumer, &|_, _| {}).await?;
-            Ok(delivery(&channel, &held))
+            Ok(held.to_delivery(&channel, held.entry.payload.to_vec()))
         }
         .boxed()
     }
@@ -112,38 +97,28 @@ impl Adapter for MemoryAdapter {
                 let mut state = cell.lock();
                 state.tick(now);
                 for out in batch {
-                    if let Some(key) = out.dedup_key.filter(|_| spec.deduplicates()) {
-                        if let Some(original) = state.duplicate_of(key, now) {
-                            state.count_duplicate();
-                            receipts.push(Receipt {
-                                id: original,
-                                duplicate: true,
-                            });
-                            continue;
-                        }
-                        let id = self.engine.next_id();
-                        state.remember(key, id, due(now, spec.dedup_window), 0);
-                        state.insert(
-                            entry(id, out.payload, out.priority, now),
-                            due(now, out.delay),
-                            now,
-                        );
+                    let key = out.dedup_key.filter(|_| spec.deduplicates());
+                    if let Some(original) = key.and_then(|k| state.duplicate_of(k, now)) {
+                        state.count_duplicate();
                         receipts.push(Receipt {
-                            id,
-                            duplicate: false,
+                            id: original,
+                            duplicate: true,
                         });
-                    } else {
-                        let id = self.engine.next_id();
-                        state.insert(
-                            entry(id, out.payload, out.priority, now),
-                            due(now, out.delay),
-                            now,
-                        );
-                        receipts.push(Receipt {
-                            id,
-                            duplicate: false,
-                        });
+                        continue;
                     }
+                    let id = self.engine.next_id();
+                    if let Some(key) = key {
+                        state.remember(key, id, due(now, spec.dedup_window), 0);
+                    }
+                    state.insert(
+                        entry(id, out.payload, out.priority, now),
+                        due(now, out.delay),
+                        now,
+                    );
+                    receipts.push(Receipt {
+                        id,
+                        duplicate: false,
+                    });
                 }
             }
             cell.wake();

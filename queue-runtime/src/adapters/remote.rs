@@ -495,14 +495,7 @@ impl Subscription for RemoteSubscription {
             let Some(conn) = conn.filter(|c| c.alive.load(Ordering::Acquire)) else {
                 return;
             };
-            let subs: Vec<i64> = conn
-                .subs
-                .lock()
-                .iter()
-                .filter(|(_, l)| **l == local)
-                .map(|(s, _)| *s)
-                .collect();
-            for sub in subs {
+            for sub in server_subs(&conn, local) {
                 let _ = conn.call(Request::Pause { sub }).await;
             }
             // Give back what was pushed ahead and never handed out, without counting it.
@@ -521,15 +514,14 @@ impl Subscription for RemoteSubscription {
     }
 }
 
-impl RemoteSubscription {
-    fn server_subs(&self, conn: &Conn) -> Vec<i64> {
-        conn.subs
-            .lock()
-            .iter()
-            .filter(|(_, l)| **l == self.local)
-            .map(|(s, _)| *s)
-            .collect()
-    }
+/// The broker's subscriptions on `conn` that feed local subscription `local`.
+fn server_subs(conn: &Conn, local: u64) -> Vec<i64> {
+    conn.subs
+        .lock()
+        .iter()
+        .filter(|(_, l)| **l == local)
+        .map(|(s, _)| *s)
+        .collect()
 }
 
 impl Drop for RemoteSubscription {
@@ -537,7 +529,7 @@ impl Drop for RemoteSubscription {
         self.inner.subs.lock().remove(&self.local);
         let conn = self.inner.current.lock().clone();
         if let Some(conn) = conn.filter(|c| c.alive.load(Ordering::Acquire)) {
-            for sub in self.server_subs(&conn) {
+            for sub in server_subs(&conn, self.local) {
                 conn.subs.lock().remove(&sub);
                 let conn = conn.clone();
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {

@@ -41,6 +41,24 @@ pub struct Held<P> {
     pub consumer: u64,
 }
 
+impl<P> Held<P> {
+    /// The delivery of this lease on `channel`, with the payload read from wherever `P` says.
+    pub fn to_delivery(&self, channel: &str, payload: Vec<u8>) -> queue_core::RawDelivery {
+        queue_core::RawDelivery {
+            lease: queue_core::Lease {
+                channel: channel.to_string(),
+                id: self.entry.id,
+                token: self.token,
+            },
+            payload,
+            attempt: self.entry.attempts,
+            priority: self.entry.priority,
+            produced_at: self.entry.produced_at,
+            deadline: self.deadline,
+        }
+    }
+}
+
 /// A message in the dead-letter queue.
 #[derive(Debug, Clone)]
 pub struct Dead<P> {

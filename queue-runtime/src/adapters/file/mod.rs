@@ -31,7 +31,7 @@ use queue_core::{
 
 use self::format::{MessageRecord, Record};
 use self::writer::{OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path};
-use crate::engine::{Cell, Change, Engine, Entry, Held};
+use crate::engine::{Cell, Change, Engine, Entry};
 
 /// Where a payload is: segment, byte offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -499,21 +499,6 @@ impl FileAdapter {
         }
         Ok(())
     }
-
-    fn delivery(&self, channel: &str, held: &Held<Loc>) -> Result<RawDelivery, QueueError> {
-        Ok(RawDelivery {
-            lease: Lease {
-                channel: channel.to_string(),
-                id: held.entry.id,
-                token: held.token,
-            },
-            payload: self.read(held.entry.payload)?,
-            attempt: held.entry.attempts,
-            priority: held.entry.priority,
-            produced_at: held.entry.produced_at,
-            deadline: held.deadline,
-        })
-    }
 }
 
 fn encode_changes(changes: &[Change], buf: &mut Vec<u8>, now: Timestamp) {
@@ -591,7 +576,7 @@ impl Subscription for FileSubscription {
                     now_writer.submit_quiet(buf);
                 })
                 .await?;
-            adapter.delivery(&channel, &held)
+            Ok(held.to_delivery(&channel, adapter.read(held.entry.payload)?))
         }
         .boxed()
     }
