@@ -97,11 +97,6 @@ impl<P: Clone + Send + 'static> Engine<P> {
         self.next_token.fetch_max(next_token, Ordering::Relaxed);
     }
 
-    /// The next id to be handed out.
-    pub fn peek_next_id(&self) -> u64 {
-        self.next_id.load(Ordering::Relaxed)
-    }
-
     fn next_token(&self) -> u64 {
         self.next_token.fetch_add(1, Ordering::Relaxed)
     }
