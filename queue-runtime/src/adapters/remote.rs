@@ -70,7 +70,80 @@ impl Default for RemoteOptions {
     }
 }
 
-type Pending = HashMap<i64, oneshot::Sender<Result<Reply, QueueError>>>;
+type Pending = HashMap<i64, Awaiting>;
+
+/// Who waits for the reply to a request.
+enum Awaiting {
+    /// A caller awaiting the reply.
+    Caller(oneshot::Sender<Result<Reply, QueueError>>),
+    /// The producers whose messages went in one produce request. The reader hands them
+    /// their receipts itself, with no task in between.
+    Producers(Produce),
+}
+
+/// A produce request in flight, kept whole so it can be sent again after a reconnect.
+struct Produce {
+    inner: std::sync::Weak<Inner>,
+    request: Request,
+    waiting: Vec<Waiting>,
+}
+
+impl Awaiting {
+    fn answer(self, result: Result<Reply, QueueError>) {
+        match self {
+            Awaiting::Caller(tx) => {
+                let _ = tx.send(result);
+            }
+            Awaiting::Producers(p) => hand_out(p.waiting, receipts_of(result)),
+        }
+    }
+
+    /// The connection dropped before the reply came: a caller sees `Lost`, a produce is
+    /// sent again under the same key.
+    fn lost(self) {
+        match self {
+            Awaiting::Caller(_) => {}
+            Awaiting::Producers(p) => {
+                let Some(inner) = p.inner.upgrade() else {
+                    return hand_out(p.waiting, Err(QueueError::Closed));
+                };
+                tokio::spawn(async move {
+                    let result = inner.call(p.request, true).await;
+                    hand_out(p.waiting, receipts_of(result));
+                });
+            }
+        }
+    }
+}
+
+fn receipts_of(reply: Result<Reply, QueueError>) -> Result<Vec<Receipt>, QueueError> {
+    match reply? {
+        Reply::Receipts { receipts } => Ok(receipts_from_wire(receipts)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Gives each waiting produce its share of the receipts, or the error.
+fn hand_out(waiting: Vec<Waiting>, result: Result<Vec<Receipt>, QueueError>) {
+    match result {
+        Ok(receipts) => {
+            let mut receipts = receipts.into_iter();
+            for (n, tx) in waiting {
+                let _ = tx.send(Ok(receipts.by_ref().take(n).collect()));
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let mut first = Some(e);
+            for (_, tx) in waiting {
+                let err = first
+                    .take()
+                    .unwrap_or_else(|| QueueError::Protocol(text.clone()));
+                let _ = tx.send(Err(err));
+            }
+        }
+    }
+}
 
 /// One live connection.
 struct Conn {
@@ -85,6 +158,18 @@ struct Conn {
     closing: tokio::sync::Notify,
 }
 
+/// A client frame on the wire, refused if it is larger than the broker accepts.
+fn encode_frame(frame: &ClientFrame) -> Result<Bytes, QueueError> {
+    let bytes = protocol::encode(frame)?;
+    if bytes.len() > protocol::DEFAULT_MAX_FRAME {
+        return Err(QueueError::PayloadTooLarge {
+            size: bytes.len(),
+            max: protocol::DEFAULT_MAX_FRAME,
+        });
+    }
+    Ok(bytes)
+}
+
 /// Why a request did not get an answer.
 enum CallError {
     /// The connection dropped before the answer came.
@@ -94,22 +179,25 @@ enum CallError {
 }
 
 impl Conn {
+    /// Registers who awaits the reply to request `id` and queues its frame for sending. If
+    /// the connection is gone, the awaiting side learns it as from a dropped connection.
+    async fn send(&self, id: i64, bytes: Bytes, awaiting: Awaiting) -> Result<(), CallError> {
+        self.pending.lock().insert(id, awaiting);
+        if self.out.send(bytes).await.is_err() {
+            let awaiting = self.pending.lock().remove(&id);
+            if let Some(awaiting) = awaiting {
+                awaiting.lost();
+            }
+            return Err(CallError::Lost);
+        }
+        Ok(())
+    }
+
     async fn call(&self, request: Request) -> Result<Reply, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(id, tx);
-        let bytes = protocol::encode(&ClientFrame { id, request }).map_err(CallError::Queue)?;
-        if bytes.len() > protocol::DEFAULT_MAX_FRAME {
-            self.pending.lock().remove(&id);
-            return Err(CallError::Queue(QueueError::PayloadTooLarge {
-                size: bytes.len(),
-                max: protocol::DEFAULT_MAX_FRAME,
-            }));
-        }
-        if self.out.send(bytes).await.is_err() {
-            self.pending.lock().remove(&id);
-            return Err(CallError::Lost);
-        }
+        let bytes = encode_frame(&ClientFrame { id, request }).map_err(CallError::Queue)?;
+        self.send(id, bytes, Awaiting::Caller(tx)).await?;
         match rx.await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(CallError::Queue(e)),
@@ -119,7 +207,10 @@ impl Conn {
 
     fn fail_all(&self) {
         self.alive.store(false, Ordering::Release);
-        self.pending.lock().clear();
+        let pending: Vec<Awaiting> = self.pending.lock().drain().map(|(_, a)| a).collect();
+        for awaiting in pending {
+            awaiting.lost();
+        }
         self.closing.notify_one();
     }
 }
@@ -147,19 +238,22 @@ struct Inner {
 
 type Waiting = (usize, oneshot::Sender<Result<Vec<Receipt>, QueueError>>);
 
-/// Produces of one channel waiting to be sent. While one request for the channel is in
-/// flight, later produces gather here and go together in the next request: the client-side
-/// half of group commit, so that many concurrent producers cost the broker few requests.
+/// Produces of one channel waiting to be sent: the client-side half of group commit.
+///
+/// The first produce to arrive spawns a flusher; produces arriving before the flusher runs
+/// join its request. Once the flusher has cut its request, the next produce spawns the next
+/// flusher, so requests are never held back waiting for earlier ones, and producers woken
+/// together by one reply go out together in one request.
 struct ChannelBatch {
     spec: ChannelSpec,
     messages: Vec<Outgoing>,
     waiting: Vec<Waiting>,
-    in_flight: usize,
+    /// A flusher is spawned and has not yet taken the waiting produces.
+    pending: bool,
 }
 
-/// Produce requests of one channel in flight at once: one being synced while the next is
-/// on its way keeps the broker's group commit fed.
-const FLUSHERS: usize = 2;
+/// How many times a flusher yields, at most, for more produces to join its request.
+const GATHER_ROUNDS: usize = 4;
 
 /// The most messages or bytes one produce request carries.
 const BATCH_MESSAGES: usize = 1024;
@@ -334,8 +428,9 @@ impl Inner {
                 };
                 match frame {
                     ServerFrame::Reply { id, reply } => {
-                        if let Some(tx) = reader_conn.pending.lock().remove(&id) {
-                            let _ = tx.send(Ok(reply));
+                        let awaiting = reader_conn.pending.lock().remove(&id);
+                        if let Some(awaiting) = awaiting {
+                            awaiting.answer(Ok(reply));
                         }
                     }
                     ServerFrame::Error {
@@ -345,8 +440,10 @@ impl Inner {
                     } => {
                         tracing::warn!(code = %code, message = %message, "the broker closed the connection");
                         let err = error_from(&code, message, None);
-                        for (_, tx) in reader_conn.pending.lock().drain() {
-                            let _ = tx.send(Err(match &err {
+                        let pending: Vec<Awaiting> =
+                            reader_conn.pending.lock().drain().map(|(_, a)| a).collect();
+                        for awaiting in pending {
+                            awaiting.answer(Err(match &err {
                                 QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
                                 other => QueueError::Protocol(other.to_string()),
                             }));
@@ -354,8 +451,9 @@ impl Inner {
                         break;
                     }
                     ServerFrame::Error { id, code, message } => {
-                        if let Some(tx) = reader_conn.pending.lock().remove(&id) {
-                            let _ = tx.send(Err(error_from(&code, message, None)));
+                        let awaiting = reader_conn.pending.lock().remove(&id);
+                        if let Some(awaiting) = awaiting {
+                            awaiting.answer(Err(error_from(&code, message, None)));
                         }
                     }
                     ServerFrame::Delivery { sub, delivery } => {
@@ -542,65 +640,82 @@ impl Drop for RemoteSubscription {
     }
 }
 
-/// Sends the waiting produces of `channel` until none are left.
+fn spawn_flush(inner: Arc<Inner>, channel: String) {
+    tokio::spawn(flush(inner, channel));
+}
+
+/// Sends the produces of `channel` waiting now as one request.
 async fn flush(inner: Arc<Inner>, channel: String) {
-    loop {
-        let (spec, messages, waiting) = {
-            let mut batches = inner.batches.lock();
-            let Some(b) = batches.get_mut(&channel) else {
-                return;
-            };
-            if b.waiting.is_empty() {
-                b.in_flight -= 1;
-                return;
-            }
-            // Take whole produces while they fit in one request.
-            let (mut count, mut bytes, mut take) = (0, 0, 0);
-            for (n, _) in &b.waiting {
-                let size: usize = b.messages[count..count + n]
-                    .iter()
-                    .map(|m| m.payload.len())
-                    .sum();
-                if take > 0 && (count + n > BATCH_MESSAGES || bytes + size > BATCH_BYTES) {
-                    break;
-                }
-                count += n;
-                bytes += size;
-                take += 1;
-            }
-            let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
-            let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
-            (b.spec.clone(), messages, waiting)
-        };
-        let request = Request::Produce {
-            spec: (&spec).into(),
-            messages: messages.into_iter().map(Into::into).collect(),
-            key: Some(produce_key()),
-        };
-        let result = match inner.call(request, true).await {
-            Ok(Reply::Receipts { receipts }) => Ok(receipts_from_wire(receipts)),
-            Ok(other) => Err(unexpected(&other)),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(receipts) => {
-                let mut receipts = receipts.into_iter();
-                for (n, tx) in waiting {
-                    let _ = tx.send(Ok(receipts.by_ref().take(n).collect()));
-                }
-            }
-            Err(e) => {
-                let text = e.to_string();
-                let mut first = Some(e);
-                for (_, tx) in waiting {
-                    let err = first
-                        .take()
-                        .unwrap_or_else(|| QueueError::Protocol(text.clone()));
-                    let _ = tx.send(Err(err));
-                }
-            }
+    // Let the producers woken alongside this one join the request: yield while more keep
+    // arriving.
+    let waiting = || {
+        inner
+            .batches
+            .lock()
+            .get(&channel)
+            .map_or(0, |b| b.waiting.len())
+    };
+    let mut seen = waiting();
+    for _ in 0..GATHER_ROUNDS {
+        tokio::task::yield_now().await;
+        let now = waiting();
+        if now == seen {
+            break;
         }
+        seen = now;
     }
+    let (spec, messages, waiting) = {
+        let mut batches = inner.batches.lock();
+        let Some(b) = batches.get_mut(&channel) else {
+            return;
+        };
+        // Take whole produces while they fit in one request.
+        let (mut count, mut bytes, mut take) = (0, 0, 0);
+        for (n, _) in &b.waiting {
+            let size: usize = b.messages[count..count + n]
+                .iter()
+                .map(|m| m.payload.len())
+                .sum();
+            if take > 0 && (count + n > BATCH_MESSAGES || bytes + size > BATCH_BYTES) {
+                break;
+            }
+            count += n;
+            bytes += size;
+            take += 1;
+        }
+        let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
+        let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
+        b.pending = !b.waiting.is_empty();
+        if b.pending {
+            spawn_flush(inner.clone(), channel.clone());
+        }
+        (b.spec.clone(), messages, waiting)
+    };
+    if waiting.is_empty() {
+        return;
+    }
+    let request = Request::Produce {
+        spec: (&spec).into(),
+        messages: messages.into_iter().map(Into::into).collect(),
+        key: Some(produce_key()),
+    };
+    let conn = match inner.connection().await {
+        Ok(conn) => conn,
+        Err(e) => return hand_out(waiting, Err(e)),
+    };
+    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = ClientFrame { id, request };
+    let bytes = match encode_frame(&frame) {
+        Ok(bytes) => bytes,
+        Err(e) => return hand_out(waiting, Err(e)),
+    };
+    let awaiting = Awaiting::Producers(Produce {
+        inner: Arc::downgrade(&inner),
+        request: frame.request,
+        waiting,
+    });
+    // A lost connection sends the request again on the next one, from `Awaiting::lost`.
+    let _ = conn.send(id, bytes, awaiting).await;
 }
 
 fn unexpected(reply: &Reply) -> QueueError {
@@ -638,19 +753,17 @@ impl Adapter for RemoteAdapter {
                         spec: spec.clone(),
                         messages: Vec::new(),
                         waiting: Vec::new(),
-                        in_flight: 0,
+                        pending: false,
                     });
                 b.spec = spec.clone();
                 b.waiting.push((batch.len(), tx));
                 b.messages.extend(batch);
-                let start = b.in_flight < FLUSHERS;
-                if start {
-                    b.in_flight += 1;
-                }
+                let start = !b.pending;
+                b.pending = true;
                 start
             };
             if start {
-                tokio::spawn(flush(self.inner.clone(), spec.name.to_string()));
+                spawn_flush(self.inner.clone(), spec.name.to_string());
             }
             rx.await.unwrap_or(Err(QueueError::Closed))
         }
