@@ -289,6 +289,59 @@ async fn compaction_deletes_acked_segments_and_relocates_sparse_ones() {
     );
 }
 
+#[tokio::test]
+async fn settled_compaction_waits_until_a_segment_stops_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let spec = OrderChannel::SPEC;
+    let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    for n in 0..600 {
+        queue.produce_raw(&spec, vec![payload(n)]).await.unwrap();
+    }
+    // Ack nine of every ten of the first 300: their segments are mostly dead.
+    let sub = queue.adapter().subscribe(&spec, 1000).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let d = sub.next().await.unwrap();
+        if i % 10 == 0 {
+            held.push(d);
+        } else {
+            let ack = queue.adapter().settle(&d.lease, Outcome::Ack);
+            ack.await.unwrap();
+        }
+    }
+    let before = adapter.segments().len();
+
+    // First look: nothing is known about the segments yet, so nothing moves.
+    adapter.compact_settled().await.unwrap();
+    assert_eq!(adapter.segments().len(), before);
+
+    // A consumer keeps draining the oldest segment: still nothing moves.
+    let first = held.remove(0);
+    queue
+        .adapter()
+        .settle(&first.lease, Outcome::Ack)
+        .await
+        .unwrap();
+    adapter.compact_settled().await.unwrap();
+    assert_eq!(adapter.segments().len(), before);
+
+    // Unchanged since the last look: the sparse segments are rewritten and deleted.
+    adapter.compact_settled().await.unwrap();
+    let after = adapter.segments().len();
+    assert!(after < before, "{before} segments before, {after} after");
+    for d in &held {
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+    }
+    let pending = queue.peek(ORDERS, 1000).await.unwrap();
+    assert_eq!(pending.len(), 300);
+    drop(sub);
+}
+
 /// The end offset of every message record in a segment, in order.
 fn record_ends(path: &Path) -> Vec<(usize, usize)> {
     let bytes = std::fs::read(path).unwrap();

@@ -13,7 +13,7 @@ mod recovery;
 pub mod writer;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -95,6 +95,8 @@ pub struct FileAdapter {
     shared: Arc<Shared>,
     storage: Arc<dyn Storage>,
     compacting: tokio::sync::Mutex<()>,
+    /// Live messages per sealed segment at the last [`FileAdapter::compact_settled`].
+    seen_live: parking_lot::Mutex<BTreeMap<u64, u64>>,
     report: OpenReport,
     me: Weak<FileAdapter>,
     lock: parking_lot::Mutex<Option<File>>,
@@ -250,6 +252,7 @@ impl FileAdapter {
             shared,
             storage,
             compacting: tokio::sync::Mutex::new(()),
+            seen_live: parking_lot::Mutex::default(),
             report,
             me: me.clone(),
             lock: parking_lot::Mutex::new(Some(lock)),
@@ -344,6 +347,32 @@ impl FileAdapter {
     /// # Errors
     /// Write errors; the store is poisoned by them.
     pub async fn compact(&self) -> Result<u64, QueueError> {
+        self.compact_where(|_, _| true).await
+    }
+
+    /// Like [`FileAdapter::compact`], but relocates a segment only once its live messages
+    /// are as many as at the previous call: a segment consumers are still draining is left
+    /// alone, since rewriting messages about to be acked only adds writes. The background
+    /// compaction runs this.
+    ///
+    /// # Errors
+    /// Write errors; the store is poisoned by them.
+    pub async fn compact_settled(&self) -> Result<u64, QueueError> {
+        let seen = self.seen_live.lock().clone();
+        let deleted = self
+            .compact_where(|seg, live| seen.get(&seg) == Some(&live))
+            .await;
+        *self.seen_live.lock() = self
+            .shared
+            .usage
+            .lock()
+            .iter()
+            .map(|(s, u)| (*s, u.live))
+            .collect();
+        deleted
+    }
+
+    async fn compact_where(&self, settled: impl Fn(u64, u64) -> bool) -> Result<u64, QueueError> {
         let _guard = self.compacting.lock().await;
         self.check()?;
         let active = self.shared.active.load(Ordering::Acquire);
@@ -366,7 +395,7 @@ impl FileAdapter {
             if u.live == 0 {
                 continue;
             }
-            if u.live * 4 > u.written.max(1) {
+            if u.live * 4 > u.written.max(1) || !settled(seg, u.live) {
                 break;
             }
             self.relocate(seg).await?;
@@ -450,11 +479,11 @@ impl FileAdapter {
                     (*id, (*old, loc))
                 })
                 .collect();
-            let mut updated = Vec::with_capacity(new.len());
+            let mut updated = HashSet::with_capacity(new.len());
             cell.lock().relocate(
                 |e| new.get(&e.id).is_some_and(|(old, _)| *old == e.payload),
                 |e, _, _| {
-                    updated.push(e.id);
+                    updated.insert(e.id);
                     new[&e.id].1
                 },
             );
@@ -536,7 +565,7 @@ async fn compact_in_background(adapter: Weak<FileAdapter>) {
         if adapter.check().is_err() {
             return;
         }
-        if let Err(e) = adapter.compact().await {
+        if let Err(e) = adapter.compact_settled().await {
             tracing::warn!(error = %e, "compaction failed");
         }
     }
