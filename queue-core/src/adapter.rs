@@ -228,6 +228,22 @@ pub trait Adapter: Send + Sync + 'static {
         batch: Vec<Outgoing>,
     ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>>;
 
+    /// Like [`Adapter::produce`], under a key the producer chose: the same key sent again
+    /// within `window` of the first produce is answered with the first produce's receipts,
+    /// and nothing is stored again. An adapter that keeps no keys just produces; the
+    /// embedded store keeps them durably, so the answer holds across a restart. Concurrent
+    /// produces under one key are the caller's to avoid.
+    fn produce_keyed<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        let _ = (key, window);
+        self.produce(spec, batch)
+    }
+
     /// Opens a subscription to `spec`'s channel holding at most `max_parallel` deliveries.
     fn subscribe<'a>(
         &'a self,

@@ -1,5 +1,6 @@
 //! A connection to the broker dropped in the middle of a produce: the client reconnects and
-//! sends the produce again under the same key, and the broker stores it exactly once.
+//! sends the produce again under the same key, and the broker stores it exactly once, also
+//! when the broker itself restarted in between.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,12 +43,17 @@ fn framed(stream: TcpStream) -> Framed<TcpStream, LengthDelimitedCodec> {
     )
 }
 
-/// Forwards frames between clients and the broker, closing both sides at the armed cut.
-async fn proxy(listener: TcpListener, broker: SocketAddr, cut: Arc<Mutex<Cut>>) {
+/// Forwards frames between clients and the broker at `broker`, closing both sides at the
+/// armed cut.
+async fn proxy(listener: TcpListener, broker: Arc<Mutex<SocketAddr>>, cut: Arc<Mutex<Cut>>) {
     while let Ok((client, _)) = listener.accept().await {
         let cut = cut.clone();
+        let broker = *broker.lock();
         tokio::spawn(async move {
-            let upstream = TcpStream::connect(broker).await.unwrap();
+            // A broker that is down refuses: the client sees the connection close.
+            let Ok(upstream) = TcpStream::connect(broker).await else {
+                return;
+            };
             let (mut to_client, mut from_client) = framed(client).split();
             let (mut to_broker, mut from_broker) = framed(upstream).split();
             loop {
@@ -86,38 +92,52 @@ async fn proxy(listener: TcpListener, broker: SocketAddr, cut: Arc<Mutex<Cut>>) 
 
 struct Setup {
     broker: Arc<Broker>,
+    upstream: Arc<Mutex<SocketAddr>>,
     queue: Queue,
     cut: Arc<Mutex<Cut>>,
-    _dir: tempfile::TempDir,
+    clock: Arc<VirtualClock>,
+    dir: tempfile::TempDir,
+}
+
+/// A broker on the store in `dir`, and its address.
+async fn start_broker(
+    dir: &std::path::Path,
+    clock: Arc<VirtualClock>,
+) -> (Arc<Broker>, SocketAddr) {
+    let options = FileOptions {
+        segment_size: 1 << 16,
+        ..FileOptions::default()
+    };
+    let adapter = FileAdapter::open(dir, clock, options).unwrap();
+    let broker = Broker::new(adapter, BrokerConfig::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(broker.clone().serve_tcp(listener));
+    (broker, addr)
 }
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(VirtualClock::default());
-    let options = FileOptions {
-        segment_size: 1 << 16,
-        ..FileOptions::default()
-    };
-    let adapter = FileAdapter::open(dir.path(), clock.clone(), options).unwrap();
-    let broker = Broker::new(adapter, BrokerConfig::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broker_addr = listener.local_addr().unwrap();
-    tokio::spawn(broker.clone().serve_tcp(listener));
+    let (broker, broker_addr) = start_broker(dir.path(), clock.clone()).await;
+    let upstream = Arc::new(Mutex::new(broker_addr));
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front_addr = front.local_addr().unwrap();
     let cut = Arc::new(Mutex::new(Cut::Done));
-    tokio::spawn(proxy(front, broker_addr, cut.clone()));
+    tokio::spawn(proxy(front, upstream.clone(), cut.clone()));
     let queue = queue_runtime::connect_with(
         &format!("queue://{front_addr}"),
-        ConnectOptions::with_clock(clock),
+        ConnectOptions::with_clock(clock.clone()),
     )
     .await
     .unwrap();
     Setup {
         broker,
+        upstream,
         queue,
         cut,
-        _dir: dir,
+        clock,
+        dir,
     }
 }
 
@@ -171,5 +191,37 @@ async fn a_produce_lost_on_its_way_is_stored_after_the_reconnect() {
     assert_eq!(
         s.broker.counters.replayed_produces.load(Ordering::Relaxed),
         0
+    );
+}
+
+#[tokio::test]
+async fn a_produce_whose_reply_was_lost_is_not_stored_again_by_a_restarted_broker() {
+    let s = setup().await;
+    // The broker goes down once the reply is cut, before the client can send the produce
+    // again: the restarted broker has only the store to go by.
+    *s.cut.lock() = Cut::Reply;
+    let down = s.broker.clone();
+    let cut = s.cut.clone();
+    let upstream = s.upstream.clone();
+    let (dir, clock) = (s.dir.path().to_path_buf(), s.clock.clone());
+    let restart = tokio::spawn(async move {
+        while *cut.lock() != Cut::Done {
+            tokio::task::yield_now().await;
+        }
+        // The old broker stops listening before the proxy can reach it again.
+        down.shutdown();
+        down.adapter().close().await.unwrap();
+        let (broker, addr) = start_broker(&dir, clock).await;
+        *upstream.lock() = addr;
+        broker
+    });
+    let mut confirmed = produce_across_a_cut(&s, Cut::Reply, 20).await;
+    let restarted = restart.await.unwrap();
+    confirmed.sort_unstable();
+    assert_eq!(stored(&s.queue).await, confirmed, "stored once each");
+    assert_eq!(
+        restarted.counters.replayed_produces.load(Ordering::Relaxed),
+        0,
+        "answered by the store, not by the broker's memory"
     );
 }

@@ -342,6 +342,84 @@ async fn settled_compaction_waits_until_a_segment_stops_draining() {
     drop(sub);
 }
 
+#[tokio::test]
+async fn a_produce_key_is_answered_across_a_restart_until_its_window_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    async fn keyed(queue: &Queue, n: u32) -> Vec<queue_core::Receipt> {
+        let batch = vec![payload(n), payload(n + 1)];
+        let window = Duration::from_secs(60);
+        let spec = OrderChannel::SPEC;
+        let adapter = queue.adapter();
+        let produce = adapter.produce_keyed(&spec, batch, "key-1", window);
+        produce.await.unwrap()
+    }
+    let (adapter, queue) = open(dir.path(), &clock);
+    let first = keyed(&queue, 1).await;
+    assert_eq!(keyed(&queue, 10).await, first, "answered from the key");
+    assert_eq!(stats(&queue, ORDERS).await.ready, 2);
+    queue.close().await.unwrap();
+    drop(adapter);
+
+    let (adapter, queue) = open(dir.path(), &clock);
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(keyed(&queue, 20).await, first, "the key outlives a restart");
+    assert_eq!(stats(&queue, ORDERS).await.ready, 2);
+    clock.advance(Duration::from_secs(2));
+    let later = keyed(&queue, 30).await;
+    assert!(
+        later[0].id > first[1].id,
+        "after the window it is a new produce"
+    );
+    assert_eq!(stats(&queue, ORDERS).await.ready, 4);
+    queue.close().await.unwrap();
+    drop(adapter);
+}
+
+#[tokio::test]
+async fn a_produce_key_survives_the_deletion_of_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let spec = OrderChannel::SPEC;
+    let window = Duration::from_secs(600);
+    let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    let first = queue
+        .adapter()
+        .produce_keyed(&spec, vec![payload(0)], "kept", window)
+        .await
+        .unwrap();
+    let home = *adapter.segments().last().unwrap();
+    for n in 1..300 {
+        queue.produce_raw(&spec, vec![payload(n)]).await.unwrap();
+    }
+    let sub = queue.adapter().subscribe(&spec, 1000).await.unwrap();
+    for _ in 0..300 {
+        let d = sub.next().await.unwrap();
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+    }
+    drop(sub);
+    adapter.compact().await.unwrap();
+    assert!(
+        !adapter.segments().contains(&home),
+        "segment {home} was deleted"
+    );
+    queue.close().await.unwrap();
+    drop(adapter);
+
+    let (_adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    let again = queue
+        .adapter()
+        .produce_keyed(&spec, vec![payload(0)], "kept", window)
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(stats(&queue, ORDERS).await.ready, 0, "nothing stored again");
+}
+
 /// The end offset of every message record in a segment, in order.
 fn record_ends(path: &Path) -> Vec<(usize, usize)> {
     let bytes = std::fs::read(path).unwrap();

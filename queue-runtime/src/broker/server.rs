@@ -67,6 +67,9 @@ pub struct BrokerCounters {
 
 type Remembered = Arc<OnceCell<Vec<Receipt>>>;
 
+/// The longest produce key accepted.
+const MAX_PRODUCE_KEY: usize = 128;
+
 /// Produce keys seen recently, so that a produce retried after a reconnect is not stored
 /// twice.
 #[derive(Default)]
@@ -626,12 +629,19 @@ async fn answer(broker: &Broker, request: Request) -> Result<Reply, QueueError> 
             }
             let receipts = match key {
                 Some(key) => {
+                    if key.is_empty() || key.len() > MAX_PRODUCE_KEY {
+                        return Err(QueueError::InvalidRequest(format!(
+                            "a produce key has 1 to {MAX_PRODUCE_KEY} bytes, not {}",
+                            key.len()
+                        )));
+                    }
                     let cell = broker.remembered(&key);
                     let mut ran = false;
+                    let window = broker.config.idempotency_window;
                     let r = cell
                         .get_or_try_init(|| {
                             ran = true;
-                            a.produce(&spec, batch)
+                            a.produce_keyed(&spec, batch, &key, window)
                         })
                         .await?
                         .clone();

@@ -1,4 +1,4 @@
-//! The on-disk format of the embedded log (format version 1). See `docs/design.md`.
+//! The on-disk format of the embedded log (format version 2). See `docs/design.md`.
 //!
 //! A segment file is a 16-byte header (`QSEG`, the format version as `u16`, two reserved
 //! bytes, the segment number as `u64`) followed by records. A record is
@@ -12,8 +12,11 @@ use queue_core::clock::Timestamp;
 
 /// The segment magic.
 pub const MAGIC: &[u8; 4] = b"QSEG";
-/// The format version written and read.
-pub const VERSION: u16 = 1;
+/// The format version written. Version 2 added [`Record::Produced`]; version 1 segments,
+/// which lack it, are read too.
+pub const VERSION: u16 = 2;
+/// The oldest format version read.
+pub const OLDEST_VERSION: u16 = 1;
 /// Bytes of the segment header.
 pub const HEADER_LEN: usize = 16;
 /// Bytes of a record's frame before its kind byte.
@@ -30,6 +33,7 @@ const REDRIVE: u8 = 6;
 const PURGE: u8 = 7;
 const DEDUP: u8 = 8;
 const COMMIT: u8 = 9;
+const PRODUCED: u8 = 10;
 
 /// The state a message is written with, for new messages and for relocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +116,16 @@ pub enum Record<'a> {
         /// The window end.
         expires: Timestamp,
     },
+    /// A produce made under a key: a produce sent again with the same key before `expires`
+    /// is answered with these receipts instead of being stored again.
+    Produced {
+        /// The key the producer chose.
+        key: &'a str,
+        /// When the key is forgotten.
+        expires: Timestamp,
+        /// `(id, duplicate)` of each message, in order.
+        receipts: Vec<(u64, bool)>,
+    },
     /// The end of one group commit, with the counters that must never go backwards.
     Commit {
         /// The next message id to hand out.
@@ -151,7 +165,7 @@ impl fmt::Display for HeaderError {
             HeaderError::Version(v) => {
                 write!(
                     f,
-                    "segment format version {v} is not supported (this build reads {VERSION})"
+                    "segment format version {v} is not supported (this build reads {OLDEST_VERSION} to {VERSION})"
                 )
             }
             HeaderError::Number(n) => write!(f, "segment header names segment {n}"),
@@ -171,7 +185,7 @@ pub fn check_header(bytes: &[u8], number: u64) -> Result<(), HeaderError> {
         return Err(HeaderError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     let n = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
@@ -278,6 +292,20 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Option<usize> {
             w.u64(*key);
             w.u64(*id);
             w.u64(*expires);
+        }
+        Record::Produced {
+            key,
+            expires,
+            receipts,
+        } => {
+            w.u8(PRODUCED);
+            w.str16(key);
+            w.u64(*expires);
+            w.u32(u32::try_from(receipts.len()).expect("fewer than 4 G receipts"));
+            for (id, duplicate) in receipts {
+                w.u64(*id);
+                w.u8(u8::from(*duplicate));
+            }
         }
         Record::Commit { next_id, epoch } => {
             w.u8(COMMIT);
@@ -416,6 +444,30 @@ fn parse(body: &[u8]) -> Option<Record<'_>> {
             id: r.u64()?,
             expires: r.u64()?,
         },
+        PRODUCED => {
+            let key = r.str16()?;
+            let expires = r.u64()?;
+            let n = r.u32()? as usize;
+            // Each receipt takes 9 bytes: a count beyond what is left is damage.
+            if n > (body.len() - r.at) / 9 {
+                return None;
+            }
+            let mut receipts = Vec::with_capacity(n);
+            for _ in 0..n {
+                let id = r.u64()?;
+                let duplicate = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                receipts.push((id, duplicate));
+            }
+            Record::Produced {
+                key,
+                expires,
+                receipts,
+            }
+        }
         COMMIT => Record::Commit {
             next_id: r.u64()?,
             epoch: r.u64()?,
@@ -474,6 +526,16 @@ mod tests {
                 id: 13,
                 expires: 14,
             },
+            Record::Produced {
+                key: "0123456789abcdef",
+                expires: 17,
+                receipts: vec![(18, false), (19, true)],
+            },
+            Record::Produced {
+                key: "",
+                expires: 0,
+                receipts: vec![],
+            },
             Record::Commit {
                 next_id: 15,
                 epoch: 16,
@@ -521,6 +583,10 @@ mod tests {
         let mut v = h;
         v[4] = 9;
         assert_eq!(check_header(&v, 42), Err(HeaderError::Version(9)));
+        v[4] = 1;
+        assert_eq!(check_header(&v, 42), Ok(()), "version 1 is still read");
+        v[4] = 0;
+        assert_eq!(check_header(&v, 42), Err(HeaderError::Version(0)));
         let mut m = h;
         m[0] = b'X';
         assert_eq!(check_header(&m, 42), Err(HeaderError::BadMagic));

@@ -97,6 +97,8 @@ pub struct FileAdapter {
     compacting: tokio::sync::Mutex<()>,
     /// Live messages per sealed segment at the last [`FileAdapter::compact_settled`].
     seen_live: parking_lot::Mutex<BTreeMap<u64, u64>>,
+    /// Produce keys within their window.
+    produced: parking_lot::Mutex<ProducedKeys>,
     report: OpenReport,
     me: Weak<FileAdapter>,
     lock: parking_lot::Mutex<Option<File>>,
@@ -120,6 +122,60 @@ fn spec_named(name: &str) -> ChannelSpec {
 
 fn due_at(now: Timestamp, delay: Duration) -> Timestamp {
     now.saturating_add(millis(delay))
+}
+
+/// Produce keys within their window, with the segment holding each one's record.
+#[derive(Default)]
+struct ProducedKeys {
+    by_key: HashMap<String, ProducedKey>,
+    /// `(expires, key)` in insertion order, for forgetting expired keys.
+    order: std::collections::VecDeque<(Timestamp, String)>,
+}
+
+struct ProducedKey {
+    receipts: Vec<Receipt>,
+    expires: Timestamp,
+    home: u64,
+}
+
+impl ProducedKeys {
+    fn get(&self, key: &str, now: Timestamp) -> Option<Vec<Receipt>> {
+        self.by_key
+            .get(key)
+            .filter(|p| p.expires > now)
+            .map(|p| p.receipts.clone())
+    }
+
+    fn insert(
+        &mut self,
+        key: String,
+        receipts: Vec<Receipt>,
+        expires: Timestamp,
+        home: u64,
+        now: Timestamp,
+    ) {
+        while let Some((at, _)) = self.order.front() {
+            if *at > now {
+                break;
+            }
+            let (at, old) = self.order.pop_front().expect("checked");
+            if self.by_key.get(&old).is_some_and(|p| p.expires == at) {
+                self.by_key.remove(&old);
+            }
+        }
+        if expires <= now {
+            return;
+        }
+        self.order.push_back((expires, key.clone()));
+        self.by_key.insert(
+            key,
+            ProducedKey {
+                receipts,
+                expires,
+                home,
+            },
+        );
+    }
 }
 
 impl FileAdapter {
@@ -222,6 +278,18 @@ impl FileAdapter {
             }
         }
         shared.usage.lock().extend(usage);
+        let mut produced = ProducedKeys::default();
+        for (key, p) in state.produced {
+            let receipts = p
+                .receipts
+                .iter()
+                .map(|&(id, duplicate)| Receipt {
+                    id: MessageId(id),
+                    duplicate,
+                })
+                .collect();
+            produced.insert(key, receipts, p.expires, p.home, now);
+        }
 
         let file = OpenOptions::new()
             .read(true)
@@ -253,6 +321,7 @@ impl FileAdapter {
             storage,
             compacting: tokio::sync::Mutex::new(()),
             seen_live: parking_lot::Mutex::default(),
+            produced: parking_lot::Mutex::new(produced),
             report,
             me: me.clone(),
             lock: parking_lot::Mutex::new(Some(lock)),
@@ -411,6 +480,7 @@ impl FileAdapter {
             return Ok(0);
         };
         self.rehome_dedup(last + 1).await?;
+        self.rehome_produced(last + 1).await?;
         for seg in &doomed {
             self.shared.segments.write().remove(seg);
             self.shared.usage.lock().remove(seg);
@@ -495,6 +565,172 @@ impl FileAdapter {
                 .map(|(_, (_, n))| *n)
                 .collect();
             self.forget_live(updated.iter().map(|id| new[id].0).chain(gone));
+        }
+        Ok(())
+    }
+
+    /// Stores a batch; with a key, the key's record goes in the same commit.
+    async fn produce_with(
+        &self,
+        spec: &ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: Option<(&str, Duration)>,
+    ) -> Result<Vec<Receipt>, QueueError> {
+        self.check()?;
+        let cell = self.engine.channel(spec);
+        let now = self.engine.now();
+        if let Some((key, _)) = key
+            && let Some(receipts) = self.produced.lock().get(key, now)
+        {
+            return Ok(receipts);
+        }
+        let home = self.shared.active.load(Ordering::Acquire) as u32;
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut planned = Vec::with_capacity(batch.len());
+        let mut buf = Vec::with_capacity(batch.iter().map(|o| o.payload.len() + 64).sum());
+        {
+            let mut state = cell.lock();
+            for out in &batch {
+                let dedup = out.dedup_key.filter(|_| spec.deduplicates());
+                if let Some(key) = dedup
+                    && let Some(original) = state.duplicate_of(key, now)
+                {
+                    state.count_duplicate();
+                    receipts.push(Receipt {
+                        id: original,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let id = self.engine.next_id();
+                let expires = due_at(now, spec.dedup_window);
+                if let Some(key) = dedup {
+                    state.remember(key, id, expires, home);
+                }
+                let at = buf.len();
+                let rel = format::encode(
+                    &Record::Message(MessageRecord {
+                        channel: &spec.name,
+                        id: id.0,
+                        produced_at: now,
+                        due: due_at(now, out.delay),
+                        priority: out.priority,
+                        attempts: 0,
+                        dedup: dedup.map(|k| (k, expires)),
+                        dead: None,
+                        payload: &out.payload,
+                    }),
+                    &mut buf,
+                )
+                .expect("message records have payloads");
+                receipts.push(Receipt {
+                    id,
+                    duplicate: false,
+                });
+                planned.push(Planned {
+                    id,
+                    payload_at: at + rel,
+                    len: out.payload.len() as u32,
+                    priority: out.priority,
+                    delay: out.delay,
+                    dedup_key: dedup,
+                });
+            }
+        }
+        if let Some(last) = planned.last() {
+            self.shared
+                .next_id
+                .fetch_max(last.id.0 + 1, Ordering::AcqRel);
+        }
+        let key_expires = key.map(|(_, window)| due_at(now, window));
+        if let (Some((key, _)), Some(expires)) = (key, key_expires) {
+            format::encode(
+                &Record::Produced {
+                    key,
+                    expires,
+                    receipts: receipts.iter().map(|r| (r.id.0, r.duplicate)).collect(),
+                },
+                &mut buf,
+            );
+        }
+        // Duplicates wait for a commit too, so that their original is durable.
+        let pending = self.writer.submit(buf, planned.len() as u64);
+        let placed: Placed = match Writer::wait(pending).await {
+            Ok(p) => p,
+            Err(e) => {
+                let mut state = cell.lock();
+                for p in &planned {
+                    if let Some(key) = p.dedup_key {
+                        state.forget(key, p.id);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if !planned.is_empty() {
+            // Produce time and due time as the log has them; readiness against the clock now.
+            let current = self.engine.now();
+            let mut state = cell.lock();
+            for p in planned {
+                let entry = Entry {
+                    id: p.id,
+                    payload: Loc {
+                        segment: placed.segment as u32,
+                        offset: (placed.offset + p.payload_at as u64) as u32,
+                        len: p.len,
+                    },
+                    attempts: 0,
+                    priority: p.priority,
+                    produced_at: now,
+                };
+                let due = due_at(now, p.delay);
+                state.insert(entry, due, current);
+            }
+            drop(state);
+            cell.wake();
+        }
+        if let (Some((key, _)), Some(expires)) = (key, key_expires) {
+            self.produced.lock().insert(
+                key.to_string(),
+                receipts.clone(),
+                expires,
+                placed.segment,
+                self.engine.now(),
+            );
+        }
+        Ok(receipts)
+    }
+
+    /// Rewrites the unexpired produce keys whose record is in a segment below `below`.
+    async fn rehome_produced(&self, below: u64) -> Result<(), QueueError> {
+        let now = self.engine.now();
+        let mut buf = Vec::new();
+        let mut moved = Vec::new();
+        {
+            let produced = self.produced.lock();
+            for (key, p) in &produced.by_key {
+                if p.home < below && p.expires > now {
+                    format::encode(
+                        &Record::Produced {
+                            key,
+                            expires: p.expires,
+                            receipts: p.receipts.iter().map(|r| (r.id.0, r.duplicate)).collect(),
+                        },
+                        &mut buf,
+                    );
+                    moved.push(key.clone());
+                }
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let placed = Writer::wait(self.writer.submit(buf, 0)).await?;
+        let mut produced = self.produced.lock();
+        for key in moved {
+            if let Some(p) = produced.by_key.get_mut(&key) {
+                p.home = placed.segment;
+            }
         }
         Ok(())
     }
@@ -638,107 +874,17 @@ impl Adapter for FileAdapter {
         spec: &'a ChannelSpec,
         batch: Vec<Outgoing>,
     ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
-        async move {
-            self.check()?;
-            let cell = self.engine.channel(spec);
-            let now = self.engine.now();
-            let home = self.shared.active.load(Ordering::Acquire) as u32;
-            let mut receipts = Vec::with_capacity(batch.len());
-            let mut planned = Vec::with_capacity(batch.len());
-            let mut buf = Vec::with_capacity(batch.iter().map(|o| o.payload.len() + 64).sum());
-            {
-                let mut state = cell.lock();
-                for out in &batch {
-                    let dedup = out.dedup_key.filter(|_| spec.deduplicates());
-                    if let Some(key) = dedup
-                        && let Some(original) = state.duplicate_of(key, now)
-                    {
-                        state.count_duplicate();
-                        receipts.push(Receipt {
-                            id: original,
-                            duplicate: true,
-                        });
-                        continue;
-                    }
-                    let id = self.engine.next_id();
-                    let expires = due_at(now, spec.dedup_window);
-                    if let Some(key) = dedup {
-                        state.remember(key, id, expires, home);
-                    }
-                    let at = buf.len();
-                    let rel = format::encode(
-                        &Record::Message(MessageRecord {
-                            channel: &spec.name,
-                            id: id.0,
-                            produced_at: now,
-                            due: due_at(now, out.delay),
-                            priority: out.priority,
-                            attempts: 0,
-                            dedup: dedup.map(|k| (k, expires)),
-                            dead: None,
-                            payload: &out.payload,
-                        }),
-                        &mut buf,
-                    )
-                    .expect("message records have payloads");
-                    receipts.push(Receipt {
-                        id,
-                        duplicate: false,
-                    });
-                    planned.push(Planned {
-                        id,
-                        payload_at: at + rel,
-                        len: out.payload.len() as u32,
-                        priority: out.priority,
-                        delay: out.delay,
-                        dedup_key: dedup,
-                    });
-                }
-            }
-            if let Some(last) = planned.last() {
-                self.shared
-                    .next_id
-                    .fetch_max(last.id.0 + 1, Ordering::AcqRel);
-            }
-            // Duplicates wait for a commit too, so that their original is durable.
-            let pending = self.writer.submit(buf, planned.len() as u64);
-            let placed: Placed = match Writer::wait(pending).await {
-                Ok(p) => p,
-                Err(e) => {
-                    let mut state = cell.lock();
-                    for p in &planned {
-                        if let Some(key) = p.dedup_key {
-                            state.forget(key, p.id);
-                        }
-                    }
-                    return Err(e);
-                }
-            };
-            if !planned.is_empty() {
-                // Produce time and due time as the log has them; readiness against the clock now.
-                let current = self.engine.now();
-                let mut state = cell.lock();
-                for p in planned {
-                    let entry = Entry {
-                        id: p.id,
-                        payload: Loc {
-                            segment: placed.segment as u32,
-                            offset: (placed.offset + p.payload_at as u64) as u32,
-                            len: p.len,
-                        },
-                        attempts: 0,
-                        priority: p.priority,
-                        produced_at: now,
-                    };
-                    let due = due_at(now, p.delay);
-                    state.insert(entry, due, current);
-                }
-                drop(state);
-                cell.wake();
-            }
-            Ok(receipts)
-        }
-        .boxed()
+        self.produce_with(spec, batch, None).boxed()
+    }
+
+    fn produce_keyed<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        self.produce_with(spec, batch, Some((key, window))).boxed()
     }
 
     fn subscribe<'a>(

@@ -54,6 +54,17 @@ pub struct DedupEntry {
     pub home: u64,
 }
 
+/// A recovered produce key.
+#[derive(Debug, Clone)]
+pub struct ProducedEntry {
+    /// When the key is forgotten.
+    pub expires: Timestamp,
+    /// `(id, duplicate)` of each message of the produce.
+    pub receipts: Vec<(u64, bool)>,
+    /// The segment that holds the entry.
+    pub home: u64,
+}
+
 /// What the log held.
 #[derive(Debug, Default)]
 pub struct State {
@@ -63,6 +74,8 @@ pub struct State {
     pub messages: HashMap<u64, Recovered>,
     /// Dedup entries, by `(channel, key)`.
     pub dedup: HashMap<(usize, u64), DedupEntry>,
+    /// Produce keys, by key.
+    pub produced: HashMap<String, ProducedEntry>,
     /// The segments, in order, with their lengths after recovery.
     pub segments: Vec<(u64, u64)>,
     /// Message records written into each segment.
@@ -169,6 +182,20 @@ impl State {
                         key,
                         id,
                         expires,
+                        home: segment,
+                    },
+                );
+            }
+            Record::Produced {
+                key,
+                expires,
+                receipts,
+            } => {
+                self.produced.insert(
+                    key.to_string(),
+                    ProducedEntry {
+                        expires,
+                        receipts,
                         home: segment,
                     },
                 );
