@@ -494,44 +494,56 @@ impl FileAdapter {
     async fn relocate(&self, seg: u64) -> Result<(), QueueError> {
         let seg32 = seg as u32;
         for cell in self.engine.all() {
+            // Payloads are read without the channel lock, so producers and consumers of the
+            // channel are not held up by the reads.
+            let located: Vec<(MessageId, Loc)> = cell
+                .lock()
+                .live_entries()
+                .filter(|e| e.payload.segment == seg32)
+                .map(|e| (e.id, e.payload))
+                .collect();
+            if located.is_empty() {
+                continue;
+            }
+            let mut payloads = HashMap::with_capacity(located.len());
+            for (id, loc) in located {
+                payloads.insert(id, (loc, self.read(loc)?));
+            }
+            // Under the lock again: the message records take each message's state now, and
+            // are submitted before any later change to those messages can be logged.
             let mut buf = Vec::new();
             let mut moved: Vec<(MessageId, Loc, usize)> = Vec::new();
-            let mut failure = None;
             let pending = {
                 let mut state = cell.lock();
                 let channel = state.spec().name.to_string();
                 state.relocate(
-                    |e| e.payload.segment == seg32,
+                    |e| {
+                        payloads
+                            .get(&e.id)
+                            .is_some_and(|(loc, _)| *loc == e.payload)
+                    },
                     |e, due, dead| {
-                        match self.read(e.payload) {
-                            Ok(payload) => {
-                                let at = buf.len();
-                                let rel = format::encode(
-                                    &Record::Message(MessageRecord {
-                                        channel: &channel,
-                                        id: e.id.0,
-                                        produced_at: e.produced_at,
-                                        due,
-                                        priority: e.priority,
-                                        attempts: e.attempts,
-                                        // Dedup entries are rewritten on their own.
-                                        dedup: None,
-                                        dead,
-                                        payload: &payload,
-                                    }),
-                                    &mut buf,
-                                )
-                                .expect("message records have payloads");
-                                moved.push((e.id, e.payload, at + rel));
-                            }
-                            Err(err) => failure = Some(err),
-                        }
+                        let at = buf.len();
+                        let rel = format::encode(
+                            &Record::Message(MessageRecord {
+                                channel: &channel,
+                                id: e.id.0,
+                                produced_at: e.produced_at,
+                                due,
+                                priority: e.priority,
+                                attempts: e.attempts,
+                                // Dedup entries are rewritten on their own.
+                                dedup: None,
+                                dead,
+                                payload: &payloads[&e.id].1,
+                            }),
+                            &mut buf,
+                        )
+                        .expect("message records have payloads");
+                        moved.push((e.id, e.payload, at + rel));
                         e.payload
                     },
                 );
-                if let Some(err) = failure {
-                    return Err(err);
-                }
                 if moved.is_empty() {
                     continue;
                 }
