@@ -266,6 +266,42 @@ async fn a_closed_connection_gives_its_leases_to_another_worker_at_once() {
 }
 
 #[tokio::test]
+async fn a_stale_lease_among_settles_sent_together_fails_alone() {
+    let s = setup(BrokerConfig::default()).await;
+    let queue = client(s.addr, None).await;
+    for n in 0..3 {
+        Keep::produce(&queue, Keep { n }).await.unwrap();
+    }
+    let spec = <KeepChannel as queue_core::Channel>::SPEC;
+    let sub = queue.adapter().subscribe(&spec, 3).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        held.push(d.lease);
+    }
+    let mut stale = held[1].clone();
+    stale.token += 1;
+    // Made together, the three settles travel in one request.
+    let adapter = queue.adapter();
+    let (a, b, c) = tokio::join!(
+        adapter.settle(&held[0], queue_core::Outcome::Ack),
+        adapter.settle(&stale, queue_core::Outcome::Ack),
+        adapter.settle(&held[2], queue_core::Outcome::Ack),
+    );
+    assert!(a.is_ok() && c.is_ok(), "{a:?} {c:?}");
+    assert!(
+        matches!(b, Err(queue_core::QueueError::StaleLease { id }) if id == stale.id),
+        "{b:?}"
+    );
+    let stats = queue.stats().await.unwrap();
+    let keep = stats.iter().find(|s| s.channel == "bad/keep").unwrap();
+    assert_eq!((keep.acked, keep.in_flight), (2, 1));
+}
+
+#[tokio::test]
 async fn a_tls_broker_serves_a_tls_client_and_refuses_plain_text() {
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();

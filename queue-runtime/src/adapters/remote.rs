@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::broker::protocol::{
-    self, ClientFrame, Reply, Request, ServerFrame, WireLease, WireSpec, error_from,
+    self, ClientFrame, Reply, Request, ServerFrame, WireLease, WireSettle, WireSpec, error_from,
     receipts_from_wire,
 };
 
@@ -79,7 +79,12 @@ enum Awaiting {
     /// The producers whose messages went in one produce request. The reader hands them
     /// their receipts itself, with no task in between.
     Producers(Produce),
+    /// The settles that went in one `settle_many`, in order.
+    Settlers(Vec<Settler>),
 }
+
+/// A settle waiting for its answer: the message, and where the answer goes.
+type Settler = (MessageId, oneshot::Sender<Result<(), QueueError>>);
 
 /// A produce request in flight, kept whole so it can be sent again after a reconnect.
 struct Produce {
@@ -95,6 +100,34 @@ impl Awaiting {
                 let _ = tx.send(result);
             }
             Awaiting::Producers(p) => hand_out(p.waiting, receipts_of(result)),
+            Awaiting::Settlers(settlers) => match result {
+                Ok(Reply::Settled { errors }) if errors.len() == settlers.len() => {
+                    for ((id, tx), error) in settlers.into_iter().zip(errors) {
+                        let _ = tx.send(match error {
+                            None => Ok(()),
+                            Some(e) => Err(error_from(&e.code, e.message, Some(id))),
+                        });
+                    }
+                }
+                Ok(other) => {
+                    for (_, tx) in settlers {
+                        let _ = tx.send(Err(unexpected(&other)));
+                    }
+                }
+                Err(e) => {
+                    for (id, tx) in settlers {
+                        let _ = tx.send(Err(match &e {
+                            QueueError::Io(_) | QueueError::StaleLease { .. } => {
+                                QueueError::StaleLease { id }
+                            }
+                            QueueError::Closed => QueueError::Closed,
+                            QueueError::Poisoned(m) => QueueError::Poisoned(m.clone()),
+                            QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
+                            other => QueueError::Protocol(other.to_string()),
+                        }));
+                    }
+                }
+            },
         }
     }
 
@@ -103,6 +136,12 @@ impl Awaiting {
     fn lost(self) {
         match self {
             Awaiting::Caller(_) => {}
+            // The leases went with the connection.
+            Awaiting::Settlers(settlers) => {
+                for (id, tx) in settlers {
+                    let _ = tx.send(Err(QueueError::StaleLease { id }));
+                }
+            }
             Awaiting::Producers(p) => {
                 let Some(inner) = p.inner.upgrade() else {
                     return hand_out(p.waiting, Err(QueueError::Closed));
@@ -234,6 +273,7 @@ struct Inner {
     closed: AtomicBool,
     reconnect: Arc<tokio::sync::Notify>,
     batches: Mutex<HashMap<String, ChannelBatch>>,
+    settles: Mutex<SettleBatch>,
 }
 
 type Waiting = (usize, oneshot::Sender<Result<Vec<Receipt>, QueueError>>);
@@ -254,6 +294,18 @@ struct ChannelBatch {
 
 /// How many times a flusher yields, at most, for more produces to join its request.
 const GATHER_ROUNDS: usize = 4;
+
+/// Settles waiting to be sent, gathered like produces: one flusher at a time is spawned and
+/// takes every settle made before it runs.
+#[derive(Default)]
+struct SettleBatch {
+    waiting: Vec<(WireSettle, Settler)>,
+    /// A flusher is spawned and has not yet taken the waiting settles.
+    pending: bool,
+}
+
+/// The most settles one `settle_many` carries.
+const BATCH_SETTLES: usize = 4096;
 
 /// The most messages or bytes one produce request carries.
 const BATCH_MESSAGES: usize = 1024;
@@ -298,6 +350,7 @@ impl RemoteAdapter {
                 closed: AtomicBool::new(false),
                 reconnect: Arc::new(tokio::sync::Notify::new()),
                 batches: Mutex::new(HashMap::new()),
+                settles: Mutex::default(),
             }),
         };
         adapter.inner.connection().await?;
@@ -640,21 +693,9 @@ impl Drop for RemoteSubscription {
     }
 }
 
-fn spawn_flush(inner: Arc<Inner>, channel: String) {
-    tokio::spawn(flush(inner, channel));
-}
-
-/// Sends the produces of `channel` waiting now as one request.
-async fn flush(inner: Arc<Inner>, channel: String) {
-    // Let the producers woken alongside this one join the request: yield while more keep
-    // arriving.
-    let waiting = || {
-        inner
-            .batches
-            .lock()
-            .get(&channel)
-            .map_or(0, |b| b.waiting.len())
-    };
+/// Lets the tasks woken alongside this one join its request: yields while the number
+/// `waiting` reports keeps growing.
+async fn gather(waiting: impl Fn() -> usize) {
     let mut seen = waiting();
     for _ in 0..GATHER_ROUNDS {
         tokio::task::yield_now().await;
@@ -664,6 +705,60 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         }
         seen = now;
     }
+}
+
+fn spawn_settle_flush(inner: Arc<Inner>) {
+    tokio::spawn(flush_settles(inner));
+}
+
+/// Sends the settles waiting now as one `settle_many`.
+async fn flush_settles(inner: Arc<Inner>) {
+    gather(|| inner.settles.lock().waiting.len()).await;
+    let (settles, settlers): (Vec<WireSettle>, Vec<Settler>) = {
+        let mut b = inner.settles.lock();
+        let n = b.waiting.len().min(BATCH_SETTLES);
+        let taken: Vec<_> = b.waiting.drain(..n).collect();
+        b.pending = !b.waiting.is_empty();
+        if b.pending {
+            spawn_settle_flush(inner.clone());
+        }
+        taken.into_iter().unzip()
+    };
+    if settlers.is_empty() {
+        return;
+    }
+    let conn = match inner.connection().await {
+        Ok(conn) => conn,
+        Err(e) => return Awaiting::Settlers(settlers).answer(Err(e)),
+    };
+    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = ClientFrame {
+        id,
+        request: Request::SettleMany { settles },
+    };
+    match encode_frame(&frame) {
+        // A lost connection fails them as stale, from `Awaiting::lost`.
+        Ok(bytes) => {
+            let _ = conn.send(id, bytes, Awaiting::Settlers(settlers)).await;
+        }
+        Err(e) => Awaiting::Settlers(settlers).answer(Err(e)),
+    }
+}
+
+fn spawn_flush(inner: Arc<Inner>, channel: String) {
+    tokio::spawn(flush(inner, channel));
+}
+
+/// Sends the produces of `channel` waiting now as one request.
+async fn flush(inner: Arc<Inner>, channel: String) {
+    gather(|| {
+        inner
+            .batches
+            .lock()
+            .get(&channel)
+            .map_or(0, |b| b.waiting.len())
+    })
+    .await;
     let (spec, messages, waiting) = {
         let mut batches = inner.batches.lock();
         let Some(b) = batches.get_mut(&channel) else {
@@ -809,19 +904,24 @@ impl Adapter for RemoteAdapter {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         async move {
-            let request = Request::Settle {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(QueueError::Closed);
+            }
+            let (tx, rx) = oneshot::channel();
+            let settle = WireSettle {
                 lease: WireLease::from(lease),
                 outcome: outcome.into(),
             };
-            match self
-                .inner
-                .call(request, false)
-                .await
-                .map_err(|e| stale_on_loss(lease, e))?
-            {
-                Reply::Done => Ok(()),
-                other => Err(unexpected(&other)),
+            let start = {
+                let mut b = self.inner.settles.lock();
+                b.waiting.push((settle, (lease.id, tx)));
+                !std::mem::replace(&mut b.pending, true)
+            };
+            if start {
+                spawn_settle_flush(self.inner.clone());
             }
+            rx.await
+                .unwrap_or(Err(QueueError::StaleLease { id: lease.id }))
         }
         .boxed()
     }

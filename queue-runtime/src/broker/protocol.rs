@@ -19,8 +19,8 @@ use queue_core::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added `settle_many`.
+pub const VERSION: u32 = 2;
 
 /// The default limit on one frame: a maximal payload plus room for its envelope.
 pub const DEFAULT_MAX_FRAME: usize = queue_core::codec::MAX_PAYLOAD + 1024 * 1024;
@@ -439,6 +439,8 @@ pub enum Request {
         lease: WireLease,
         outcome: WireOutcome,
     },
+    /// Ends several deliveries; each succeeds or fails on its own.
+    SettleMany { settles: Vec<WireSettle> },
     /// Extends a lease.
     Extend { lease: WireLease, by_ms: i64 },
     /// Stats of every channel.
@@ -461,6 +463,20 @@ pub enum Request {
     Ping,
 }
 
+/// One delivery to end, in `settle_many`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSettle {
+    pub lease: WireLease,
+    pub outcome: WireOutcome,
+}
+
+/// Why one item of a batch failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}
+
 /// A request with its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientFrame {
@@ -473,16 +489,37 @@ pub struct ClientFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Welcome { version: u32, server: String },
-    Receipts { receipts: Vec<(i64, bool)> },
-    Subscribed { sub: i64 },
+    Welcome {
+        version: u32,
+        server: String,
+    },
+    Receipts {
+        receipts: Vec<(i64, bool)>,
+    },
+    Subscribed {
+        sub: i64,
+    },
     Done,
-    Deadline { deadline: i64 },
-    Stats { channels: Vec<WireStats> },
-    Peeked { messages: Vec<WireStored> },
-    DeadLetters { messages: Vec<WireDead> },
-    Count { count: i64 },
+    Deadline {
+        deadline: i64,
+    },
+    Stats {
+        channels: Vec<WireStats>,
+    },
+    Peeked {
+        messages: Vec<WireStored>,
+    },
+    DeadLetters {
+        messages: Vec<WireDead>,
+    },
+    Count {
+        count: i64,
+    },
     Pong,
+    /// One entry per settle of a `settle_many`, in order: null for done, or the error.
+    Settled {
+        errors: Vec<Option<WireError>>,
+    },
 }
 
 /// Error codes.
@@ -637,6 +674,36 @@ mod tests {
             panic!()
         };
         assert_eq!(RawDelivery::from(delivery), d);
+
+        let many = ClientFrame {
+            id: 43,
+            request: Request::SettleMany {
+                settles: vec![WireSettle {
+                    lease: WireLease::from(&d.lease),
+                    outcome: Outcome::Ack.into(),
+                }],
+            },
+        };
+        assert_eq!(
+            decode::<ClientFrame>(&encode(&many).unwrap()).unwrap(),
+            many
+        );
+        let settled = ServerFrame::Reply {
+            id: 43,
+            reply: Reply::Settled {
+                errors: vec![
+                    None,
+                    Some(WireError {
+                        code: code::STALE_LEASE.into(),
+                        message: "m".into(),
+                    }),
+                ],
+            },
+        };
+        assert_eq!(
+            decode::<ServerFrame>(&encode(&settled).unwrap()).unwrap(),
+            settled
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::task::AbortHandle;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::protocol::{
-    self, ClientFrame, Reply, Request, ServerFrame, code, error_code, receipts_to_wire,
+    self, ClientFrame, Reply, Request, ServerFrame, WireError, code, error_code, receipts_to_wire,
 };
 
 /// Settings of a broker.
@@ -662,6 +662,23 @@ async fn answer(broker: &Broker, request: Request) -> Result<Reply, QueueError> 
         Request::Settle { lease, outcome } => {
             a.settle(&lease.into(), outcome.into()).await?;
             Reply::Done
+        }
+        Request::SettleMany { settles } => {
+            // Settled together, so that they share the store's group commits.
+            let settled = settles
+                .into_iter()
+                .map(|s| async move { a.settle(&s.lease.into(), s.outcome.into()).await });
+            let errors = futures_util::future::join_all(settled)
+                .await
+                .into_iter()
+                .map(|r| {
+                    r.err().map(|e| WireError {
+                        code: error_code(&e).into(),
+                        message: e.to_string(),
+                    })
+                })
+                .collect();
+            Reply::Settled { errors }
         }
         Request::Extend { lease, by_ms } => {
             let deadline = a
