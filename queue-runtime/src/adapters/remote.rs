@@ -91,6 +91,8 @@ struct Produce {
     inner: std::sync::Weak<Inner>,
     request: Request,
     waiting: Vec<Waiting>,
+    /// Given back when this is dropped, after the waiting produces have their answer.
+    _slot: Slot,
 }
 
 impl Awaiting {
@@ -147,8 +149,15 @@ impl Awaiting {
                     return hand_out(p.waiting, Err(QueueError::Closed));
                 };
                 tokio::spawn(async move {
-                    let result = inner.call(p.request, true).await;
-                    hand_out(p.waiting, receipts_of(result));
+                    let Produce {
+                        request,
+                        waiting,
+                        _slot,
+                        ..
+                    } = p;
+                    let result = inner.call(request, true).await;
+                    hand_out(waiting, receipts_of(result));
+                    drop(_slot);
                 });
             }
         }
@@ -280,16 +289,69 @@ type Waiting = (usize, oneshot::Sender<Result<Vec<Receipt>, QueueError>>);
 
 /// Produces of one channel waiting to be sent: the client-side half of group commit.
 ///
-/// The first produce to arrive spawns a flusher; produces arriving before the flusher runs
-/// join its request. Once the flusher has cut its request, the next produce spawns the next
-/// flusher, so requests are never held back waiting for earlier ones, and producers woken
-/// together by one reply go out together in one request.
+/// A produce spawns a flusher when none is pending and fewer than [`IN_FLIGHT`] requests of
+/// the channel are out; produces arriving before the flusher runs join its request. The
+/// producers woken together by one reply go back together in one request, and produces
+/// that find every slot taken join the request sent when the next reply frees one, so the
+/// broker's commits stay few and full.
 struct ChannelBatch {
     spec: ChannelSpec,
     messages: Vec<Outgoing>,
     waiting: Vec<Waiting>,
     /// A flusher is spawned and has not yet taken the waiting produces.
     pending: bool,
+    /// Flushers spawned and requests out, each holding a [`Slot`].
+    in_flight: usize,
+}
+
+impl ChannelBatch {
+    /// Claims a slot for a new flusher if one should start now.
+    fn claim(&mut self) -> bool {
+        let start = !self.pending && !self.waiting.is_empty() && self.in_flight < IN_FLIGHT;
+        if start {
+            self.pending = true;
+            self.in_flight += 1;
+        }
+        start
+    }
+}
+
+/// Produce requests of one channel out at once. Two keep the broker's disk busy, one
+/// request being committed while the next waits, and going beyond two would split the
+/// producers into more, smaller commits.
+const IN_FLIGHT: usize = 2;
+
+/// A produce request's claim on one of its channel's [`IN_FLIGHT`] slots, given back when
+/// the request has been answered, failed, or was never sent.
+struct Slot {
+    inner: std::sync::Weak<Inner>,
+    channel: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let start = {
+            let mut batches = inner.batches.lock();
+            let Some(b) = batches.get_mut(&self.channel) else {
+                return;
+            };
+            b.in_flight -= 1;
+            b.claim()
+        };
+        if start && let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(flush(inner, std::mem::take(&mut self.channel)));
+        } else if start {
+            // No runtime to send from: give the claim back.
+            let mut batches = inner.batches.lock();
+            if let Some(b) = batches.get_mut(&self.channel) {
+                b.pending = false;
+                b.in_flight -= 1;
+            }
+        }
+    }
 }
 
 /// How many times a flusher yields, at most, for more produces to join its request.
@@ -751,6 +813,10 @@ fn spawn_flush(inner: Arc<Inner>, channel: String) {
 
 /// Sends the produces of `channel` waiting now as one request.
 async fn flush(inner: Arc<Inner>, channel: String) {
+    let slot = Slot {
+        inner: Arc::downgrade(&inner),
+        channel: channel.clone(),
+    };
     gather(|| {
         inner
             .batches
@@ -780,8 +846,8 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         }
         let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
         let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
-        b.pending = !b.waiting.is_empty();
-        if b.pending {
+        b.pending = false;
+        if b.claim() {
             spawn_flush(inner.clone(), channel.clone());
         }
         (b.spec.clone(), messages, waiting)
@@ -808,6 +874,7 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         inner: Arc::downgrade(&inner),
         request: frame.request,
         waiting,
+        _slot: slot,
     });
     // A lost connection sends the request again on the next one, from `Awaiting::lost`.
     let _ = conn.send(id, bytes, awaiting).await;
@@ -849,13 +916,12 @@ impl Adapter for RemoteAdapter {
                         messages: Vec::new(),
                         waiting: Vec::new(),
                         pending: false,
+                        in_flight: 0,
                     });
                 b.spec = spec.clone();
                 b.waiting.push((batch.len(), tx));
                 b.messages.extend(batch);
-                let start = !b.pending;
-                b.pending = true;
-                start
+                b.claim()
             };
             if start {
                 spawn_flush(self.inner.clone(), spec.name.to_string());
