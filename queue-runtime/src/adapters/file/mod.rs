@@ -124,9 +124,13 @@ fn due_at(now: Timestamp, delay: Duration) -> Timestamp {
     now.saturating_add(millis(delay))
 }
 
+/// Produce keys kept at most; beyond it the oldest are forgotten first.
+const MAX_PRODUCE_KEYS: usize = 1_000_000;
+
 /// Produce keys within their window, with the segment holding each one's record.
-#[derive(Default)]
 struct ProducedKeys {
+    /// Keys kept at most.
+    cap: usize,
     by_key: HashMap<String, ProducedKey>,
     /// `(expires, key)` in insertion order, for forgetting expired keys.
     order: std::collections::VecDeque<(Timestamp, String)>,
@@ -139,6 +143,14 @@ struct ProducedKey {
 }
 
 impl ProducedKeys {
+    fn new(cap: usize) -> Self {
+        ProducedKeys {
+            cap,
+            by_key: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+
     fn get(&self, key: &str, now: Timestamp) -> Option<Vec<Receipt>> {
         self.by_key
             .get(key)
@@ -155,7 +167,7 @@ impl ProducedKeys {
         now: Timestamp,
     ) {
         while let Some((at, _)) = self.order.front() {
-            if *at > now {
+            if *at > now && self.by_key.len() < self.cap {
                 break;
             }
             let (at, old) = self.order.pop_front().expect("checked");
@@ -278,8 +290,10 @@ impl FileAdapter {
             }
         }
         shared.usage.lock().extend(usage);
-        let mut produced = ProducedKeys::default();
-        for (key, p) in state.produced {
+        let mut produced = ProducedKeys::new(MAX_PRODUCE_KEYS);
+        let mut keys: Vec<_> = state.produced.into_iter().collect();
+        keys.sort_by_key(|(_, p)| p.expires);
+        for (key, p) in keys {
             let receipts = p
                 .receipts
                 .iter()
@@ -1095,5 +1109,35 @@ impl Adapter for FileAdapter {
             self.shared.check()
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(id: u64) -> Vec<Receipt> {
+        vec![Receipt {
+            id: MessageId(id),
+            duplicate: false,
+        }]
+    }
+
+    #[test]
+    fn produce_keys_are_forgotten_after_their_window_or_beyond_the_cap() {
+        let mut keys = ProducedKeys::new(3);
+        keys.insert("a".into(), receipt(1), 100, 1, 0);
+        keys.insert("b".into(), receipt(2), 200, 1, 0);
+        assert_eq!(keys.get("a", 99), Some(receipt(1)));
+        assert_eq!(keys.get("a", 100), None, "expired");
+        keys.insert("c".into(), receipt(3), 300, 1, 150);
+        assert!(!keys.by_key.contains_key("a"), "expired keys are dropped");
+        keys.insert("d".into(), receipt(4), 400, 1, 150);
+        keys.insert("e".into(), receipt(5), 500, 1, 150);
+        assert_eq!(keys.by_key.len(), 3);
+        assert_eq!(keys.get("b", 150), None, "the oldest goes beyond the cap");
+        assert_eq!(keys.get("e", 150), Some(receipt(5)));
+        keys.insert("f".into(), receipt(6), 10, 1, 150);
+        assert_eq!(keys.get("f", 0), None, "born expired");
     }
 }
