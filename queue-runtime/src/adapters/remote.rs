@@ -119,13 +119,11 @@ impl Awaiting {
                 Err(e) => {
                     for (id, tx) in settlers {
                         let _ = tx.send(Err(match &e {
+                            // The lease went with the connection.
                             QueueError::Io(_) | QueueError::StaleLease { .. } => {
                                 QueueError::StaleLease { id }
                             }
-                            QueueError::Closed => QueueError::Closed,
-                            QueueError::Poisoned(m) => QueueError::Poisoned(m.clone()),
-                            QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
-                            other => QueueError::Protocol(other.to_string()),
+                            other => copy_of(other),
                         }));
                     }
                 }
@@ -181,15 +179,28 @@ fn hand_out(waiting: Vec<Waiting>, result: Result<Vec<Receipt>, QueueError>) {
             }
         }
         Err(e) => {
-            let text = e.to_string();
-            let mut first = Some(e);
             for (_, tx) in waiting {
-                let err = first
-                    .take()
-                    .unwrap_or_else(|| QueueError::Protocol(text.clone()));
-                let _ = tx.send(Err(err));
+                let _ = tx.send(Err(copy_of(&e)));
             }
         }
+    }
+}
+
+/// The same error for another caller of one failed request: the kinds callers act on are
+/// kept, the rest carry the text.
+fn copy_of(e: &QueueError) -> QueueError {
+    match e {
+        QueueError::Closed => QueueError::Closed,
+        QueueError::Poisoned(m) => QueueError::Poisoned(m.clone()),
+        QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
+        QueueError::UnknownChannel(m) => QueueError::UnknownChannel(m.clone()),
+        QueueError::InvalidRequest(m) => QueueError::InvalidRequest(m.clone()),
+        QueueError::PayloadTooLarge { size, max } => QueueError::PayloadTooLarge {
+            size: *size,
+            max: *max,
+        },
+        QueueError::Io(io) => QueueError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        other => QueueError::Protocol(other.to_string()),
     }
 }
 
@@ -558,10 +569,7 @@ impl Inner {
                         let pending: Vec<Awaiting> =
                             reader_conn.pending.lock().drain().map(|(_, a)| a).collect();
                         for awaiting in pending {
-                            awaiting.answer(Err(match &err {
-                                QueueError::Unauthorized(m) => QueueError::Unauthorized(m.clone()),
-                                other => QueueError::Protocol(other.to_string()),
-                            }));
+                            awaiting.answer(Err(copy_of(&err)));
                         }
                         break;
                     }
