@@ -27,6 +27,21 @@ async fn acked(queue: &queue_core::Queue) -> u64 {
     queue.stats().await.unwrap().iter().map(|s| s.acked).sum()
 }
 
+async fn retried(queue: &queue_core::Queue) -> u64 {
+    queue.stats().await.unwrap().iter().map(|s| s.retried).sum()
+}
+
+/// Yields until `done` holds, for at most 10 s of real time.
+async fn wait_for<F: std::future::Future<Output = bool>>(done: impl Fn() -> F) {
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done().await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "condition not reached within 10 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_scenario_holds() {
     let clock = VirtualClock::default();
@@ -72,6 +87,9 @@ async fn the_seed_scenario_holds() {
 
     // Attempt 1 fails, attempt 2 (after the backoff) succeeds: the handler ran for one message.
     assert_eq!(recv(&mut calls).await, ("Peter".to_string(), 1));
+    // The failure is settled after the handler returns: move the clock only once the retry
+    // is scheduled, or it would be scheduled against the later time.
+    wait_for(|| async { retried(&queue).await >= 1 }).await;
     clock.advance(Duration::from_secs(1));
     assert_eq!(recv(&mut calls).await, ("Peter".to_string(), 2));
     while acked(&queue).await < 1 {
