@@ -631,6 +631,14 @@ impl Inner {
         }
     }
 
+    /// Sends a dead-letter operation (not retried: it is not idempotent) and reads its count.
+    async fn count(self: &Arc<Self>, request: Request) -> Result<u64, QueueError> {
+        match self.call(request, false).await? {
+            Reply::Count { count } => Ok(count.max(0) as u64),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Sends a request, reconnecting and retrying it when `retry` says the request is safe
     /// to send again.
     async fn call(self: &Arc<Self>, request: Request, retry: bool) -> Result<Reply, QueueError> {
@@ -888,6 +896,10 @@ async fn flush(inner: Arc<Inner>, channel: String) {
     let _ = conn.send(id, bytes, awaiting).await;
 }
 
+fn wire_ids(ids: Option<&[MessageId]>) -> Option<Vec<i64>> {
+    ids.map(|i| i.iter().map(|m| m.0 as i64).collect())
+}
+
 fn unexpected(reply: &Reply) -> QueueError {
     QueueError::Protocol(format!("unexpected reply {reply:?}"))
 }
@@ -1079,12 +1091,9 @@ impl Adapter for RemoteAdapter {
         async move {
             let request = Request::Redrive {
                 channel: channel.into(),
-                ids: ids.map(|i| i.iter().map(|m| m.0 as i64).collect()),
+                ids: wire_ids(ids),
             };
-            match self.inner.call(request, false).await? {
-                Reply::Count { count } => Ok(count.max(0) as u64),
-                other => Err(unexpected(&other)),
-            }
+            self.inner.count(request).await
         }
         .boxed()
     }
@@ -1097,12 +1106,9 @@ impl Adapter for RemoteAdapter {
         async move {
             let request = Request::Purge {
                 channel: channel.into(),
-                ids: ids.map(|i| i.iter().map(|m| m.0 as i64).collect()),
+                ids: wire_ids(ids),
             };
-            match self.inner.call(request, false).await? {
-                Reply::Count { count } => Ok(count.max(0) as u64),
-                other => Err(unexpected(&other)),
-            }
+            self.inner.count(request).await
         }
         .boxed()
     }

@@ -619,8 +619,7 @@ impl<P: Clone> ChannelState<P> {
         }
     }
 
-    /// Every pending message and dead letter, for compaction: `(entry, due)` of ready, delayed
-    /// and held messages; dead letters separately.
+    /// Every stored message: ready, delayed, held and dead.
     pub fn live_entries(&self) -> impl Iterator<Item = &Entry<P>> {
         self.ready
             .values()
