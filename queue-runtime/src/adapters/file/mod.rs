@@ -668,8 +668,9 @@ impl FileAdapter {
                 .next_id
                 .fetch_max(last.id.0 + 1, Ordering::AcqRel);
         }
-        let key_expires = key.map(|(_, window)| due_at(now, window));
-        if let (Some((key, _)), Some(expires)) = (key, key_expires) {
+        // The key with the end of its window.
+        let key = key.map(|(key, window)| (key, due_at(now, window)));
+        if let Some((key, expires)) = key {
             format::encode(
                 &Record::Produced {
                     key,
@@ -715,7 +716,7 @@ impl FileAdapter {
             drop(state);
             cell.wake();
         }
-        if let (Some((key, _)), Some(expires)) = (key, key_expires) {
+        if let Some((key, expires)) = key {
             self.produced.lock().insert(
                 key.to_string(),
                 receipts.clone(),
