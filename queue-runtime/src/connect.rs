@@ -89,7 +89,7 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
     match scheme {
         "memory" => {
             let adapter = if rest.is_empty() {
-                MemoryAdapter::new(clock.clone())
+                MemoryAdapter::in_memory(clock.clone())
             } else {
                 MemoryAdapter::named(rest, clock.clone())
             };

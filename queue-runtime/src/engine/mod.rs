@@ -1,29 +1,42 @@
-//! The lease engine: every queue rule of the contract, implemented once.
+//! The lease engine: every queue rule of the contract, implemented once, and the one
+//! [`Adapter`] implementation of the in-memory and embedded stores.
 //!
 //! [`state::ChannelState`] is the synchronous state machine; [`Engine`] holds one per channel
-//! behind a lock, hands out ids and fencing tokens, and lets subscribers wait for work: a
-//! waiter sleeps until something changes in its channel or until the next lease deadline or
-//! due time on the queue's clock, whichever comes first. Adapters that store messages
-//! elsewhere (a log on disk) use the engine for the rules and keep only payload locations in
-//! it.
+//! behind a lock, hands out ids and fencing tokens, and reports every change to its
+//! [`Journal`] under that lock, so the journal has the changes in the order they happened. A
+//! change that must be durable before anyone sees it (a produced message, a delivery) is
+//! applied by the journal's completion, not by the caller's future: a caller that gives up
+//! leaves the change either not made or made and visible. The in-memory store is the engine
+//! with a journal that keeps payloads in memory; the embedded store's journal is the log.
 
+pub mod journal;
+pub mod keys;
 pub mod state;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::future::{Either, select};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, select};
 use parking_lot::{Mutex, MutexGuard, RwLock};
-use queue_core::clock::{Clock, Timestamp};
-use queue_core::{ChannelSpec, ChannelStats, Lease, MessageId, Outcome, QueueError};
+use queue_core::clock::{Clock, Timestamp, millis};
+use queue_core::{
+    Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
+    Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
+};
 use tokio::sync::Notify;
 
+pub use journal::{Completer, Event, Journal, Produced, Ticket};
+pub use keys::KeyWindow;
 pub use state::{Change, ChannelState, Dead, Entry, Held};
 
-/// Sees state changes and granted leases under the channel's lock.
-pub type Journal<'a, P> = dyn Fn(&[Change], Option<&Held<P>>) + Send + Sync + 'a;
+/// Produce keys kept at most; beyond it the keys whose window ends first are forgotten.
+pub const MAX_PRODUCE_KEYS: usize = 1_000_000;
+
+/// Deliveries taken for one subscription in one journal append at most.
+const TAKE_BATCH: u32 = 256;
 
 /// One channel: its state and the waiters' wake-up.
 #[derive(Debug)]
@@ -44,17 +57,21 @@ impl<P: Clone> Cell<P> {
     }
 }
 
-/// The channels of one store, with the counters that make ids and tokens unique.
-pub struct Engine<P> {
-    channels: RwLock<HashMap<String, Arc<Cell<P>>>>,
+/// The channels of one store, its journal, and the counters that make ids and tokens unique.
+pub struct Engine<J: Journal> {
+    channels: RwLock<HashMap<String, Arc<Cell<J::Payload>>>>,
     next_id: AtomicU64,
     next_token: AtomicU64,
     next_consumer: AtomicU64,
     closed: AtomicBool,
     clock: Arc<dyn Clock>,
+    /// Keys of idempotent produces within their window, with the receipts they were given.
+    keys: Mutex<KeyWindow<String, Vec<Receipt>>>,
+    journal: J,
+    me: Weak<Engine<J>>,
 }
 
-impl<P> std::fmt::Debug for Engine<P> {
+impl<J: Journal> std::fmt::Debug for Engine<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("channels", &self.channels.read().len())
@@ -63,22 +80,30 @@ impl<P> std::fmt::Debug for Engine<P> {
     }
 }
 
-impl<P: Clone + Send + 'static> Engine<P> {
-    /// An empty engine reading `clock`.
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Engine {
+fn due_at(now: Timestamp, delay: Duration) -> Timestamp {
+    now.saturating_add(millis(delay))
+}
+
+impl<J: Journal> Engine<J> {
+    /// An empty engine reading `clock` and reporting to `journal`. Message ids start at
+    /// `next_id` and fencing tokens at `first_token`.
+    pub fn new(clock: Arc<dyn Clock>, journal: J, next_id: u64, first_token: u64) -> Arc<Self> {
+        Arc::new_cyclic(|me| Engine {
             channels: RwLock::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            next_token: AtomicU64::new(1),
+            next_id: AtomicU64::new(next_id.max(1)),
+            next_token: AtomicU64::new(first_token.max(1)),
             next_consumer: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             clock,
-        }
+            keys: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
+            journal,
+            me: me.clone(),
+        })
     }
 
-    /// The clock.
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
+    /// The journal.
+    pub fn journal(&self) -> &J {
+        &self.journal
     }
 
     /// The current time.
@@ -86,43 +111,38 @@ impl<P: Clone + Send + 'static> Engine<P> {
         self.clock.now()
     }
 
-    /// A fresh message id.
-    pub fn next_id(&self) -> MessageId {
-        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    /// The next message id to be handed out.
+    pub fn peek_next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Acquire)
     }
 
-    /// Makes later ids and tokens at least the ones given (after recovery).
-    pub fn bump_counters(&self, next_id: u64, next_token: u64) {
-        self.next_id.fetch_max(next_id, Ordering::Relaxed);
-        self.next_token.fetch_max(next_token, Ordering::Relaxed);
+    fn next_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Ordering::AcqRel))
     }
 
     fn next_token(&self) -> u64 {
         self.next_token.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Fails once the engine is closed.
-    ///
-    /// # Errors
-    /// [`QueueError::Closed`].
-    pub fn check_open(&self) -> Result<(), QueueError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(QueueError::Closed)
-        } else {
-            Ok(())
-        }
+    fn arc(&self) -> Arc<Self> {
+        self.me
+            .upgrade()
+            .expect("an engine is used through its Arc")
     }
 
-    /// Closes the engine: waiters end with [`QueueError::Closed`].
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        for cell in self.channels.read().values() {
-            cell.wake();
+    /// Fails once the engine is closed or its journal refuses writes.
+    ///
+    /// # Errors
+    /// [`QueueError::Closed`], [`QueueError::Poisoned`].
+    pub fn check_open(&self) -> Result<(), QueueError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
         }
+        self.journal.check()
     }
 
     /// The channel for `spec`, created on first use; adopts `spec` as its settings.
-    pub fn channel(&self, spec: &ChannelSpec) -> Arc<Cell<P>> {
+    pub fn channel(&self, spec: &ChannelSpec) -> Arc<Cell<J::Payload>> {
         if let Some(cell) = self.channels.read().get(spec.name.as_ref()) {
             cell.lock().set_spec(spec);
             return cell.clone();
@@ -139,21 +159,25 @@ impl<P: Clone + Send + 'static> Engine<P> {
             .clone()
     }
 
-    /// An existing channel.
-    ///
-    /// # Errors
-    /// [`QueueError::UnknownChannel`].
-    pub fn existing(&self, name: &str) -> Result<Arc<Cell<P>>, QueueError> {
-        self.channels
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| QueueError::UnknownChannel(name.to_string()))
+    /// The channel named `name`, created with default settings if unknown.
+    pub fn channel_named(&self, name: &str) -> Arc<Cell<J::Payload>> {
+        if let Some(cell) = self.channels.read().get(name) {
+            return cell.clone();
+        }
+        self.channel(&ChannelSpec {
+            name: std::borrow::Cow::Owned(name.to_string()),
+            ..ChannelSpec::new("")
+        })
+    }
+
+    /// The channel named `name`, if known.
+    pub fn existing_cell(&self, name: &str) -> Option<Arc<Cell<J::Payload>>> {
+        self.channels.read().get(name).cloned()
     }
 
     /// Every channel, by name.
-    pub fn all(&self) -> Vec<Arc<Cell<P>>> {
-        let mut all: Vec<(String, Arc<Cell<P>>)> = self
+    pub fn all(&self) -> Vec<Arc<Cell<J::Payload>>> {
+        let mut all: Vec<(String, Arc<Cell<J::Payload>>)> = self
             .channels
             .read()
             .iter()
@@ -163,131 +187,334 @@ impl<P: Clone + Send + 'static> Engine<P> {
         all.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Registers a subscription and returns its id.
-    pub fn subscribe(&self, cell: &Cell<P>, max_parallel: u32) -> u64 {
-        let id = self.next_consumer.fetch_add(1, Ordering::Relaxed);
-        cell.lock().add_consumer(id, max_parallel);
-        id
+    /// Remembers a produce key after recovery.
+    pub fn restore_key(&self, key: String, receipts: Vec<Receipt>, expires: Timestamp) {
+        self.keys.lock().insert(key, receipts, expires, self.now());
     }
 
-    /// Ends a subscription, releasing what it holds.
-    pub fn unsubscribe(&self, cell: &Cell<P>, consumer: u64) -> Vec<Change> {
-        let changes = cell.lock().remove_consumer(consumer);
-        cell.wake();
-        changes
+    /// The receipts and window end of a produce key inside its window.
+    pub fn produce_key(&self, key: &str) -> Option<(Vec<Receipt>, Timestamp)> {
+        self.keys
+            .lock()
+            .entry(&key.to_string(), self.now())
+            .map(|(r, end)| (r.clone(), end))
     }
 
-    /// Takes the next ready message for `consumer` now, if any. `journal` sees what time
-    /// changed and the lease granted, under the channel's lock, so that a store records them
-    /// in the order they happened. Returns the delivery, whether anything changed, and when
-    /// to look again.
-    pub fn try_take(
-        &self,
-        cell: &Cell<P>,
-        consumer: u64,
-        journal: &Journal<'_, P>,
-    ) -> (Option<Held<P>>, bool, Option<Timestamp>) {
+    /// Applies time rules to a channel now and journals what they changed.
+    pub fn tick(&self, cell: &Cell<J::Payload>) {
         let now = self.now();
         let mut state = cell.lock();
-        let changes = state.tick(now);
-        let held = if state.has_ready() {
-            state.take(consumer, self.next_token(), now)
-        } else {
-            None
-        };
-        if !changes.is_empty() || held.is_some() {
-            journal(&changes, held.as_ref());
-        }
-        let wakeup = state.next_wakeup();
-        (held, !changes.is_empty(), wakeup)
-    }
-
-    /// Waits until a message can be leased to `consumer` and leases it. `journal` sees every
-    /// change time caused on the way (lapsed leases), for stores that record them.
-    ///
-    /// # Errors
-    /// [`QueueError::Closed`] when the engine closes.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: a message is taken and returned in the same poll.
-    pub async fn take(
-        &self,
-        cell: &Cell<P>,
-        consumer: u64,
-        journal: &Journal<'_, P>,
-    ) -> Result<Held<P>, QueueError> {
-        loop {
-            self.check_open()?;
-            let notified = cell.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (held, changed, wakeup) = self.try_take(cell, consumer, journal);
-            if changed {
-                cell.wake();
-            }
-            if let Some(held) = held {
-                return Ok(held);
-            }
-            match wakeup {
-                Some(at) => {
-                    let sleep = self.clock.sleep_until(at);
-                    match select(notified, sleep).await {
-                        Either::Left(_) | Either::Right(_) => {}
-                    }
-                }
-                None => notified.await,
-            }
-        }
-    }
-
-    /// Applies time rules to a channel now and returns the changes.
-    pub fn tick(&self, cell: &Cell<P>) -> Vec<Change> {
-        let now = self.now();
-        let changes = cell.lock().tick(now);
+        let mut changes = Vec::new();
+        state.tick(now, &mut changes);
         if !changes.is_empty() {
+            self.append_changes(&changes, Vec::new());
+            drop(state);
             cell.wake();
         }
-        changes
+    }
+
+    fn append_changes(&self, changes: &[Change], gone: Vec<J::Payload>) -> Ticket<Vec<J::Payload>> {
+        let events: Vec<Event<'_>> = changes.iter().map(Event::Changed).collect();
+        self.journal.append(&events, gone)
+    }
+
+    /// Stores a batch, with an optional caller's key (see [`Adapter::produce_keyed`]).
+    ///
+    /// # Errors
+    /// [`QueueError::Closed`], the journal's write errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the batch is stored and becomes deliverable whether or not the future is
+    /// polled again; dropped before its first poll, nothing is stored.
+    async fn put(
+        &self,
+        spec: &ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: Option<(&str, Duration)>,
+    ) -> Result<Vec<Receipt>, QueueError> {
+        self.check_open()?;
+        let cell = self.channel(spec);
+        let now = self.now();
+        if let Some((key, _)) = key
+            && let Some(receipts) = self.keys.lock().get(&key.to_string(), now)
+        {
+            return Ok(receipts.clone());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut state = cell.lock();
+            let mut changes = Vec::new();
+            state.tick(now, &mut changes);
+            let mut receipts = Vec::with_capacity(batch.len());
+            let mut fresh = Vec::with_capacity(batch.len());
+            let expires = due_at(now, spec.dedup_window);
+            for (i, out) in batch.iter().enumerate() {
+                let dedup = out.dedup_key.filter(|_| spec.deduplicates());
+                if let Some(k) = dedup
+                    && let Some(original) = state.duplicate_of(k, now)
+                {
+                    state.count_duplicate();
+                    receipts.push(Receipt {
+                        id: original,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                let id = self.next_id();
+                if let Some(k) = dedup {
+                    state.remember(k, id, expires, now);
+                }
+                receipts.push(Receipt {
+                    id,
+                    duplicate: false,
+                });
+                fresh.push(Fresh {
+                    index: i,
+                    id,
+                    due: due_at(now, out.delay),
+                    dedup,
+                });
+            }
+            let keyed = key.map(|(k, window)| (k.to_string(), due_at(now, window)));
+            let mut events: Vec<Event<'_>> = changes.iter().map(Event::Changed).collect();
+            for f in &fresh {
+                let out = &batch[f.index];
+                events.push(Event::Produced(Produced {
+                    channel: &spec.name,
+                    id: f.id.0,
+                    produced_at: now,
+                    due: f.due,
+                    priority: out.priority,
+                    dedup: f.dedup.map(|k| (k, expires)),
+                    payload: &out.payload,
+                }));
+            }
+            if let Some((k, expires)) = &keyed {
+                events.push(Event::Keyed {
+                    key: k,
+                    expires: *expires,
+                    receipts: &receipts,
+                });
+            }
+            // Duplicates wait for a commit too: it follows their original's.
+            let ticket = self.journal.append(&events, Vec::new());
+            drop(events);
+            let done = Arc::new(Mutex::new(Some(ProduceDone {
+                engine: self.arc(),
+                cell: cell.clone(),
+                fresh: fresh
+                    .into_iter()
+                    .map(|f| (f, batch[f.index].priority))
+                    .collect(),
+                produced_at: now,
+                receipts,
+                keyed,
+                reply: tx,
+            })));
+            let later = done.clone();
+            let step = move |result| {
+                if let Some(done) = later.lock().take() {
+                    let cell = done.cell.clone();
+                    done.finish(&mut cell.lock(), result);
+                }
+            };
+            if let Some(result) = ticket.then_unless_ready(step)
+                && let Some(done) = done.lock().take()
+            {
+                done.finish(&mut state, result);
+            }
+        }
+        rx.await.unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Opens a subscription holding at most `max_parallel` deliveries.
+    ///
+    /// # Errors
+    /// [`QueueError::Closed`].
+    fn open_subscription(
+        &self,
+        spec: &ChannelSpec,
+        max_parallel: u32,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
+        self.check_open()?;
+        let cell = self.channel(spec);
+        let consumer = self.next_consumer.fetch_add(1, Ordering::Relaxed);
+        cell.lock().add_consumer(consumer, max_parallel);
+        Ok(Box::new(EngineSubscription {
+            engine: self.arc(),
+            cell,
+            channel: Arc::from(spec.name.as_ref()),
+            consumer,
+            inbox: Arc::new(Mutex::new(Inbox {
+                ready: VecDeque::new(),
+                committing: 0,
+                failed: None,
+                stopped: false,
+            })),
+        }))
+    }
+
+    /// Takes what `consumer` may take now, journals the deliveries, and puts them in `inbox`
+    /// once durable. Returns whether anything was taken and when to look again.
+    fn take_into(
+        &self,
+        cell: &Arc<Cell<J::Payload>>,
+        consumer: u64,
+        inbox: &Arc<Mutex<Inbox<J::Payload>>>,
+    ) -> (bool, Option<Timestamp>) {
+        let now = self.now();
+        let mut state = cell.lock();
+        let mut changes = Vec::new();
+        state.tick(now, &mut changes);
+        let mut taken = Vec::new();
+        // At most this subscription's fair share of what is ready, so that one subscription
+        // taking ahead does not hold back messages another could handle now.
+        let room = (state.capacity(consumer).min(TAKE_BATCH) as usize)
+            .min(state.ready_len().div_ceil(state.consumer_count().max(1)));
+        while taken.len() < room && state.has_ready() {
+            match state.take(consumer, self.next_token(), now, &mut changes) {
+                Some(held) => taken.push(held),
+                None => break,
+            }
+        }
+        let wakeup = state.next_wakeup();
+        if changes.is_empty() {
+            return (false, wakeup);
+        }
+        let requeued = changes.iter().any(|c| matches!(c, Change::Requeued { .. }));
+        let ticket = self.append_changes(&changes, Vec::new());
+        let took = !taken.is_empty();
+        if took {
+            inbox.lock().committing += taken.len();
+            let taken = Arc::new(Mutex::new(taken));
+            let later = taken.clone();
+            let engine = self.arc();
+            let cell_later = cell.clone();
+            let inbox_later = inbox.clone();
+            let step = move |result: Result<_, QueueError>| {
+                let taken = std::mem::take(&mut *later.lock());
+                let mut state = cell_later.lock();
+                engine.deliver(&mut state, &inbox_later, taken, result.map(|_| ()));
+                drop(state);
+                cell_later.wake();
+            };
+            if let Some(result) = ticket.then_unless_ready(step) {
+                let taken = std::mem::take(&mut *taken.lock());
+                self.deliver(&mut state, inbox, taken, result.map(|_| ()));
+                cell.wake();
+            }
+        }
+        drop(state);
+        if requeued {
+            cell.wake();
+        }
+        (took, wakeup)
+    }
+
+    /// Puts deliveries whose journal append is durable into their subscription's inbox, or
+    /// gives them back unprocessed if it stopped taking meanwhile.
+    fn deliver(
+        &self,
+        state: &mut ChannelState<J::Payload>,
+        inbox: &Mutex<Inbox<J::Payload>>,
+        taken: Vec<Held<J::Payload>>,
+        result: Result<(), QueueError>,
+    ) {
+        let mut inbox = inbox.lock();
+        inbox.committing -= taken.len();
+        match result {
+            Ok(()) if inbox.stopped => {
+                drop(inbox);
+                self.release(state, &taken);
+            }
+            Ok(()) => inbox.ready.extend(taken),
+            Err(e) => inbox.failed = Some(e.to_string()),
+        }
+    }
+
+    /// Gives deliveries back unprocessed, without waiting for the journal.
+    fn release(&self, state: &mut ChannelState<J::Payload>, taken: &[Held<J::Payload>]) {
+        let now = self.now();
+        let changes: Vec<Change> = taken
+            .iter()
+            .filter_map(|held| {
+                state
+                    .settle(
+                        held.entry.id,
+                        held.token,
+                        Outcome::Release,
+                        now,
+                        fastrand::f64(),
+                    )
+                    .ok()
+                    .map(|(change, _)| change)
+            })
+            .collect();
+        if !changes.is_empty() {
+            self.append_changes(&changes, Vec::new());
+        }
+    }
+
+    /// Ends a subscription: what it holds is ready again, or dead when its attempts are used.
+    fn unsubscribe(&self, cell: &Cell<J::Payload>, consumer: u64) {
+        let now = self.now();
+        let mut state = cell.lock();
+        let changes = state.remove_consumer(consumer, now);
+        if !changes.is_empty() {
+            self.append_changes(&changes, Vec::new());
+        }
+        drop(state);
+        cell.wake();
     }
 
     /// Settles a lease.
     ///
     /// # Errors
-    /// [`QueueError::StaleLease`], [`QueueError::UnknownChannel`].
-    pub fn settle(
-        &self,
-        lease: &Lease,
-        outcome: Outcome,
-    ) -> Result<(Change, Option<P>), QueueError> {
+    /// [`QueueError::StaleLease`]; the journal's write errors.
+    ///
+    /// # Cancel safety
+    /// The outcome is applied when the call is made and becomes durable whether or not the
+    /// future is polled again.
+    async fn settle_lease(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
+        self.check_open()?;
         let cell = self
-            .existing(&lease.channel)
-            .map_err(|_| QueueError::StaleLease { id: lease.id })?;
+            .existing_cell(&lease.channel)
+            .ok_or(QueueError::StaleLease { id: lease.id })?;
         let now = self.now();
-        let change = {
+        let ticket = {
             let mut state = cell.lock();
-            state.tick(now);
-            state.settle(lease.id, lease.token, outcome, now, fastrand::f64())?
+            let mut changes = Vec::new();
+            state.tick(now, &mut changes);
+            let (change, freed) =
+                state.settle(lease.id, lease.token, outcome, now, fastrand::f64())?;
+            changes.push(change);
+            self.append_changes(&changes, freed.into_iter().collect())
         };
         cell.wake();
-        Ok(change)
+        ticket.wait().await.map(|_| ())
     }
 
     /// Extends a lease.
     ///
     /// # Errors
     /// [`QueueError::StaleLease`].
-    pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Timestamp, QueueError> {
+    fn extend_lease(&self, lease: &Lease, by: Duration) -> Result<Timestamp, QueueError> {
+        self.check_open()?;
         let cell = self
-            .existing(&lease.channel)
-            .map_err(|_| QueueError::StaleLease { id: lease.id })?;
+            .existing_cell(&lease.channel)
+            .ok_or(QueueError::StaleLease { id: lease.id })?;
         let now = self.now();
         let mut state = cell.lock();
-        state.tick(now);
+        let mut changes = Vec::new();
+        state.tick(now, &mut changes);
+        if !changes.is_empty() {
+            self.append_changes(&changes, Vec::new());
+        }
         state.extend(lease.id, lease.token, by, now)
     }
 
     /// Stats of every channel, after applying time rules.
-    pub fn stats(&self) -> Vec<ChannelStats> {
+    fn channel_stats(&self) -> Vec<ChannelStats> {
         self.all()
             .iter()
             .map(|cell| {
@@ -295,5 +522,376 @@ impl<P: Clone + Send + 'static> Engine<P> {
                 cell.lock().stats()
             })
             .collect()
+    }
+
+    /// Pending messages of a channel in delivery order.
+    ///
+    /// # Errors
+    /// [`QueueError::UnknownChannel`]; read errors.
+    fn pending(&self, channel: &str, limit: usize) -> Result<Vec<StoredMessage>, QueueError> {
+        let cell = self
+            .existing_cell(channel)
+            .ok_or_else(|| QueueError::UnknownChannel(channel.to_string()))?;
+        self.tick(&cell);
+        let listed: Vec<(Entry<J::Payload>, MessageState, Timestamp)> = cell
+            .lock()
+            .peek(limit)
+            .into_iter()
+            .map(|(e, s, d)| (e.clone(), s, d))
+            .collect();
+        listed
+            .into_iter()
+            .map(|(e, state, due)| {
+                Ok(StoredMessage {
+                    id: e.id,
+                    payload: self.journal.read(&e.payload)?,
+                    state,
+                    attempts: e.attempts,
+                    priority: e.priority,
+                    produced_at: e.produced_at,
+                    due,
+                })
+            })
+            .collect()
+    }
+
+    /// The dead-letter queue of a channel, oldest first; empty for a channel never seen.
+    ///
+    /// # Errors
+    /// Read errors.
+    fn dead_list(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let Some(cell) = self.existing_cell(channel) else {
+            return Ok(Vec::new());
+        };
+        self.tick(&cell);
+        let listed: Vec<(Entry<J::Payload>, String, Timestamp)> = cell
+            .lock()
+            .dead_letters(limit)
+            .map(|d| (d.entry.clone(), d.error.clone(), d.dead_at))
+            .collect();
+        listed
+            .into_iter()
+            .map(|(e, error, dead_at)| {
+                Ok(DeadLetter {
+                    id: e.id,
+                    channel: channel.to_string(),
+                    payload: self.journal.read(&e.payload)?,
+                    attempts: e.attempts,
+                    error,
+                    produced_at: e.produced_at,
+                    dead_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Moves dead letters back to ready; 0 for a channel never seen.
+    ///
+    /// # Errors
+    /// The journal's write errors.
+    ///
+    /// # Cancel safety
+    /// Applied when the call is made; durable whether or not the future is polled again.
+    async fn redrive_dead(
+        &self,
+        channel: &str,
+        ids: Option<&[MessageId]>,
+    ) -> Result<u64, QueueError> {
+        self.check_open()?;
+        let Some(cell) = self.existing_cell(channel) else {
+            return Ok(0);
+        };
+        let (ticket, n) = {
+            let mut state = cell.lock();
+            let changes = state.redrive(ids);
+            (self.append_changes(&changes, Vec::new()), changes.len())
+        };
+        cell.wake();
+        ticket.wait().await?;
+        Ok(n as u64)
+    }
+
+    /// Deletes dead letters; 0 for a channel never seen.
+    ///
+    /// # Errors
+    /// The journal's write errors.
+    ///
+    /// # Cancel safety
+    /// Applied when the call is made; durable whether or not the future is polled again.
+    async fn purge_dead_now(
+        &self,
+        channel: &str,
+        ids: Option<&[MessageId]>,
+    ) -> Result<u64, QueueError> {
+        self.check_open()?;
+        let Some(cell) = self.existing_cell(channel) else {
+            return Ok(0);
+        };
+        let (ticket, n) = {
+            let mut state = cell.lock();
+            let (changes, gone) = state.purge_dead(ids);
+            (self.append_changes(&changes, gone), changes.len())
+        };
+        ticket.wait().await?;
+        Ok(n as u64)
+    }
+
+    /// Closes the engine: waiters end with [`QueueError::Closed`], and the journal flushes.
+    ///
+    /// # Errors
+    /// What the journal's last writes failed with.
+    fn shut_down(&self) -> Result<(), QueueError> {
+        self.closed.store(true, Ordering::Release);
+        for cell in self.channels.read().values() {
+            cell.wake();
+        }
+        self.journal.close()
+    }
+}
+
+/// A produced message waiting for durability.
+#[derive(Debug, Clone, Copy)]
+struct Fresh {
+    index: usize,
+    id: MessageId,
+    due: Timestamp,
+    dedup: Option<u64>,
+}
+
+/// What a produce does once its journal append is durable (or failed).
+struct ProduceDone<J: Journal> {
+    engine: Arc<Engine<J>>,
+    cell: Arc<Cell<J::Payload>>,
+    fresh: Vec<(Fresh, u8)>,
+    produced_at: Timestamp,
+    receipts: Vec<Receipt>,
+    keyed: Option<(String, Timestamp)>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Receipt>, QueueError>>,
+}
+
+impl<J: Journal> ProduceDone<J> {
+    fn finish(
+        self,
+        state: &mut ChannelState<J::Payload>,
+        result: Result<Vec<J::Payload>, QueueError>,
+    ) {
+        match result {
+            Ok(payloads) => {
+                // Readiness against the clock now; produce and due times as journaled.
+                let now = self.engine.now();
+                for ((f, priority), payload) in self.fresh.into_iter().zip(payloads) {
+                    let entry = Entry {
+                        id: f.id,
+                        payload,
+                        attempts: 0,
+                        priority,
+                        produced_at: self.produced_at,
+                    };
+                    state.insert(entry, f.due, now);
+                }
+                self.cell.wake();
+                if let Some((key, expires)) = self.keyed {
+                    self.engine
+                        .keys
+                        .lock()
+                        .insert(key, self.receipts.clone(), expires, now);
+                }
+                let _ = self.reply.send(Ok(self.receipts));
+            }
+            Err(e) => {
+                for (f, _) in &self.fresh {
+                    if let Some(key) = f.dedup {
+                        state.forget(key, f.id);
+                    }
+                }
+                let _ = self.reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Deliveries taken for a subscription.
+struct Inbox<P> {
+    /// Durable deliveries not yet handed out.
+    ready: VecDeque<Held<P>>,
+    /// Deliveries taken whose journal append is not yet durable.
+    committing: usize,
+    /// Why an append failed.
+    failed: Option<String>,
+    /// Set by [`Subscription::stop`]: deliveries arriving later are given back.
+    stopped: bool,
+}
+
+struct EngineSubscription<J: Journal> {
+    engine: Arc<Engine<J>>,
+    cell: Arc<Cell<J::Payload>>,
+    channel: Arc<str>,
+    consumer: u64,
+    inbox: Arc<Mutex<Inbox<J::Payload>>>,
+}
+
+impl<J: Journal> EngineSubscription<J> {
+    async fn next_delivery(
+        engine: Arc<Engine<J>>,
+        cell: Arc<Cell<J::Payload>>,
+        channel: Arc<str>,
+        consumer: u64,
+        inbox: Arc<Mutex<Inbox<J::Payload>>>,
+    ) -> Result<RawDelivery, QueueError> {
+        loop {
+            engine.check_open()?;
+            let notified = cell.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let committing = {
+                let mut inbox = inbox.lock();
+                if let Some(held) = inbox.ready.pop_front() {
+                    drop(inbox);
+                    let payload = engine.journal.read(&held.entry.payload)?;
+                    return Ok(held.to_delivery(&channel, payload));
+                }
+                if let Some(e) = inbox.failed.take() {
+                    return Err(QueueError::Poisoned(e));
+                }
+                inbox.committing > 0
+            };
+            if committing {
+                notified.await;
+                continue;
+            }
+            let (took, wakeup) = engine.take_into(&cell, consumer, &inbox);
+            if took {
+                continue;
+            }
+            match wakeup {
+                Some(at) => {
+                    let sleep = engine.clock.sleep_until(at);
+                    let _ = select(notified, sleep).await;
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+impl<J: Journal> Subscription for EngineSubscription<J> {
+    fn next(&self) -> BoxFuture<'static, Result<RawDelivery, QueueError>> {
+        Self::next_delivery(
+            self.engine.clone(),
+            self.cell.clone(),
+            self.channel.clone(),
+            self.consumer,
+            self.inbox.clone(),
+        )
+        .boxed()
+    }
+
+    fn stop(&self) -> BoxFuture<'static, ()> {
+        let taken: Vec<Held<J::Payload>> = {
+            let mut inbox = self.inbox.lock();
+            inbox.stopped = true;
+            inbox.ready.drain(..).collect()
+        };
+        if !taken.is_empty() {
+            self.engine.release(&mut self.cell.lock(), &taken);
+            self.cell.wake();
+        }
+        Box::pin(async {})
+    }
+}
+
+impl<J: Journal> Drop for EngineSubscription<J> {
+    fn drop(&mut self) {
+        self.engine.unsubscribe(&self.cell, self.consumer);
+    }
+}
+
+impl<J: Journal> Adapter for Engine<J> {
+    fn produce<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        Engine::put(self, spec, batch, None).boxed()
+    }
+
+    fn produce_keyed<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        Engine::put(self, spec, batch, Some((key, window))).boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        max_parallel: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>> {
+        let result = Engine::open_subscription(self, spec, max_parallel);
+        async move { result }.boxed()
+    }
+
+    fn settle<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Engine::settle_lease(self, lease, outcome).boxed()
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a Lease,
+        by: Duration,
+    ) -> BoxFuture<'a, Result<Timestamp, QueueError>> {
+        let result = Engine::extend_lease(self, lease, by);
+        async move { result }.boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>> {
+        let result = Engine::channel_stats(self);
+        async move { Ok(result) }.boxed()
+    }
+
+    fn peek<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>> {
+        let result = Engine::pending(self, channel, limit);
+        async move { result }.boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>> {
+        let result = Engine::dead_list(self, channel, limit);
+        async move { result }.boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        Engine::redrive_dead(self, channel, ids).boxed()
+    }
+
+    fn purge_dead<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        Engine::purge_dead_now(self, channel, ids).boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        let result = Engine::shut_down(self);
+        async move { result }.boxed()
     }
 }

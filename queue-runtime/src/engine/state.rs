@@ -3,11 +3,14 @@
 //!
 //! A message is in exactly one of four places: `ready` (by priority, then the order it became
 //! ready), `delayed` (by due time), `leased` (held by one consumer under a fencing token until
-//! a deadline), or `dead`. Acked messages are gone. The dedup table maps keys to the first
-//! message produced with them until the window closes.
+//! a deadline), or `dead`. Acked messages are gone. The dedup window maps keys to the first
+//! message produced with them until the window closes. Every change is returned as a
+//! [`Change`] for the journal.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use super::keys::KeyWindow;
 use std::time::Duration;
 
 use queue_core::clock::{Timestamp, millis};
@@ -70,9 +73,16 @@ pub struct Dead<P> {
     pub dead_at: Timestamp,
 }
 
-/// What a state change did, for stores that journal it.
+/// What a state change did, for the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// A message was handed out: it has used `attempts` deliveries.
+    Leased {
+        /// The message.
+        id: MessageId,
+        /// Its attempts now.
+        attempts: u32,
+    },
     /// A message went back to ready or delayed with `attempts` deliveries made.
     Requeued {
         /// The message.
@@ -88,6 +98,8 @@ pub enum Change {
         id: MessageId,
         /// Its attempts.
         attempts: u32,
+        /// When.
+        at: Timestamp,
         /// Why.
         error: String,
     },
@@ -96,6 +108,21 @@ pub enum Change {
         /// The message.
         id: MessageId,
     },
+    /// A dead letter went back to ready with its attempts reset.
+    Redriven {
+        /// The message.
+        id: MessageId,
+    },
+    /// A dead letter was deleted.
+    Purged {
+        /// The message.
+        id: MessageId,
+    },
+}
+
+/// Why a message whose holder went away without settling is not handed out again.
+pub fn lost_text(attempts: u32, max_attempts: u32) -> String {
+    format!("worker lost on attempt {attempts} of {max_attempts}")
 }
 
 #[derive(Debug, Default, Clone)]
@@ -124,8 +151,7 @@ pub struct ChannelState<P> {
     leased: HashMap<MessageId, Held<P>>,
     deadlines: BTreeSet<(Timestamp, MessageId)>,
     dead: BTreeMap<MessageId, Dead<P>>,
-    dedup: HashMap<u64, (MessageId, Timestamp, u32)>,
-    dedup_expiry: BTreeSet<(Timestamp, u64)>,
+    dedup: KeyWindow<u64, MessageId>,
     consumers: HashMap<u64, ConsumerSlot>,
     counters: Counters,
 }
@@ -141,8 +167,7 @@ impl<P: Clone> ChannelState<P> {
             leased: HashMap::new(),
             deadlines: BTreeSet::new(),
             dead: BTreeMap::new(),
-            dedup: HashMap::new(),
-            dedup_expiry: BTreeSet::new(),
+            dedup: KeyWindow::new(usize::MAX),
             consumers: HashMap::new(),
             counters: Counters::default(),
         }
@@ -161,9 +186,8 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// Applies every rule that time triggers: lapsed leases, due delayed messages, closed
-    /// dedup windows. Returns the changes, for journaling.
-    pub fn tick(&mut self, now: Timestamp) -> Vec<Change> {
-        let mut changes = Vec::new();
+    /// dedup windows. Appends the changes to `changes`.
+    pub fn tick(&mut self, now: Timestamp, changes: &mut Vec<Change>) {
         while let Some(&(deadline, id)) = self.deadlines.first() {
             if deadline > now {
                 break;
@@ -180,12 +204,7 @@ impl<P: Clone> ChannelState<P> {
                     "lease expired on attempt {attempts} of {}",
                     self.spec.max_attempts
                 );
-                changes.push(Change::Died {
-                    id,
-                    attempts,
-                    error: error.clone(),
-                });
-                self.bury(held.entry, error, now);
+                changes.push(self.bury(held.entry, error, now));
             } else {
                 changes.push(Change::Requeued {
                     id,
@@ -202,16 +221,7 @@ impl<P: Clone> ChannelState<P> {
             let (_, entry) = self.delayed.pop_first().expect("checked non-empty");
             self.push_ready_back(entry);
         }
-        while let Some(&(expires, key)) = self.dedup_expiry.first() {
-            if expires > now {
-                break;
-            }
-            self.dedup_expiry.pop_first();
-            if self.dedup.get(&key).is_some_and(|(_, e, _)| *e == expires) {
-                self.dedup.remove(&key);
-            }
-        }
-        changes
+        self.dedup.expire(now);
     }
 
     /// The earliest time a lease lapses or a delayed message becomes due.
@@ -226,10 +236,12 @@ impl<P: Clone> ChannelState<P> {
 
     /// The original message for a dedup key inside its window.
     pub fn duplicate_of(&self, key: u64, now: Timestamp) -> Option<MessageId> {
-        self.dedup
-            .get(&key)
-            .filter(|(_, expires, _)| *expires > now)
-            .map(|(id, _, _)| *id)
+        self.dedup.get(&key, now).copied()
+    }
+
+    /// The original message for a dedup key and the end of its window, inside the window.
+    pub fn dedup_entry(&self, key: u64, now: Timestamp) -> Option<(MessageId, Timestamp)> {
+        self.dedup.entry(&key, now).map(|(id, end)| (*id, end))
     }
 
     /// Counts a produce dropped as a duplicate.
@@ -238,22 +250,13 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// Remembers `key` for `id` until `expires`. The window is fixed at the first produce.
-    /// `home` is where a store keeps the entry (its segment), 0 where that means nothing.
-    pub fn remember(&mut self, key: u64, id: MessageId, expires: Timestamp, home: u32) {
-        if let Some((_, old, _)) = self.dedup.insert(key, (id, expires, home)) {
-            self.dedup_expiry.remove(&(old, key));
-        }
-        self.dedup_expiry.insert((expires, key));
+    pub fn remember(&mut self, key: u64, id: MessageId, expires: Timestamp, now: Timestamp) {
+        self.dedup.insert(key, id, expires, now);
     }
 
     /// Forgets a dedup key (a produce that failed to become durable).
     pub fn forget(&mut self, key: u64, id: MessageId) {
-        if let Some(&(owner, expires, _)) = self.dedup.get(&key)
-            && owner == id
-        {
-            self.dedup.remove(&key);
-            self.dedup_expiry.remove(&(expires, key));
-        }
+        self.dedup.remove_if(&key, |owner| *owner != id);
     }
 
     /// Adds a message, ready at `due` (at once when `due <= now`).
@@ -286,8 +289,27 @@ impl<P: Clone> ChannelState<P> {
         self.ready_len += 1;
     }
 
-    fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) {
+    fn pop_ready(&mut self) -> Option<Entry<P>> {
+        let mut slot = self.ready.first_entry()?;
+        let entry = slot
+            .get_mut()
+            .pop_front()
+            .expect("ready queues are never empty");
+        if slot.get().is_empty() {
+            slot.remove();
+        }
+        self.ready_len -= 1;
+        Some(entry)
+    }
+
+    fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) -> Change {
         self.counters.dead_lettered += 1;
+        let change = Change::Died {
+            id: entry.id,
+            attempts: entry.attempts,
+            at: now,
+            error: error.clone(),
+        };
         self.dead.insert(
             entry.id,
             Dead {
@@ -296,6 +318,7 @@ impl<P: Clone> ChannelState<P> {
                 dead_at: now,
             },
         );
+        change
     }
 
     fn release_slot(&mut self, consumer: u64) {
@@ -315,11 +338,21 @@ impl<P: Clone> ChannelState<P> {
         );
     }
 
-    /// Whether `consumer` may take another delivery.
-    pub fn has_capacity(&self, consumer: u64) -> bool {
+    /// How many more deliveries `consumer` may take.
+    pub fn capacity(&self, consumer: u64) -> u32 {
         self.consumers
             .get(&consumer)
-            .is_some_and(|s| s.held < s.max_parallel)
+            .map_or(0, |s| s.max_parallel.saturating_sub(s.held))
+    }
+
+    /// Messages ready now.
+    pub fn ready_len(&self) -> usize {
+        self.ready_len
+    }
+
+    /// Subscriptions open now.
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.len()
     }
 
     /// Whether anything is ready.
@@ -327,22 +360,33 @@ impl<P: Clone> ChannelState<P> {
         self.ready_len > 0
     }
 
-    /// Leases the next ready message to `consumer` under `token` until `now + lease`.
-    pub fn take(&mut self, consumer: u64, token: u64, now: Timestamp) -> Option<Held<P>> {
-        if !self.has_capacity(consumer) {
+    /// Leases the next ready message to `consumer` under `token` until `now + lease`, and
+    /// records the delivery in `changes`. A ready message that has used its attempts already
+    /// (its holder went away without settling, as after a crash) is dead-lettered instead.
+    pub fn take(
+        &mut self,
+        consumer: u64,
+        token: u64,
+        now: Timestamp,
+        changes: &mut Vec<Change>,
+    ) -> Option<Held<P>> {
+        if self.capacity(consumer) == 0 {
             return None;
         }
-        let mut slot = self.ready.first_entry()?;
-        let mut entry = slot
-            .get_mut()
-            .pop_front()
-            .expect("ready queues are never empty");
-        if slot.get().is_empty() {
-            slot.remove();
-        }
-        self.ready_len -= 1;
+        let mut entry = loop {
+            let entry = self.pop_ready()?;
+            if entry.attempts < self.spec.max_attempts {
+                break entry;
+            }
+            let error = lost_text(entry.attempts, self.spec.max_attempts);
+            changes.push(self.bury(entry, error, now));
+        };
         entry.attempts = entry.attempts.saturating_add(1);
         let deadline = now.saturating_add(millis(self.spec.lease));
+        changes.push(Change::Leased {
+            id: entry.id,
+            attempts: entry.attempts,
+        });
         let held = Held {
             entry,
             token,
@@ -383,7 +427,8 @@ impl<P: Clone> ChannelState<P> {
         Ok(deadline)
     }
 
-    /// Ends a delivery. `unit` is a uniform draw from `[0, 1)` for backoff jitter.
+    /// Ends a delivery. `unit` is a uniform draw from `[0, 1)` for backoff jitter. Returns
+    /// the change and, for an ack, the payload of the message now gone.
     ///
     /// # Errors
     /// [`QueueError::StaleLease`] for a token that does not hold the message.
@@ -401,22 +446,16 @@ impl<P: Clone> ChannelState<P> {
         self.release_slot(held.consumer);
         let mut entry = held.entry;
         let attempts = entry.attempts;
-        if outcome == Outcome::Ack {
-            self.counters.acked += 1;
-            return Ok((Change::Acked { id }, Some(entry.payload)));
-        }
         let change = match outcome {
-            Outcome::Ack => unreachable!("handled above"),
+            Outcome::Ack => {
+                self.counters.acked += 1;
+                return Ok((Change::Acked { id }, Some(entry.payload)));
+            }
             Outcome::Retry { after, error } => {
                 if attempts >= self.spec.max_attempts {
                     let error =
                         format!("{error} (attempt {attempts} of {})", self.spec.max_attempts);
-                    self.bury(entry, error.clone(), now);
-                    Change::Died {
-                        id,
-                        attempts,
-                        error,
-                    }
+                    self.bury(entry, error, now)
                 } else {
                     self.counters.retried += 1;
                     let delay = after.unwrap_or_else(|| self.spec.retry_delay(attempts, unit));
@@ -425,14 +464,7 @@ impl<P: Clone> ChannelState<P> {
                     Change::Requeued { id, attempts, due }
                 }
             }
-            Outcome::DeadLetter { error } => {
-                self.bury(entry, error.clone(), now);
-                Change::Died {
-                    id,
-                    attempts,
-                    error,
-                }
-            }
+            Outcome::DeadLetter { error } => self.bury(entry, error, now),
             Outcome::Release => {
                 entry.attempts = entry.attempts.saturating_sub(1);
                 let attempts = entry.attempts;
@@ -447,9 +479,9 @@ impl<P: Clone> ChannelState<P> {
         Ok((change, None))
     }
 
-    /// Drops a subscription: every message it holds is ready again at once, the attempt
-    /// counted. Returns the ids released.
-    pub fn remove_consumer(&mut self, consumer: u64) -> Vec<Change> {
+    /// Drops a subscription: every message it holds is ready again at once with the attempt
+    /// counted, or dead-lettered when that was its last attempt.
+    pub fn remove_consumer(&mut self, consumer: u64, now: Timestamp) -> Vec<Change> {
         self.consumers.remove(&consumer);
         let mut ids: Vec<(u64, MessageId)> = self
             .leased
@@ -463,18 +495,24 @@ impl<P: Clone> ChannelState<P> {
         for (_, id) in ids {
             let held = self.leased.remove(&id).expect("listed above");
             self.deadlines.remove(&(held.deadline, id));
-            changes.push(Change::Requeued {
-                id,
-                attempts: held.entry.attempts,
-                due: 0,
-            });
-            self.push_ready_front(held.entry);
+            let attempts = held.entry.attempts;
+            if attempts >= self.spec.max_attempts {
+                let error = lost_text(attempts, self.spec.max_attempts);
+                changes.push(self.bury(held.entry, error, now));
+            } else {
+                changes.push(Change::Requeued {
+                    id,
+                    attempts,
+                    due: now,
+                });
+                self.push_ready_front(held.entry);
+            }
         }
         changes
     }
 
     /// Moves dead letters back to ready with attempts reset.
-    pub fn redrive(&mut self, ids: Option<&[MessageId]>) -> Vec<MessageId> {
+    pub fn redrive(&mut self, ids: Option<&[MessageId]>) -> Vec<Change> {
         let chosen: Vec<MessageId> = match ids {
             Some(ids) => ids
                 .iter()
@@ -483,26 +521,26 @@ impl<P: Clone> ChannelState<P> {
                 .collect(),
             None => self.dead.keys().copied().collect(),
         };
-        for id in &chosen {
-            let mut dead = self.dead.remove(id).expect("filtered").entry;
-            dead.attempts = 0;
-            self.push_ready_back(dead);
-        }
         chosen
+            .into_iter()
+            .map(|id| {
+                let mut dead = self.dead.remove(&id).expect("filtered").entry;
+                dead.attempts = 0;
+                self.push_ready_back(dead);
+                Change::Redriven { id }
+            })
+            .collect()
     }
 
-    /// Deletes dead letters.
-    pub fn purge_dead(&mut self, ids: Option<&[MessageId]>) -> Vec<(MessageId, P)> {
-        match ids {
-            Some(ids) => ids
-                .iter()
-                .filter_map(|id| self.dead.remove(id).map(|d| (*id, d.entry.payload)))
-                .collect(),
-            None => std::mem::take(&mut self.dead)
-                .into_iter()
-                .map(|(id, d)| (id, d.entry.payload))
-                .collect(),
-        }
+    /// Deletes dead letters; returns the changes and the payloads now gone.
+    pub fn purge_dead(&mut self, ids: Option<&[MessageId]>) -> (Vec<Change>, Vec<P>) {
+        let gone: Vec<Dead<P>> = match ids {
+            Some(ids) => ids.iter().filter_map(|id| self.dead.remove(id)).collect(),
+            None => std::mem::take(&mut self.dead).into_values().collect(),
+        };
+        gone.into_iter()
+            .map(|d| (Change::Purged { id: d.entry.id }, d.entry.payload))
+            .unzip()
     }
 
     /// Restores a message after recovery: ready or delayed by `due`, or dead with its error.
@@ -526,24 +564,6 @@ impl<P: Clone> ChannelState<P> {
             }
             None => self.place(entry, due, now),
         }
-    }
-
-    /// Moves the unexpired dedup entries whose home is below `below` to `to`, returning
-    /// `(key, original id, window end)` of each, for the store to write again.
-    pub fn rehome_dedup(
-        &mut self,
-        below: u32,
-        to: u32,
-        now: Timestamp,
-    ) -> Vec<(u64, MessageId, Timestamp)> {
-        let mut moved = Vec::new();
-        for (key, (id, expires, home)) in &mut self.dedup {
-            if *home < below && *expires > now {
-                *home = to;
-                moved.push((*key, *id, *expires));
-            }
-        }
-        moved
     }
 
     /// Visits the stored messages `pick` chooses with their state (`due`, 0 for ready and
@@ -660,10 +680,10 @@ mod tests {
         s.insert(entry(3, 0), 0, 0);
         s.insert(entry(4, 5), 0, 0);
         let order: Vec<u64> = (0..4)
-            .map(|t| s.take(1, t, 0).unwrap().entry.id.0)
+            .map(|t| s.take(1, t, 0, &mut Vec::new()).unwrap().entry.id.0)
             .collect();
         assert_eq!(order, vec![2, 4, 1, 3]);
-        assert!(s.take(1, 9, 0).is_none());
+        assert!(s.take(1, 9, 0, &mut Vec::new()).is_none());
     }
 
     #[test]
@@ -672,10 +692,12 @@ mod tests {
         s.add_consumer(1, 10);
         s.insert(entry(1, 0), 0, 0);
         s.insert(entry(2, 0), 0, 0);
-        let h = s.take(1, 7, 0).unwrap();
+        let h = s.take(1, 7, 0, &mut Vec::new()).unwrap();
         assert_eq!(h.deadline, 10_000);
-        assert!(s.tick(9_999).is_empty());
-        let changes = s.tick(10_000);
+        let mut changes = Vec::new();
+        s.tick(9_999, &mut changes);
+        assert!(changes.is_empty());
+        s.tick(10_000, &mut changes);
         assert_eq!(
             changes,
             vec![Change::Requeued {
@@ -684,7 +706,7 @@ mod tests {
                 due: 10_000
             }]
         );
-        let again = s.take(1, 8, 10_000).unwrap();
+        let again = s.take(1, 8, 10_000, &mut Vec::new()).unwrap();
         assert_eq!((again.entry.id.0, again.entry.attempts), (1, 2));
         assert!(matches!(
             s.settle(MessageId(1), 7, Outcome::Ack, 10_000, 0.0),
@@ -699,7 +721,7 @@ mod tests {
         s.insert(entry(1, 0), 0, 0);
         let mut now = 0;
         for attempt in 1..=3u64 {
-            let h = s.take(1, attempt, now).expect("ready");
+            let h = s.take(1, attempt, now, &mut Vec::new()).expect("ready");
             let (change, _) = s
                 .settle(
                     h.entry.id,
@@ -718,7 +740,7 @@ mod tests {
                 };
                 assert_eq!(due - now, 1_000 << (attempt - 1));
                 now = due;
-                s.tick(now);
+                s.tick(now, &mut Vec::new());
             } else {
                 assert!(
                     matches!(change, Change::Died { attempts: 3, .. }),
@@ -738,11 +760,11 @@ mod tests {
         for i in 0..3 {
             s.insert(entry(i, 0), 0, 0);
         }
-        assert!(s.take(1, 1, 0).is_some());
-        assert!(s.take(1, 2, 0).is_some());
-        assert!(s.take(1, 3, 0).is_none());
+        assert!(s.take(1, 1, 0, &mut Vec::new()).is_some());
+        assert!(s.take(1, 2, 0, &mut Vec::new()).is_some());
+        assert!(s.take(1, 3, 0, &mut Vec::new()).is_none());
         s.settle(MessageId(0), 1, Outcome::Ack, 0, 0.0).unwrap();
-        assert!(s.take(1, 3, 0).is_some());
+        assert!(s.take(1, 3, 0, &mut Vec::new()).is_some());
     }
 
     #[test]
@@ -753,11 +775,11 @@ mod tests {
         for i in 0..3 {
             s.insert(entry(i, 0), 0, 0);
         }
-        s.take(1, 1, 0);
-        s.take(1, 2, 0);
-        assert_eq!(s.remove_consumer(1).len(), 2);
+        s.take(1, 1, 0, &mut Vec::new());
+        s.take(1, 2, 0, &mut Vec::new());
+        assert_eq!(s.remove_consumer(1, 0).len(), 2);
         let order: Vec<u64> = (10..13)
-            .map(|t| s.take(2, t, 0).unwrap().entry.id.0)
+            .map(|t| s.take(2, t, 0, &mut Vec::new()).unwrap().entry.id.0)
             .collect();
         assert_eq!(order, vec![0, 1, 2]);
     }
@@ -768,7 +790,56 @@ mod tests {
         s.remember(42, MessageId(1), 1_000, 0);
         assert_eq!(s.duplicate_of(42, 999), Some(MessageId(1)));
         assert_eq!(s.duplicate_of(42, 1_000), None);
-        s.tick(1_000);
-        assert!(s.dedup.is_empty() && s.dedup_expiry.is_empty());
+        s.tick(1_000, &mut Vec::new());
+        assert!(s.dedup.is_empty());
+    }
+
+    #[test]
+    fn a_holder_lost_on_the_last_attempt_dead_letters_the_message() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        s.add_consumer(2, 10);
+        s.insert(entry(1, 0), 0, 0);
+        for attempt in 1..=2u64 {
+            s.take(1, attempt, 0, &mut Vec::new()).unwrap();
+            let changes = s.remove_consumer(1, 0);
+            assert!(
+                matches!(changes[..], [Change::Requeued { attempts, .. }] if u64::from(attempts) == attempt)
+            );
+            s.add_consumer(1, 10);
+        }
+        s.take(1, 3, 0, &mut Vec::new()).unwrap();
+        let changes = s.remove_consumer(1, 5);
+        let [
+            Change::Died {
+                attempts: 3,
+                at: 5,
+                ref error,
+                ..
+            },
+        ] = changes[..]
+        else {
+            panic!("{changes:?}")
+        };
+        assert_eq!(error, "worker lost on attempt 3 of 3");
+        assert!(s.take(2, 4, 5, &mut Vec::new()).is_none());
+        assert_eq!(s.stats().dead, 1);
+    }
+
+    #[test]
+    fn a_ready_message_whose_attempts_are_used_dies_instead_of_being_handed_out() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 10);
+        let mut recovered = entry(1, 0);
+        recovered.attempts = 3;
+        s.restore(recovered, 0, None, 0);
+        s.insert(entry(2, 0), 0, 0);
+        let mut changes = Vec::new();
+        let held = s.take(1, 9, 7, &mut changes).unwrap();
+        assert_eq!(held.entry.id, MessageId(2));
+        assert!(
+            matches!(&changes[..], [Change::Died { id: MessageId(1), error, .. }, Change::Leased { id: MessageId(2), attempts: 1 }] if error == "worker lost on attempt 3 of 3"),
+            "{changes:?}"
+        );
     }
 }

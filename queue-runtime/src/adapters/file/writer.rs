@@ -138,7 +138,8 @@ pub struct Placed {
     pub offset: u64,
 }
 
-type Done = oneshot::Sender<Result<Placed, QueueError>>;
+/// What runs once a submitted write is durable (or failed), on the writer's thread.
+pub type Done = Box<dyn FnOnce(Result<Placed, QueueError>) + Send>;
 
 struct Job {
     bytes: Vec<u8>,
@@ -261,27 +262,45 @@ impl Writer {
         })
     }
 
-    /// Queues encoded records; the returned future completes once they are durable.
-    /// Records submitted earlier are written earlier.
-    /// `messages` counts the message records among them, which the writer adds to the
-    /// segment's usage as it writes them.
-    pub fn submit(&self, bytes: Vec<u8>, messages: u64) -> Pending {
-        let (done, rx) = oneshot::channel();
+    /// Queues encoded records; `done` runs on the writer's thread once they are durable or
+    /// have failed. Records submitted earlier are written earlier. `messages` counts the
+    /// message records among them, which the writer adds to the segment's usage as it
+    /// writes them.
+    pub fn submit_then(&self, bytes: Vec<u8>, messages: u64, done: Done) {
         self.send(Job {
             bytes,
             messages,
             done: Some(done),
         });
+    }
+
+    /// Queues encoded records; the returned future completes once they are durable.
+    pub fn submit(&self, bytes: Vec<u8>, messages: u64) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        self.submit_then(
+            bytes,
+            messages,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
         rx
     }
 
-    /// Queues records without waiting for them; they become durable with the next commit.
-    pub fn submit_quiet(&self, bytes: Vec<u8>) {
-        self.send(Job {
-            bytes,
-            messages: 0,
-            done: None,
-        });
+    /// Queues nothing but a commit and blocks the calling thread until it is durable.
+    ///
+    /// # Errors
+    /// The write or sync error.
+    pub fn commit_blocking(&self) -> Result<(), QueueError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.submit_then(
+            Vec::new(),
+            0,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(QueueError::Closed)).map(|_| ())
     }
 
     fn send(&self, job: Job) {
@@ -321,7 +340,7 @@ impl Drop for Writer {
 
 fn fail(job: Job, error: &QueueError) {
     if let Some(done) = job.done {
-        let _ = done.send(Err(match error {
+        done(Err(match error {
             QueueError::Poisoned(r) => QueueError::Poisoned(r.clone()),
             _ => QueueError::Closed,
         }));
@@ -399,7 +418,7 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
                 }
                 for (at, done) in batch.drain(..) {
                     if let Some(done) = done {
-                        let _ = done.send(Ok(Placed {
+                        done(Ok(Placed {
                             segment: c.segment,
                             offset: base + at as u64,
                         }));
@@ -414,7 +433,7 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
                 let err = shared.check().expect_err("just poisoned");
                 for (_, done) in batch.drain(..) {
                     if let Some(done) = done {
-                        let _ = done.send(Err(QueueError::Poisoned(match &err {
+                        done(Err(QueueError::Poisoned(match &err {
                             QueueError::Poisoned(r) => r.clone(),
                             other => other.to_string(),
                         })));
