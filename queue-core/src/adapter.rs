@@ -9,8 +9,10 @@
 //!   [`Lease`] whose fencing token is unique; `settle` and `extend` with any other token fail
 //!   with [`QueueError::StaleLease`] and change nothing.
 //! - A subscription is handed at most `max_parallel` unsettled deliveries at once.
-//! - Dropping a [`Subscription`] releases every lease it holds, so the messages go to
-//!   other subscribers at once; the attempt still counts, as it would for a crashed worker.
+//! - A delivery counts as an attempt, durably, before it is handed out. Dropping a
+//!   [`Subscription`] releases every lease it holds, so the messages go to other subscribers
+//!   at once; the attempt still counts, as it would for a crashed worker, and a message that
+//!   has used its last attempt is dead-lettered ("worker lost on attempt N of M").
 //!   [`Outcome::Release`] gives a delivery back without counting the attempt.
 //! - A lease that is neither settled nor extended before its deadline lapses: the message
 //!   becomes ready again, or dead if it had used its attempts.
@@ -203,8 +205,11 @@ pub struct StoredMessage {
 
 /// A stream of deliveries for one channel. Dropping it releases every lease it holds.
 pub trait Subscription: Send + Sync {
-    /// Waits for the next delivery. The future may be dropped at any time; a message it had
-    /// taken stays leased to this subscription and is released when the subscription drops.
+    /// Waits for the next delivery.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a delivery taken for a dropped call stays with the subscription and is
+    /// handed out by the next call, or released when the subscription is stopped or dropped.
     fn next(&self) -> BoxFuture<'static, Result<RawDelivery, QueueError>>;
 
     /// Stops taking messages ahead of `next` calls, giving back unprocessed (attempt not
@@ -222,6 +227,11 @@ pub trait Subscription: Send + Sync {
 pub trait Adapter: Send + Sync + 'static {
     /// Stores a batch of messages for `spec`'s channel and returns one receipt per message, in
     /// order. Returns once the batch is durable.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the batch is either not stored, or stored and delivered
+    /// like any other; never stored and invisible. A duplicate is answered only once its
+    /// original is durable.
     fn produce<'a>(
         &'a self,
         spec: &'a ChannelSpec,
@@ -233,6 +243,10 @@ pub trait Adapter: Send + Sync + 'static {
     /// and nothing is stored again. An adapter that keeps no keys just produces; the
     /// embedded store keeps them durably, so the answer holds across a restart. Concurrent
     /// produces under one key are the caller's to avoid.
+    ///
+    /// # Cancel safety
+    /// As [`Adapter::produce`]; a retry under the same key is answered with the stored
+    /// receipts.
     fn produce_keyed<'a>(
         &'a self,
         spec: &'a ChannelSpec,
@@ -245,6 +259,9 @@ pub trait Adapter: Send + Sync + 'static {
     }
 
     /// Opens a subscription to `spec`'s channel holding at most `max_parallel` deliveries.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, no subscription is left open.
     fn subscribe<'a>(
         &'a self,
         spec: &'a ChannelSpec,
@@ -252,6 +269,10 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>>;
 
     /// Ends a delivery. Durable before it returns `Ok`.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the outcome is either applied or not; if not, the lease
+    /// lapses as if the holder had died.
     fn settle<'a>(
         &'a self,
         lease: &'a Lease,
@@ -259,6 +280,9 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), QueueError>>;
 
     /// Moves a lease's deadline to `by` from now and returns the new deadline.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the lease is extended or left as it was.
     fn extend<'a>(
         &'a self,
         lease: &'a Lease,
@@ -266,16 +290,26 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Timestamp, QueueError>>;
 
     /// Counters and depths of every channel the store knows.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>>;
 
     /// Pending messages of a channel in delivery order, ready first, at most `limit`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     fn peek<'a>(
         &'a self,
         channel: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>>;
 
-    /// The dead-letter queue of a channel, oldest first, at most `limit`.
+    /// The dead-letter queue of a channel, oldest first, at most `limit`; empty for a
+    /// channel the store has never seen.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     fn dead_letters<'a>(
         &'a self,
         channel: &'a str,
@@ -283,14 +317,22 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>>;
 
     /// Moves dead letters back into their channel with their attempts reset: the given ids,
-    /// or all when `ids` is `None`. Returns how many moved.
+    /// or all when `ids` is `None`. Returns how many moved (0 for a channel the store has
+    /// never seen).
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the change is either made or not.
     fn redrive<'a>(
         &'a self,
         channel: &'a str,
         ids: Option<&'a [MessageId]>,
     ) -> BoxFuture<'a, Result<u64, QueueError>>;
 
-    /// Deletes dead letters: the given ids, or all when `ids` is `None`. Returns how many.
+    /// Deletes dead letters: the given ids, or all when `ids` is `None`. Returns how many
+    /// (0 for a channel the store has never seen).
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the change is either made or not.
     fn purge_dead<'a>(
         &'a self,
         channel: &'a str,
@@ -298,6 +340,9 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<u64, QueueError>>;
 
     /// Flushes and closes the store. Later calls fail with [`QueueError::Closed`].
+    ///
+    /// # Cancel safety
+    /// Once polled, the store closes whether or not the future is polled again.
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>>;
 }
 

@@ -237,6 +237,9 @@ impl<C: Channel> ConsumerBuilder<C> {
     ///
     /// # Errors
     /// The adapter's error when the subscription cannot be opened.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, no consumer runs: a subscription opened meanwhile is closed.
     pub async fn handle<F, Fut>(self, handler: F) -> Result<ConsumerHandle, QueueError>
     where
         F: Fn(C::Message) -> Fut + Send + Sync + 'static,
@@ -251,6 +254,9 @@ impl<C: Channel> ConsumerBuilder<C> {
     ///
     /// # Errors
     /// The adapter's error when the subscription cannot be opened.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, no consumer runs: a subscription opened meanwhile is closed.
     pub async fn deliveries<F, Fut>(self, handler: F) -> Result<ConsumerHandle, QueueError>
     where
         F: Fn(Delivery<C::Message>) -> Fut + Send + Sync + 'static,
@@ -265,6 +271,9 @@ impl<C: Channel> ConsumerBuilder<C> {
     ///
     /// # Errors
     /// The adapter's error when the subscription cannot be opened.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, no consumer runs: a subscription opened meanwhile is closed.
     pub async fn start(self, handler: ErasedHandler) -> Result<ConsumerHandle, QueueError> {
         let name = self.name.unwrap_or_else(|| C::SPEC.name.to_string());
         start_consumer(self.queue, C::SPEC, handler, self.max_parallel, name).await
@@ -275,6 +284,9 @@ impl<C: Channel> ConsumerBuilder<C> {
 ///
 /// # Errors
 /// The adapter's error when the subscription cannot be opened.
+///
+/// # Cancel safety
+/// Dropped before it completes, no consumer runs: a subscription opened meanwhile is closed.
 pub async fn start_consumer(
     queue: Queue,
     spec: ChannelSpec,
@@ -334,6 +346,10 @@ impl ConsumerHandle {
     ///
     /// # Errors
     /// None today; reserved for adapters that fail to release.
+    ///
+    /// # Cancel safety
+    /// Once polled, the consumer stops whether or not the future is polled again; dropping it
+    /// only stops waiting for the end of running handlers.
     pub async fn stop(mut self, grace: Duration) -> Result<(), QueueError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(grace);
@@ -345,6 +361,9 @@ impl ConsumerHandle {
     }
 
     /// Waits until the loop ends (after a stop, or when the queue closes).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
     pub async fn closed(&mut self) {
         if let Some(done) = self.done.as_mut() {
             let _ = done.await;

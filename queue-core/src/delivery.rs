@@ -95,6 +95,9 @@ impl<T: Message> Delivery<T> {
     ///
     /// # Errors
     /// [`QueueError::StaleLease`] when the lease was lost.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the lease is extended or left as it was.
     pub async fn extend_lease(&self, by: Duration) -> Result<Timestamp, QueueError> {
         self.queue.adapter().extend(&self.lease, by).await
     }
@@ -110,6 +113,10 @@ impl<T: Message> Delivery<T> {
     ///
     /// # Errors
     /// [`QueueError::StaleLease`] when the lease was lost or the delivery was settled.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the outcome is either applied or not; if not, the lease
+    /// lapses and the message is delivered again.
     pub async fn ack(self) -> Result<(), QueueError> {
         self.settle(Outcome::Ack).await
     }
@@ -119,6 +126,10 @@ impl<T: Message> Delivery<T> {
     ///
     /// # Errors
     /// [`QueueError::StaleLease`] when the lease was lost or the delivery was settled.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the outcome is either applied or not; if not, the lease
+    /// lapses and the message is delivered again.
     pub async fn retry_after(self, delay: Duration) -> Result<(), QueueError> {
         self.settle(Outcome::Retry {
             after: Some(delay),
@@ -131,6 +142,10 @@ impl<T: Message> Delivery<T> {
     ///
     /// # Errors
     /// [`QueueError::StaleLease`] when the lease was lost or the delivery was settled.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the outcome is either applied or not; if not, the lease
+    /// lapses and the message is delivered again.
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), QueueError> {
         self.settle(Outcome::DeadLetter {
             error: reason.into(),

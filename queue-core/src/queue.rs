@@ -149,6 +149,9 @@ impl Queue {
     ///
     /// # Errors
     /// See [`Producer::produce`].
+    ///
+    /// # Cancel safety
+    /// As [`Producer::produce`].
     pub async fn produce<C: Channel>(&self, message: C::Message) -> Result<Receipt, QueueError> {
         self.producer::<C>().produce(message).await
     }
@@ -162,6 +165,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     pub async fn stats(&self) -> Result<Vec<ChannelStats>, QueueError> {
         self.inner.adapter.stats().await
     }
@@ -170,6 +176,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     pub async fn peek(
         &self,
         channel: &str,
@@ -182,6 +191,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     pub async fn dead_letters(
         &self,
         channel: &str,
@@ -194,6 +206,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
     pub async fn redrive(
         &self,
         channel: &str,
@@ -206,6 +221,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
     pub async fn purge_dead(
         &self,
         channel: &str,
@@ -218,6 +236,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the store closes whether or not the future is polled again.
     pub async fn close(&self) -> Result<(), QueueError> {
         self.inner.adapter.close().await
     }
@@ -227,6 +248,9 @@ impl Queue {
     ///
     /// # Errors
     /// The adapter's errors; [`QueueError::PayloadTooLarge`] for an oversized payload.
+    ///
+    /// # Cancel safety
+    /// As [`Producer::produce`].
     pub async fn produce_raw(
         &self,
         spec: &ChannelSpec,
@@ -337,7 +361,10 @@ impl<C: Channel> Producer<C> {
     /// the adapter's errors.
     ///
     /// # Cancel safety
-    /// Dropping the future before it completes may or may not have stored the message.
+    /// Dropped before it completes, the message is either not stored, or stored and
+    /// delivered like any other; never stored and invisible. A produce given up on and sent
+    /// again may therefore store the message twice: give it a dedup key, or declare the
+    /// channel `exactly_once`, where the second produce is answered as a duplicate.
     pub async fn produce(&self, message: C::Message) -> Result<Receipt, QueueError> {
         self.check_key()?;
         let out = self.outgoing(&message, self.dedup_key.as_deref())?;
@@ -351,6 +378,9 @@ impl<C: Channel> Producer<C> {
     ///
     /// # Errors
     /// As [`Producer::produce`]; nothing is stored when any message fails to encode.
+    ///
+    /// # Cancel safety
+    /// As [`Producer::produce`], for the whole batch at once.
     pub async fn produce_batch(
         &self,
         messages: impl IntoIterator<Item = C::Message>,
@@ -403,6 +433,9 @@ pub trait TransactionalProduce: Send + Sync {
 ///
 /// # Errors
 /// Encoding errors and the transaction's errors.
+///
+/// # Cancel safety
+/// Dropped before it completes, the message is stored if and only if the transaction commits.
 pub async fn produce_in<C: Channel, T: TransactionalProduce + ?Sized>(
     tx: &T,
     message: C::Message,

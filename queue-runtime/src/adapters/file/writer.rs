@@ -327,7 +327,11 @@ impl Writer {
     pub fn shutdown(&self) {
         self.tx.lock().take();
         if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+            // The last handle to a store can go away in a completion on the writer's own
+            // thread; it then ends by itself once the queue is drained.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -1,0 +1,475 @@
+//! The engine under ordinary faults:
+//!
+//! - produce futures dropped while their commit is pending (a caller's timeout, a
+//!   disconnected HTTP client): every message stored is deliverable before a reopen;
+//! - a message that makes its worker process die (abort) is dead-lettered once its attempts
+//!   are used, on the embedded store and through the broker, never handed out forever;
+//! - a store that crashes before its first commit does not hand out a fencing token again;
+//! - a duplicate is confirmed only once its original is durable.
+//!
+//! Runs without the libtest harness: this binary is also the worker (`FAULTS_WORKER`).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use parking_lot::{Condvar, Mutex};
+use queue_core::{Channel, Delivery, Queue, VirtualClock, channel};
+use queue_runtime::TokioSpawner;
+use queue_runtime::adapters::file::writer::Storage;
+use queue_runtime::adapters::file::{FileAdapter, FileOptions};
+use serde::{Deserialize, Serialize};
+
+#[channel("faults/jobs")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub n: u32,
+}
+
+#[channel("faults/signups", exactly_once, dedup = "1m")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Signup {
+    pub n: u32,
+}
+
+#[channel("faults/poison", max_attempts = 3, lease = "10m")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Poison {
+    pub n: u32,
+}
+
+type Test = (&'static str, fn() -> Result<String, String>);
+
+fn main() {
+    if let Ok(url) = std::env::var("FAULTS_WORKER") {
+        worker(&url);
+        return;
+    }
+    let tests: [Test; 5] = [
+        (
+            "a_dropped_produce_is_either_not_stored_or_stored_and_deliverable",
+            dropped_produces,
+        ),
+        (
+            "a_duplicate_is_confirmed_only_once_its_original_is_durable",
+            duplicate_waits_for_original,
+        ),
+        (
+            "a_crash_before_the_first_commit_does_not_reuse_fencing_tokens",
+            epoch_is_durable,
+        ),
+        (
+            "a_message_that_kills_its_worker_is_dead_lettered_on_the_embedded_store",
+            poison_embedded,
+        ),
+        (
+            "a_message_that_kills_its_worker_is_dead_lettered_through_the_broker",
+            poison_broker,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut failed = 0;
+    let mut passed = 0;
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        match test() {
+            Ok(summary) => {
+                passed += 1;
+                println!("test {name} ... ok ({summary})");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Storage whose syncs wait while the gate is closed.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        self.opened.notify_all();
+    }
+}
+
+struct StallingStorage(Arc<Gate>);
+
+impl Storage for StallingStorage {
+    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        let mut closed = self.0.closed.lock();
+        while *closed {
+            self.0.opened.wait(&mut closed);
+        }
+        drop(closed);
+        file.sync_data()
+    }
+}
+
+fn open_gated(dir: &Path, gate: &Arc<Gate>) -> (Arc<FileAdapter>, Queue) {
+    let clock = VirtualClock::new(1_767_225_600_000);
+    let options = FileOptions {
+        segment_size: 1 << 20,
+        storage: Arc::new(StallingStorage(gate.clone())),
+        background_compaction: false,
+    };
+    let adapter = FileAdapter::open(dir, Arc::new(clock.clone()), options).expect("open store");
+    let queue = Queue::new(
+        adapter.clone(),
+        Arc::new(clock),
+        Arc::new(TokioSpawner::current()),
+        "file://test",
+    );
+    (adapter, queue)
+}
+
+async fn pending_ids(queue: &Queue, channel: &str) -> BTreeSet<u64> {
+    queue
+        .peek(channel, 100_000)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.id.0)
+        .collect()
+}
+
+/// Produce futures dropped before their first poll, right after it, and at random times
+/// while the commit is stalled: after the stall ends, what a reopen finds is exactly what
+/// was deliverable before it.
+fn dropped_produces() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        let (adapter, queue) = open_gated(dir.path(), &gate);
+        gate.set(true);
+        let mut started = 0;
+        let mut timed = Vec::new();
+        for n in 0..400u32 {
+            let job = Job { n };
+            match n % 4 {
+                // Never polled: nothing is stored.
+                0 => drop(Job::produce(&queue, job)),
+                // Polled once, then dropped while the commit waits.
+                1 | 2 => {
+                    started += 1;
+                    assert!(Job::produce(&queue, job).now_or_never().is_none());
+                }
+                // Given up on by a timeout at some point.
+                _ => {
+                    let queue = queue.clone();
+                    let after = Duration::from_micros(u64::from(n) * 37 % 3_000);
+                    timed.push(tokio::spawn(async move {
+                        tokio::time::timeout(after, Job::produce(&queue, job)).await
+                    }));
+                }
+            }
+        }
+        // Signups retried after a dropped first attempt are answered with an id a consumer
+        // can see.
+        assert!(
+            Signup::produce(&queue, Signup { n: 1 })
+                .now_or_never()
+                .is_none()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.set(false);
+        for t in timed {
+            let _ = t.await;
+        }
+        let again = Signup::produce(&queue, Signup { n: 1 })
+            .await
+            .map_err(|e| e.to_string())?;
+        if !again.duplicate {
+            return Err("the retried signup was not a duplicate".into());
+        }
+        // One more awaited produce: every earlier commit is done once it returns.
+        Job::produce(&queue, Job { n: 1_000 })
+            .await
+            .map_err(|e| e.to_string())?;
+        let before = pending_ids(&queue, JobChannel::SPEC.name.as_ref()).await;
+        let signups_before = pending_ids(&queue, SignupChannel::SPEC.name.as_ref()).await;
+        if !signups_before.contains(&again.id.0) {
+            return Err(format!(
+                "the original of the duplicate ({}) cannot be delivered",
+                again.id
+            ));
+        }
+        queue.close().await.map_err(|e| e.to_string())?;
+        drop(adapter);
+        let (_adapter, queue) = open_gated(dir.path(), &gate);
+        let after = pending_ids(&queue, JobChannel::SPEC.name.as_ref()).await;
+        if before != after {
+            let hidden: Vec<_> = after.difference(&before).take(5).collect();
+            return Err(format!(
+                "{} messages were stored but not deliverable before the reopen (e.g. {hidden:?}); {} before, {} after",
+                after.difference(&before).count(),
+                before.len(),
+                after.len()
+            ));
+        }
+        if before.len() < started + 1 {
+            return Err(format!(
+                "only {} of the {started} started produces were stored",
+                before.len() - 1
+            ));
+        }
+        Ok(format!(
+            "400 produces dropped at different points; {} stored and deliverable before and after the reopen, none hidden",
+            before.len() - 1
+        ))
+    })
+}
+
+/// While the original's commit is stalled, its duplicate is not confirmed.
+fn duplicate_waits_for_original() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        let (_adapter, queue) = open_gated(dir.path(), &gate);
+        gate.set(true);
+        let q = queue.clone();
+        let original = tokio::spawn(async move { Signup::produce(&q, Signup { n: 7 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let q = queue.clone();
+        let duplicate = tokio::spawn(async move { Signup::produce(&q, Signup { n: 7 }).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if duplicate.is_finished() {
+            return Err("the duplicate was confirmed while its original was not durable".into());
+        }
+        gate.set(false);
+        let original = original.await.unwrap().map_err(|e| e.to_string())?;
+        let duplicate = duplicate.await.unwrap().map_err(|e| e.to_string())?;
+        if !duplicate.duplicate || duplicate.id != original.id {
+            return Err(format!("{duplicate:?} is not a duplicate of {original:?}"));
+        }
+        Ok("confirmed after the original's commit".into())
+    })
+}
+
+/// A copy of the store taken right after open (what a crash leaves) reopens with a new
+/// epoch: its first token differs from the one the original run handed out.
+fn epoch_is_durable() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let copy = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        {
+            let (_a, queue) = open_gated(dir.path(), &gate);
+            Job::produce(&queue, Job { n: 1 })
+                .await
+                .map_err(|e| e.to_string())?;
+            queue.close().await.map_err(|e| e.to_string())?;
+        }
+        let (_a, queue) = open_gated(dir.path(), &gate);
+        for entry in std::fs::read_dir(dir.path()).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_some_and(|e| e == "qlog") {
+                std::fs::copy(&path, copy.path().join(path.file_name().unwrap()))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let first = first_token(&queue).await?;
+        let (_b, crashed) = open_gated(copy.path(), &gate);
+        let second = first_token(&crashed).await?;
+        if first == second {
+            return Err(format!(
+                "token {first} was handed out by both runs of the same epoch"
+            ));
+        }
+        Ok(format!("tokens {first:#x} and {second:#x}"))
+    })
+}
+
+async fn first_token(queue: &Queue) -> Result<u64, String> {
+    let sub = queue
+        .adapter()
+        .subscribe(&JobChannel::SPEC, 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .map_err(|_| "no delivery".to_string())?
+        .map_err(|e| e.to_string())?;
+    std::mem::forget(sub);
+    Ok(d.lease.token)
+}
+
+/// A worker process: prints the attempt of each poison delivery and aborts.
+fn worker(url: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let queue = queue_runtime::connect(url).await.expect("connect");
+        let _consumer = Poison::consumer(&queue)
+            .deliveries(|d: Delivery<Poison>| async move {
+                println!("SAW {}", d.attempt());
+                let _ = std::io::stdout().flush();
+                if d.attempt() > 0 {
+                    std::process::abort();
+                }
+            })
+            .await
+            .expect("consume");
+        println!("READY");
+        let _ = std::io::stdout().flush();
+        std::future::pending::<()>().await;
+    });
+}
+
+/// Runs worker processes one after another until one sees nothing for 2 s; returns the
+/// attempts the workers saw.
+fn run_workers(url: &str, at_most: usize) -> Result<Vec<u32>, String> {
+    let mut seen = Vec::new();
+    for _ in 0..at_most {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("FAULTS_WORKER", url)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting a worker: {e}"))?;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ready_at = None;
+        let mut saw = None;
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) if line == "READY" => ready_at = Some(Instant::now()),
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("SAW ") {
+                        saw = a.parse::<u32>().ok();
+                    }
+                }
+                Err(_) => {}
+            }
+            if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                break;
+            }
+            if saw.is_none() && ready_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        match saw {
+            Some(a) => seen.push(a),
+            None => return Ok(seen),
+        }
+    }
+    Err(format!(
+        "the poison message was handed out {at_most} times: attempts {seen:?}"
+    ))
+}
+
+fn check_dead(queue: &Queue, rt: &tokio::runtime::Runtime) -> Result<String, String> {
+    let dead = rt
+        .block_on(queue.dead_letters(PoisonChannel::SPEC.name.as_ref(), 10))
+        .map_err(|e| e.to_string())?;
+    match &dead[..] {
+        [d] if d.error == "worker lost on attempt 3 of 3" && d.attempts == 3 => Ok(d.error.clone()),
+        other => Err(format!("dead letters: {other:?}")),
+    }
+}
+
+fn poison_embedded() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let url = format!("file://{}", dir.path().display());
+    let rt = runtime();
+    rt.block_on(async {
+        let queue = queue_runtime::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        Poison::produce(&queue, Poison { n: 1 })
+            .await
+            .map_err(|e| e.to_string())?;
+        queue.close().await.map_err(|e| e.to_string())
+    })?;
+    let seen = run_workers(&url, 6)?;
+    if seen != [1, 2, 3] {
+        return Err(format!("workers saw attempts {seen:?}, not 1, 2, 3"));
+    }
+    let queue = rt
+        .block_on(queue_runtime::connect(&url))
+        .map_err(|e| e.to_string())?;
+    let error = check_dead(&queue, &rt)?;
+    Ok(format!(
+        "attempts {seen:?} in three aborted workers, then dead-lettered: {error:?}"
+    ))
+}
+
+fn poison_broker() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting queue-broker: {e}"))?;
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("queue-broker did not start listening".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!("queue://127.0.0.1:{port}");
+        let rt = runtime();
+        let queue = rt
+            .block_on(queue_runtime::connect(&url))
+            .map_err(|e| e.to_string())?;
+        rt.block_on(Poison::produce(&queue, Poison { n: 1 }))
+            .map_err(|e| e.to_string())?;
+        let seen = run_workers(&url, 6)?;
+        if seen != [1, 2, 3] {
+            return Err(format!("workers saw attempts {seen:?}, not 1, 2, 3"));
+        }
+        let error = check_dead(&queue, &rt)?;
+        Ok(format!(
+            "attempts {seen:?} in three aborted workers, then dead-lettered: {error:?}"
+        ))
+    })();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    result
+}
