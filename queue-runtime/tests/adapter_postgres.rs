@@ -366,3 +366,29 @@ async fn migrations_are_applied_once_and_recorded() {
     );
     assert!(queue_runtime::connect(&missing).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_calls_on_a_channel_the_store_never_saw_find_nothing() {
+    let (h, _schema) = harness().await;
+    let never = "pg/never-seen";
+    assert_eq!(h.queue.purge_dead(never, None).await.unwrap(), 0);
+    assert_eq!(
+        h.queue
+            .purge_dead(never, Some(&[queue_core::MessageId(1)]))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(h.queue.redrive(never, None).await.unwrap(), 0);
+    assert!(h.queue.dead_letters(never, 10).await.unwrap().is_empty());
+    assert!(
+        h.queue
+            .stats()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.channel != never),
+        "asking about a channel does not declare it"
+    );
+    let _ = h.queue.close().await;
+}

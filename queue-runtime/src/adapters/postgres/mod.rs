@@ -81,7 +81,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -267,16 +267,6 @@ struct AckJob {
     reply: oneshot::Sender<Result<bool, QueueError>>,
 }
 
-/// Every open adapter by the address of its allocation, so that the transactional API can
-/// find the adapter behind a [`Queue`](queue_core::Queue)'s `Arc<dyn Adapter>`.
-type Registry = Mutex<Vec<(usize, Weak<Inner>)>>;
-
-static ADAPTERS: LazyLock<Registry> = LazyLock::new(|| Mutex::new(Vec::new()));
-
-fn address<T: ?Sized>(ptr: *const T) -> usize {
-    ptr.cast::<u8>() as usize
-}
-
 impl PostgresAdapter {
     /// Connects, applies migrations (unless `migrate=false`), starts listening for
     /// notifications, and returns the adapter.
@@ -360,14 +350,6 @@ impl PostgresAdapter {
         ));
         tokio::spawn(listener::housekeeping(Arc::downgrade(&inner), shutdown_rx));
         let adapter = Arc::new(PostgresAdapter { inner });
-        {
-            let mut all = ADAPTERS.lock();
-            all.retain(|(_, w)| w.strong_count() > 0);
-            all.push((
-                address(Arc::as_ptr(&adapter)),
-                Arc::downgrade(&adapter.inner),
-            ));
-        }
         tracing::info!(url = %adapter.inner.description, schema = %adapter.inner.options.schema, "opened postgres queue");
         Ok(adapter)
     }
@@ -384,12 +366,10 @@ impl PostgresAdapter {
 
     /// The adapter behind a queue opened with a `postgres://` URL.
     pub(crate) fn of(adapter: &Arc<dyn Adapter>) -> Option<Arc<Inner>> {
-        let at = address(Arc::as_ptr(adapter));
-        ADAPTERS
-            .lock()
-            .iter()
-            .find(|(a, _)| *a == at)
-            .and_then(|(_, w)| w.upgrade())
+        adapter
+            .as_any()?
+            .downcast_ref::<PostgresAdapter>()
+            .map(|pg| pg.inner.clone())
     }
 }
 
@@ -992,8 +972,19 @@ impl Inner {
         Ok(out)
     }
 
+    /// A channel known to the database by name, or `None` for a name it has never seen.
+    async fn existing_channel(&self, name: &str) -> Result<Option<ChannelRow>, QueueError> {
+        match self.channel_named(name).await {
+            Ok(channel) => Ok(Some(channel)),
+            Err(QueueError::UnknownChannel(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn dead_letters(&self, name: &str, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(Vec::new());
+        };
         let client = self.connection().await?;
         self.sweep(&client, &channel).await?;
         let stmt = client
@@ -1020,7 +1011,9 @@ impl Inner {
 
     async fn redrive(&self, name: &str, ids: Option<&[MessageId]>) -> Result<u64, QueueError> {
         self.check_open()?;
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(0);
+        };
         let ids: Option<Vec<i64>> = ids.map(|ids| ids.iter().map(|i| i64_of(i.0)).collect());
         let client = self.connection().await?;
         let stmt = client
@@ -1040,7 +1033,9 @@ impl Inner {
 
     async fn purge_dead(&self, name: &str, ids: Option<&[MessageId]>) -> Result<u64, QueueError> {
         self.check_open()?;
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(0);
+        };
         let ids: Option<Vec<i64>> = ids.map(|ids| ids.iter().map(|i| i64_of(i.0)).collect());
         let client = self.connection().await?;
         let stmt = client
@@ -1158,6 +1153,10 @@ impl Adapter for PostgresAdapter {
             Ok(())
         }
         .boxed()
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
