@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use conformance::{Harness, next, still_waiting, within};
+use futures_util::future::BoxFuture;
+use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::{Channel, Outcome, Queue, VirtualClock, channel};
-use queue_runtime::ConnectOptions;
 use queue_runtime::adapters::postgres::{self, PgTransaction, Postgres};
+use queue_runtime::{ConnectOptions, SystemClock};
 use serde::{Deserialize, Serialize};
 
 /// The server every test uses; each test makes its own schema in it.
@@ -76,8 +78,12 @@ impl Drop for SchemaGuard {
     }
 }
 
+/// A queue whose time rules read `clock` (`clock=queue`), so that tests move time.
 async fn open(clock: VirtualClock, schema: &str) -> Queue {
-    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=8"));
+    let url = with_query(
+        &server_url(),
+        &format!("schema={schema}&pool_size=8&clock=queue"),
+    );
     queue_runtime::connect_with(&url, ConnectOptions::with_clock(Arc::new(clock)))
         .await
         .expect("postgres queue")
@@ -391,4 +397,119 @@ async fn dead_letter_calls_on_a_channel_the_store_never_saw_find_nothing() {
         "asking about a channel does not declare it"
     );
     let _ = h.queue.close().await;
+}
+
+/// The host's wall clock moved by a fixed amount, as on a host whose clock is wrong.
+#[derive(Debug)]
+struct Skewed {
+    ahead: Duration,
+}
+
+impl Clock for Skewed {
+    fn now(&self) -> Timestamp {
+        SystemClock.now() + millis(self.ahead)
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        SystemClock.sleep_until(deadline.saturating_sub(millis(self.ahead)))
+    }
+}
+
+#[channel("pg/skewed", exactly_once, dedup = "10s", lease = "15s")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skew {
+    pub n: i32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_clock_runs_20s_ahead_neither_lapses_leases_early_nor_accepts_duplicates() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    // Both in production mode: the server's clock decides.
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=4"));
+    let on_time =
+        queue_runtime::connect_with(&url, ConnectOptions::with_clock(Arc::new(SystemClock)))
+            .await
+            .unwrap();
+    let clock_ahead = Arc::new(Skewed {
+        ahead: Duration::from_secs(20),
+    });
+    let ahead = queue_runtime::connect_with(&url, ConnectOptions::with_clock(clock_ahead.clone()))
+        .await
+        .unwrap();
+
+    // Dedup windows (10 s) hold across both hosts, in both directions.
+    let first = Skew::produce(&on_time, Skew { n: 1 }).await.unwrap();
+    let again = Skew::produce(&ahead, Skew { n: 1 }).await.unwrap();
+    assert_eq!(
+        (again.id, again.duplicate),
+        (first.id, true),
+        "the host 20 s ahead must not see the 10 s window as over"
+    );
+    let second = Skew::produce(&ahead, Skew { n: 2 }).await.unwrap();
+    let again = Skew::produce(&on_time, Skew { n: 2 }).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (second.id, true));
+
+    // The on-time worker holds message 1 under a 15 s lease; the worker ahead takes
+    // message 2 and looks for more: message 1's lease must not look lapsed to it.
+    let held_sub = on_time
+        .adapter()
+        .subscribe(&SkewChannel::SPEC, 1)
+        .await
+        .unwrap();
+    let held = next(&*held_sub).await;
+    assert_eq!(held.lease.id, first.id);
+    let ahead_sub = ahead
+        .adapter()
+        .subscribe(&SkewChannel::SPEC, 2)
+        .await
+        .unwrap();
+    let taken = next(&*ahead_sub).await;
+    assert_eq!(taken.lease.id, second.id);
+    drop(still_waiting(ahead_sub.next()).await);
+    on_time
+        .adapter()
+        .settle(&held.lease, Outcome::Ack)
+        .await
+        .expect("the on-time worker's lease still holds");
+
+    // Deadlines handed to the worker ahead are on its own clock, so that it extends in time.
+    let left = taken.deadline.saturating_sub(clock_ahead.now());
+    assert!(
+        (13_000..=15_000).contains(&left),
+        "a 15 s lease is due in {left} ms on the taker's clock"
+    );
+    let extended = ahead
+        .adapter()
+        .extend(&taken.lease, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let left = extended.saturating_sub(clock_ahead.now());
+    assert!((13_000..=15_000).contains(&left), "extended: {left} ms");
+    ahead
+        .adapter()
+        .settle(&taken.lease, Outcome::Ack)
+        .await
+        .unwrap();
+
+    let stats = on_time
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.channel == "pg/skewed")
+        .unwrap();
+    assert_eq!(
+        (
+            stats.produced,
+            stats.duplicates,
+            stats.acked,
+            stats.lease_expiries
+        ),
+        (2, 2, 2, 0)
+    );
+    let _ = ahead.close().await;
+    let _ = on_time.close().await;
 }

@@ -14,10 +14,12 @@
 //! | `migrate` | `true` | apply schema migrations on connect; with `false`, connecting fails when the schema is behind (run [`migrate`] or `queuectl migrate`) |
 //! | `safety_poll_ms` | `5000` | how often an idle subscription looks for work when no notification came |
 //! | `vacuum` | `true` | vacuum the messages table when dead rows pile up (see `docs/design.md`) |
+//! | `clock` | `server` | the time every rule reads: `server`, the database server's clock; `queue`, the queue's [`Clock`] (a `VirtualClock` in tests; never for processes on several hosts) |
 //!
 //! The queue rules are those of the engine (`crate::engine::state`), written as SQL: each
 //! operation is one statement (or one pipelined round trip), every time rule compares with
-//! the queue clock's `now` passed as a parameter, leases are taken with
+//! the server's clock read in that statement (so hosts whose clocks disagree still agree on
+//! leases, delays and dedup windows), leases are taken with
 //! `FOR UPDATE SKIP LOCKED` and carry a fencing token from a sequence, and waiting
 //! subscriptions wake on `LISTEN`/`NOTIFY`, on the clock reaching the next due time or lease
 //! deadline, and otherwise only on a slow safety poll.
@@ -117,6 +119,19 @@ pub struct PostgresOptions {
     pub safety_poll: Duration,
     /// Vacuum the messages table when dead rows pile up.
     pub vacuum: bool,
+    /// The clock every time rule reads.
+    pub clock: TimeSource,
+}
+
+/// The clock the PostgreSQL adapter's time rules read (`clock=` in the URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeSource {
+    /// The database server's clock, read in each statement: one clock for every process.
+    #[default]
+    Server,
+    /// The queue's own [`Clock`], passed into each statement: for tests that drive time with
+    /// a `VirtualClock`. Processes on several hosts would each bring their own clock.
+    Queue,
 }
 
 impl Default for PostgresOptions {
@@ -127,6 +142,7 @@ impl Default for PostgresOptions {
             migrate: true,
             safety_poll: Duration::from_secs(5),
             vacuum: true,
+            clock: TimeSource::Server,
         }
     }
 }
@@ -151,6 +167,13 @@ impl PostgresOptions {
                 }
                 "migrate" => options.migrate = parse_bool("migrate", v)?,
                 "vacuum" => options.vacuum = parse_bool("vacuum", v)?,
+                "clock" => {
+                    options.clock = match v {
+                        "server" => TimeSource::Server,
+                        "queue" => TimeSource::Queue,
+                        _ => return Err(format!("`clock` must be server or queue, not `{v}`")),
+                    };
+                }
                 "safety_poll_ms" => {
                     let ms: u64 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                         format!("`safety_poll_ms` must be a positive number, not `{v}`")
@@ -473,8 +496,18 @@ impl Inner {
         }
     }
 
-    pub fn now(&self) -> i64 {
-        i64_of(self.clock.now())
+    /// What a statement's `$now` gets: `None`, so that the server's clock decides, or the
+    /// queue clock's time with `clock=queue`.
+    pub fn now(&self) -> Option<i64> {
+        self.pinned(self.clock.now())
+    }
+
+    /// `$now` for a statement sent at `local` (the queue clock's time).
+    pub fn pinned(&self, local: Timestamp) -> Option<i64> {
+        match self.options.clock {
+            TimeSource::Server => None,
+            TimeSource::Queue => Some(i64_of(local)),
+        }
     }
 
     pub async fn connection(&self) -> Result<Object, QueueError> {
@@ -843,26 +876,29 @@ impl Inner {
         Ok(())
     }
 
+    /// The new deadline is on the queue clock's base: the time the statement was sent plus
+    /// `by` (the server's deadline is `by` after it ran the statement, so never earlier).
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<Timestamp, QueueError> {
         let client = self.connection().await?;
         let stmt = client
             .prepare_cached(&self.sql.extend)
             .await
             .map_err(|e| db_error("preparing", e))?;
-        let row = client
+        let sent = self.clock.now();
+        client
             .query_opt(
                 &stmt,
                 &[
                     &i64_of(lease.id.0),
                     &i64_of(lease.token),
                     &i64_of(millis(by)),
-                    &self.now(),
+                    &self.pinned(sent),
                 ],
             )
             .await
             .map_err(|e| db_error("extending a lease", e))?
             .ok_or(QueueError::StaleLease { id: lease.id })?;
-        Ok(u64_of(row.get(0)))
+        Ok(sent.saturating_add(millis(by)))
     }
 
     async fn subscribe(
@@ -1167,9 +1203,10 @@ mod tests {
     #[test]
     fn adapter_options_are_taken_out_of_the_url() {
         let (config, options) = PostgresOptions::parse(
-            "postgres://u:p@localhost:5433/db?schema=jobs&pool_size=4&application_name=w&migrate=false",
+            "postgres://u:p@localhost:5433/db?schema=jobs&pool_size=4&application_name=w&migrate=false&clock=queue",
         )
         .unwrap();
+        assert_eq!(options.clock, TimeSource::Queue);
         assert_eq!(options.schema, "jobs");
         assert_eq!(options.pool_size, 4);
         assert!(!options.migrate);
@@ -1182,6 +1219,11 @@ mod tests {
         assert!(PostgresOptions::parse("postgres://h/db?schema=Bad-Name").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?pool_size=0").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?migrate=maybe").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?clock=client").is_err());
+        assert_eq!(
+            PostgresOptions::parse("postgres://h/db").unwrap().1.clock,
+            TimeSource::Server
+        );
     }
 
     #[test]
