@@ -6,9 +6,11 @@
 
 mod conformance;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use conformance::{Harness, next, still_waiting, within};
 use futures_util::future::BoxFuture;
@@ -512,4 +514,144 @@ async fn a_worker_whose_clock_runs_20s_ahead_neither_lapses_leases_early_nor_acc
     );
     let _ = ahead.close().await;
     let _ = on_time.close().await;
+}
+
+#[channel("pg/after")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct After {
+    pub n: i32,
+}
+
+/// Polls `fut` until it completes or `after` of real time has passed, then drops it. It
+/// polls in a busy loop, so the cut can fall between any two of `fut`'s awaits.
+async fn cut_after<F: Future>(fut: F, after: Duration) -> Option<F::Output> {
+    let started = Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if started.elapsed() >= after {
+            return Poll::Ready(None);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+/// A connection of its own, outside the queue's pool: it sees only committed rows.
+async fn outside_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&server_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn committed(client: &tokio_postgres::Client, schema: &str, channel: &str) -> i64 {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.messages m JOIN {schema}.channels c ON c.id = m.channel
+                 WHERE c.name = $1"
+            ),
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_dropped_at_any_await_never_swallows_a_later_produce() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    // One connection: a connection left inside a transaction would serve the next produce.
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=1"));
+    let queue = queue_runtime::connect(&url).await.unwrap();
+    let outside = outside_client().await;
+    let attempt = || {
+        let queue = queue.clone();
+        async move {
+            let tx = postgres::begin(&queue).await?;
+            Signup::produce_in(&tx, Signup { n: 0 }).await?;
+            tx.commit().await
+        }
+    };
+    // Declares the channel, which takes a connection of its own.
+    Signup::produce(&queue, Signup { n: 0 }).await.unwrap();
+    let mut whole = Duration::ZERO;
+    for _ in 0..3 {
+        let started = Instant::now();
+        attempt().await.unwrap();
+        whole = whole.max(started.elapsed());
+    }
+    const ROUNDS: u32 = 200;
+    let mut cut = 0;
+    for i in 0..ROUNDS {
+        if cut_after(attempt(), whole * i / ROUNDS).await.is_none() {
+            cut += 1;
+        }
+        After::produce(&queue, After { n: 0 }).await.unwrap();
+        assert_eq!(
+            committed(&outside, &schema, "pg/after").await,
+            i64::from(i) + 1,
+            "round {i}: a produce after a transaction cut at {:?} is committed",
+            whole * i / ROUNDS
+        );
+    }
+    assert!(
+        cut >= ROUNDS / 4,
+        "only {cut} of {ROUNDS} transactions were cut"
+    );
+    queue.close().await.unwrap();
+    drop(queue);
+    assert_eq!(
+        committed(&outside, &schema, "pg/after").await,
+        i64::from(ROUNDS),
+        "the produces survive the pool's connections closing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_consumer_stopped_at_any_await_never_swallows_a_later_produce() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=2"));
+    let queue = queue_runtime::connect(&url).await.unwrap();
+    let outside = outside_client().await;
+    const ROUNDS: u32 = 40;
+    for i in 0..ROUNDS {
+        let consumer = postgres::TransactionalConsumer::<SignupChannel>::new(&queue)
+            .unwrap()
+            .max_parallel(1)
+            .handle(|_: Signup, tx: PgTransaction| async move {
+                tx.execute("SELECT 1", &[]).await.map(|_| ())
+            })
+            .await
+            .unwrap();
+        Signup::produce(&queue, Signup { n: 0 }).await.unwrap();
+        // Stop the consumer somewhere between taking the message and committing its ack.
+        let pause = Duration::from_micros(u64::from(i) * 250);
+        cut_after(std::future::pending::<()>(), pause).await;
+        consumer.stop(Duration::ZERO).await.unwrap();
+        // Two produces: one on each pooled connection.
+        let (a, b) = tokio::join!(
+            After::produce(&queue, After { n: 0 }),
+            After::produce(&queue, After { n: 0 })
+        );
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(
+            committed(&outside, &schema, "pg/after").await,
+            2 * (i64::from(i) + 1),
+            "round {i}: produces after a consumer stopped at {pause:?} are committed"
+        );
+    }
+    let _ = queue.close().await;
 }
