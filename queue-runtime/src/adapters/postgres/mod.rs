@@ -14,6 +14,8 @@
 //! | `migrate` | `true` | apply schema migrations on connect; with `false`, connecting fails when the schema is behind (run [`migrate`] or `queuectl migrate`) |
 //! | `safety_poll_ms` | `5000` | how often an idle subscription looks for work when no notification came |
 //! | `vacuum` | `true` | vacuum the messages table when dead rows pile up (see `docs/design.md`) |
+//! | `sslmode` | `prefer` | TLS (rustls), as libpq: `disable`, `prefer`, `require`, `verify-ca`, `verify-full` (see [`SslMode`]) |
+//! | `sslrootcert` | | the PEM file of the certificate authorities that may sign the server's certificate; needed by `verify-ca` and `verify-full` |
 //! | `clock` | `server` | the time every rule reads: `server`, the database server's clock; `queue`, the queue's [`Clock`] (a `VirtualClock` in tests; never for processes on several hosts) |
 //!
 //! The queue rules are those of the engine (`crate::engine::state`), written as SQL: each
@@ -77,6 +79,7 @@
 mod listener;
 pub mod schema;
 mod subscription;
+mod tls;
 mod transaction;
 
 use std::borrow::Cow;
@@ -102,6 +105,7 @@ use tokio_postgres::types::ToSql;
 pub use self::schema::{MIGRATIONS, MigrationReport, latest_version};
 use self::schema::{Sql, check_schema_name, db_error};
 use self::subscription::{PgSubscription, SubShared};
+pub use self::tls::{SslMode, TlsOptions};
 pub use self::transaction::{
     PgTransaction, Postgres, TransactionalConsumer, Within, begin, consume_in_transaction,
 };
@@ -121,6 +125,8 @@ pub struct PostgresOptions {
     pub vacuum: bool,
     /// The clock every time rule reads.
     pub clock: TimeSource,
+    /// TLS to the server.
+    pub tls: TlsOptions,
 }
 
 /// The clock the PostgreSQL adapter's time rules read (`clock=` in the URL).
@@ -143,6 +149,7 @@ impl Default for PostgresOptions {
             safety_poll: Duration::from_secs(5),
             vacuum: true,
             clock: TimeSource::Server,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -167,6 +174,8 @@ impl PostgresOptions {
                 }
                 "migrate" => options.migrate = parse_bool("migrate", v)?,
                 "vacuum" => options.vacuum = parse_bool("vacuum", v)?,
+                "sslmode" => options.tls.mode = SslMode::parse(v)?,
+                "sslrootcert" => options.tls.root_cert = Some(v.into()),
                 "clock" => {
                     options.clock = match v {
                         "server" => TimeSource::Server,
@@ -184,12 +193,15 @@ impl PostgresOptions {
             }
         }
         check_schema_name(&options.schema)?;
+        options.tls.check()?;
         let driver_url = if passed.is_empty() {
             base.to_string()
         } else {
             format!("{base}?{}", passed.join("&"))
         };
-        let config = tokio_postgres::Config::from_str(&driver_url).map_err(|e| e.to_string())?;
+        let mut config =
+            tokio_postgres::Config::from_str(&driver_url).map_err(|e| e.to_string())?;
+        config.ssl_mode(options.tls.mode.driver());
         Ok((config, options))
     }
 }
@@ -230,8 +242,15 @@ pub async fn migrate(url: &str) -> Result<MigrationReport, QueueError> {
             url: redact(url),
             reason,
         })?;
+    let tls = options
+        .tls
+        .connector()
+        .map_err(|reason| QueueError::InvalidUrl {
+            url: redact(url),
+            reason,
+        })?;
     let (mut client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .map_err(|e| db_error("connecting", e))?;
     let driver = tokio::spawn(connection);
@@ -305,7 +324,14 @@ impl PostgresAdapter {
                 reason,
             })?;
         let sql = Sql::new(&options.schema);
-        let (mut client, notifications) = listener::open(&config, &sql)
+        let tls = options
+            .tls
+            .connector()
+            .map_err(|reason| QueueError::InvalidUrl {
+                url: description.clone(),
+                reason,
+            })?;
+        let (mut client, notifications) = listener::open(&config, &tls)
             .await
             .map_err(|e| db_error(&format!("connecting to {description}"), e))?;
         if options.migrate {
@@ -326,7 +352,7 @@ impl PostgresAdapter {
 
         let manager = Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -364,9 +390,8 @@ impl PostgresAdapter {
         }
         tokio::spawn(listener::run(
             Arc::downgrade(&inner),
-            inner.wakers.clone(),
-            inner.notifier.clone(),
             config,
+            tls,
             client,
             notifications,
             shutdown_rx.clone(),
@@ -1215,11 +1240,37 @@ mod tests {
     }
 
     #[test]
+    fn tls_options_are_read_as_libpq_reads_them() {
+        let (config, options) =
+            PostgresOptions::parse("postgres://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem")
+                .unwrap();
+        assert_eq!(options.tls.mode, SslMode::VerifyFull);
+        assert_eq!(options.tls.root_cert, Some("/etc/ca.pem".into()));
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let (config, options) = PostgresOptions::parse("postgres://h/db").unwrap();
+        assert_eq!(options.tls.mode, SslMode::Prefer);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Prefer
+        );
+        let (config, _) = PostgresOptions::parse("postgres://h/db?sslmode=disable").unwrap();
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+    }
+
+    #[test]
     fn bad_options_are_refused() {
         assert!(PostgresOptions::parse("postgres://h/db?schema=Bad-Name").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?pool_size=0").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?migrate=maybe").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?clock=client").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?sslmode=verify-full").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?sslmode=sometimes").is_err());
         assert_eq!(
             PostgresOptions::parse("postgres://h/db").unwrap().1.clock,
             TimeSource::Server
