@@ -78,6 +78,8 @@ impl Postgres {
     }
 
     /// The connection pool the queue uses; take connections from it for your own queries.
+    /// A connection goes back to the pool as you leave it: end any transaction you begin on
+    /// it (or use [`Postgres::begin`], which never pools a connection inside a transaction).
     pub fn pool(&self) -> &deadpool_postgres::Pool {
         &self.inner.pool
     }
