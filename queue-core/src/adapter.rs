@@ -344,6 +344,13 @@ pub trait Adapter: Send + Sync + 'static {
     /// # Cancel safety
     /// Once polled, the store closes whether or not the future is polled again.
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>>;
+
+    /// The concrete adapter, for capabilities only some adapters have (such as transactions
+    /// on PostgreSQL): callers downcast it with `downcast_ref`. `None` unless the adapter
+    /// offers such a capability.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Serde for payload bytes: a BSON binary or similar compact form where the format has one,

@@ -6,14 +6,18 @@
 
 mod conformance;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use conformance::{Harness, next, still_waiting, within};
+use futures_util::future::BoxFuture;
+use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::{Channel, Outcome, Queue, VirtualClock, channel};
-use queue_runtime::ConnectOptions;
 use queue_runtime::adapters::postgres::{self, PgTransaction, Postgres};
+use queue_runtime::{ConnectOptions, SystemClock};
 use serde::{Deserialize, Serialize};
 
 /// The server every test uses; each test makes its own schema in it.
@@ -76,8 +80,12 @@ impl Drop for SchemaGuard {
     }
 }
 
+/// A queue whose time rules read `clock` (`clock=queue`), so that tests move time.
 async fn open(clock: VirtualClock, schema: &str) -> Queue {
-    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=8"));
+    let url = with_query(
+        &server_url(),
+        &format!("schema={schema}&pool_size=8&clock=queue"),
+    );
     queue_runtime::connect_with(&url, ConnectOptions::with_clock(Arc::new(clock)))
         .await
         .expect("postgres queue")
@@ -365,4 +373,288 @@ async fn migrations_are_applied_once_and_recorded() {
         &format!("schema={}&migrate=false", fresh_schema()),
     );
     assert!(queue_runtime::connect(&missing).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_calls_on_a_channel_the_store_never_saw_find_nothing() {
+    let (h, _schema) = harness().await;
+    let never = "pg/never-seen";
+    assert_eq!(h.queue.purge_dead(never, None).await.unwrap(), 0);
+    assert_eq!(
+        h.queue
+            .purge_dead(never, Some(&[queue_core::MessageId(1)]))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(h.queue.redrive(never, None).await.unwrap(), 0);
+    assert!(h.queue.dead_letters(never, 10).await.unwrap().is_empty());
+    assert!(
+        h.queue
+            .stats()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.channel != never),
+        "asking about a channel does not declare it"
+    );
+    let _ = h.queue.close().await;
+}
+
+/// The host's wall clock moved by a fixed amount, as on a host whose clock is wrong.
+#[derive(Debug)]
+struct Skewed {
+    ahead: Duration,
+}
+
+impl Clock for Skewed {
+    fn now(&self) -> Timestamp {
+        SystemClock.now() + millis(self.ahead)
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        SystemClock.sleep_until(deadline.saturating_sub(millis(self.ahead)))
+    }
+}
+
+#[channel("pg/skewed", exactly_once, dedup = "10s", lease = "15s")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skew {
+    pub n: i32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_clock_runs_20s_ahead_neither_lapses_leases_early_nor_accepts_duplicates() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    // Both in production mode: the server's clock decides.
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=4"));
+    let on_time =
+        queue_runtime::connect_with(&url, ConnectOptions::with_clock(Arc::new(SystemClock)))
+            .await
+            .unwrap();
+    let clock_ahead = Arc::new(Skewed {
+        ahead: Duration::from_secs(20),
+    });
+    let ahead = queue_runtime::connect_with(&url, ConnectOptions::with_clock(clock_ahead.clone()))
+        .await
+        .unwrap();
+
+    // Dedup windows (10 s) hold across both hosts, in both directions.
+    let first = Skew::produce(&on_time, Skew { n: 1 }).await.unwrap();
+    let again = Skew::produce(&ahead, Skew { n: 1 }).await.unwrap();
+    assert_eq!(
+        (again.id, again.duplicate),
+        (first.id, true),
+        "the host 20 s ahead must not see the 10 s window as over"
+    );
+    let second = Skew::produce(&ahead, Skew { n: 2 }).await.unwrap();
+    let again = Skew::produce(&on_time, Skew { n: 2 }).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (second.id, true));
+
+    // The on-time worker holds message 1 under a 15 s lease; the worker ahead takes
+    // message 2 and looks for more: message 1's lease must not look lapsed to it.
+    let held_sub = on_time
+        .adapter()
+        .subscribe(&SkewChannel::SPEC, 1)
+        .await
+        .unwrap();
+    let held = next(&*held_sub).await;
+    assert_eq!(held.lease.id, first.id);
+    let ahead_sub = ahead
+        .adapter()
+        .subscribe(&SkewChannel::SPEC, 2)
+        .await
+        .unwrap();
+    let taken = next(&*ahead_sub).await;
+    assert_eq!(taken.lease.id, second.id);
+    drop(still_waiting(ahead_sub.next()).await);
+    on_time
+        .adapter()
+        .settle(&held.lease, Outcome::Ack)
+        .await
+        .expect("the on-time worker's lease still holds");
+
+    // Deadlines handed to the worker ahead are on its own clock, so that it extends in time.
+    let left = taken.deadline.saturating_sub(clock_ahead.now());
+    assert!(
+        (13_000..=15_000).contains(&left),
+        "a 15 s lease is due in {left} ms on the taker's clock"
+    );
+    let extended = ahead
+        .adapter()
+        .extend(&taken.lease, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let left = extended.saturating_sub(clock_ahead.now());
+    assert!((13_000..=15_000).contains(&left), "extended: {left} ms");
+    ahead
+        .adapter()
+        .settle(&taken.lease, Outcome::Ack)
+        .await
+        .unwrap();
+
+    let stats = on_time
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.channel == "pg/skewed")
+        .unwrap();
+    assert_eq!(
+        (
+            stats.produced,
+            stats.duplicates,
+            stats.acked,
+            stats.lease_expiries
+        ),
+        (2, 2, 2, 0)
+    );
+    let _ = ahead.close().await;
+    let _ = on_time.close().await;
+}
+
+#[channel("pg/after")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct After {
+    pub n: i32,
+}
+
+/// Polls `fut` until it completes or `after` of real time has passed, then drops it. It
+/// polls in a busy loop, so the cut can fall between any two of `fut`'s awaits.
+async fn cut_after<F: Future>(fut: F, after: Duration) -> Option<F::Output> {
+    let started = Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if started.elapsed() >= after {
+            return Poll::Ready(None);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+/// A connection of its own, outside the queue's pool: it sees only committed rows.
+async fn outside_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&server_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn committed(client: &tokio_postgres::Client, schema: &str, channel: &str) -> i64 {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.messages m JOIN {schema}.channels c ON c.id = m.channel
+                 WHERE c.name = $1"
+            ),
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_dropped_at_any_await_never_swallows_a_later_produce() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    // One connection: a connection left inside a transaction would serve the next produce.
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=1"));
+    let queue = queue_runtime::connect(&url).await.unwrap();
+    let outside = outside_client().await;
+    let attempt = || {
+        let queue = queue.clone();
+        async move {
+            let tx = postgres::begin(&queue).await?;
+            Signup::produce_in(&tx, Signup { n: 0 }).await?;
+            tx.commit().await
+        }
+    };
+    // Declares the channel, which takes a connection of its own.
+    Signup::produce(&queue, Signup { n: 0 }).await.unwrap();
+    attempt().await.unwrap();
+    let mut whole = Duration::ZERO;
+    for _ in 0..3 {
+        let started = Instant::now();
+        attempt().await.unwrap();
+        whole = whole.max(started.elapsed());
+    }
+    const ROUNDS: u32 = 200;
+    let mut cut = 0;
+    for i in 0..ROUNDS {
+        // A whole one first, so the cut one starts on a warm connection (a cut closes it).
+        attempt().await.unwrap();
+        if cut_after(attempt(), whole * i / ROUNDS).await.is_none() {
+            cut += 1;
+        }
+        After::produce(&queue, After { n: 0 }).await.unwrap();
+        assert_eq!(
+            committed(&outside, &schema, "pg/after").await,
+            i64::from(i) + 1,
+            "round {i}: a produce after a transaction cut at {:?} is committed",
+            whole * i / ROUNDS
+        );
+    }
+    assert!(
+        cut >= ROUNDS / 5,
+        "only {cut} of {ROUNDS} transactions were cut"
+    );
+    queue.close().await.unwrap();
+    drop(queue);
+    assert_eq!(
+        committed(&outside, &schema, "pg/after").await,
+        i64::from(ROUNDS),
+        "the produces survive the pool's connections closing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_consumer_stopped_at_any_await_never_swallows_a_later_produce() {
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    let url = with_query(&server_url(), &format!("schema={schema}&pool_size=2"));
+    let queue = queue_runtime::connect(&url).await.unwrap();
+    let outside = outside_client().await;
+    const ROUNDS: u32 = 40;
+    for i in 0..ROUNDS {
+        let consumer = postgres::TransactionalConsumer::<SignupChannel>::new(&queue)
+            .unwrap()
+            .max_parallel(1)
+            .handle(|_: Signup, tx: PgTransaction| async move {
+                tx.execute("SELECT 1", &[]).await.map(|_| ())
+            })
+            .await
+            .unwrap();
+        Signup::produce(&queue, Signup { n: 0 }).await.unwrap();
+        // Stop the consumer somewhere between taking the message and committing its ack.
+        let pause = Duration::from_micros(u64::from(i) * 250);
+        cut_after(std::future::pending::<()>(), pause).await;
+        consumer.stop(Duration::ZERO).await.unwrap();
+        // Two produces: one on each pooled connection.
+        let (a, b) = tokio::join!(
+            After::produce(&queue, After { n: 0 }),
+            After::produce(&queue, After { n: 0 })
+        );
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(
+            committed(&outside, &schema, "pg/after").await,
+            2 * (i64::from(i) + 1),
+            "round {i}: produces after a consumer stopped at {pause:?} are committed"
+        );
+    }
+    let _ = queue.close().await;
 }

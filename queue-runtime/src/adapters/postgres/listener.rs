@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::Inner;
 use super::schema::Sql;
@@ -52,9 +53,9 @@ impl Notifier {
 /// ends when the connection does.
 pub(crate) async fn open(
     config: &Config,
-    _sql: &Sql,
+    tls: &MakeRustlsConnect,
 ) -> Result<(Client, mpsc::UnboundedReceiver<String>), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -135,9 +136,8 @@ impl Wakers {
 /// Holds the adapter only weakly, so that it ends when the adapter is dropped.
 pub(crate) async fn run(
     inner: Weak<Inner>,
-    wakers: Arc<Wakers>,
-    notifier: Arc<Notifier>,
     config: Config,
+    tls: MakeRustlsConnect,
     mut client: Client,
     mut notifications: mpsc::UnboundedReceiver<String>,
     mut shutdown: watch::Receiver<bool>,
@@ -145,6 +145,8 @@ pub(crate) async fn run(
     let Some(strong) = inner.upgrade() else {
         return;
     };
+    let wakers = strong.wakers.clone();
+    let notifier = strong.notifier.clone();
     let channel = strong.sql.notify_channel.clone();
     let sql_update = format!(
         "UPDATE {}.subscriptions SET backend_pid = $1, backend_start = $2 WHERE id = ANY($3::int8[])",
@@ -189,7 +191,7 @@ pub(crate) async fn run(
                 return;
             }
             let opened = async {
-                let (c, n) = open(&config, &strong.sql).await?;
+                let (c, n) = open(&config, &tls).await?;
                 let backend = listen(&c, &strong.sql).await?;
                 c.execute(
                     &sql_update,

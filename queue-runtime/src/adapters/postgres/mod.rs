@@ -14,10 +14,14 @@
 //! | `migrate` | `true` | apply schema migrations on connect; with `false`, connecting fails when the schema is behind (run [`migrate`] or `queuectl migrate`) |
 //! | `safety_poll_ms` | `5000` | how often an idle subscription looks for work when no notification came |
 //! | `vacuum` | `true` | vacuum the messages table when dead rows pile up (see `docs/design.md`) |
+//! | `sslmode` | `prefer` | TLS (rustls), as libpq: `disable`, `prefer`, `require`, `verify-ca`, `verify-full` (see [`SslMode`]) |
+//! | `sslrootcert` | | the PEM file of the certificate authorities that may sign the server's certificate; needed by `verify-ca` and `verify-full` |
+//! | `clock` | `server` | the time every rule reads: `server`, the database server's clock; `queue`, the queue's [`Clock`] (a `VirtualClock` in tests; never for processes on several hosts) |
 //!
 //! The queue rules are those of the engine (`crate::engine::state`), written as SQL: each
 //! operation is one statement (or one pipelined round trip), every time rule compares with
-//! the queue clock's `now` passed as a parameter, leases are taken with
+//! the server's clock read in that statement (so hosts whose clocks disagree still agree on
+//! leases, delays and dedup windows), leases are taken with
 //! `FOR UPDATE SKIP LOCKED` and carry a fencing token from a sequence, and waiting
 //! subscriptions wake on `LISTEN`/`NOTIFY`, on the clock reaching the next due time or lease
 //! deadline, and otherwise only on a slow safety poll.
@@ -75,13 +79,14 @@
 mod listener;
 pub mod schema;
 mod subscription;
+mod tls;
 mod transaction;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -100,6 +105,7 @@ use tokio_postgres::types::ToSql;
 pub use self::schema::{MIGRATIONS, MigrationReport, latest_version};
 use self::schema::{Sql, check_schema_name, db_error};
 use self::subscription::{PgSubscription, SubShared};
+pub use self::tls::{SslMode, TlsOptions};
 pub use self::transaction::{
     PgTransaction, Postgres, TransactionalConsumer, Within, begin, consume_in_transaction,
 };
@@ -117,6 +123,21 @@ pub struct PostgresOptions {
     pub safety_poll: Duration,
     /// Vacuum the messages table when dead rows pile up.
     pub vacuum: bool,
+    /// The clock every time rule reads.
+    pub clock: TimeSource,
+    /// TLS to the server.
+    pub tls: TlsOptions,
+}
+
+/// The clock the PostgreSQL adapter's time rules read (`clock=` in the URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeSource {
+    /// The database server's clock, read in each statement: one clock for every process.
+    #[default]
+    Server,
+    /// The queue's own [`Clock`], passed into each statement: for tests that drive time with
+    /// a `VirtualClock`. Processes on several hosts would each bring their own clock.
+    Queue,
 }
 
 impl Default for PostgresOptions {
@@ -127,6 +148,8 @@ impl Default for PostgresOptions {
             migrate: true,
             safety_poll: Duration::from_secs(5),
             vacuum: true,
+            clock: TimeSource::Server,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -151,6 +174,15 @@ impl PostgresOptions {
                 }
                 "migrate" => options.migrate = parse_bool("migrate", v)?,
                 "vacuum" => options.vacuum = parse_bool("vacuum", v)?,
+                "sslmode" => options.tls.mode = SslMode::parse(v)?,
+                "sslrootcert" => options.tls.root_cert = Some(v.into()),
+                "clock" => {
+                    options.clock = match v {
+                        "server" => TimeSource::Server,
+                        "queue" => TimeSource::Queue,
+                        _ => return Err(format!("`clock` must be server or queue, not `{v}`")),
+                    };
+                }
                 "safety_poll_ms" => {
                     let ms: u64 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                         format!("`safety_poll_ms` must be a positive number, not `{v}`")
@@ -161,12 +193,15 @@ impl PostgresOptions {
             }
         }
         check_schema_name(&options.schema)?;
+        options.tls.check()?;
         let driver_url = if passed.is_empty() {
             base.to_string()
         } else {
             format!("{base}?{}", passed.join("&"))
         };
-        let config = tokio_postgres::Config::from_str(&driver_url).map_err(|e| e.to_string())?;
+        let mut config =
+            tokio_postgres::Config::from_str(&driver_url).map_err(|e| e.to_string())?;
+        config.ssl_mode(options.tls.mode.driver());
         Ok((config, options))
     }
 }
@@ -207,8 +242,15 @@ pub async fn migrate(url: &str) -> Result<MigrationReport, QueueError> {
             url: redact(url),
             reason,
         })?;
+    let tls = options
+        .tls
+        .connector()
+        .map_err(|reason| QueueError::InvalidUrl {
+            url: redact(url),
+            reason,
+        })?;
     let (mut client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .map_err(|e| db_error("connecting", e))?;
     let driver = tokio::spawn(connection);
@@ -267,16 +309,6 @@ struct AckJob {
     reply: oneshot::Sender<Result<bool, QueueError>>,
 }
 
-/// Every open adapter by the address of its allocation, so that the transactional API can
-/// find the adapter behind a [`Queue`](queue_core::Queue)'s `Arc<dyn Adapter>`.
-type Registry = Mutex<Vec<(usize, Weak<Inner>)>>;
-
-static ADAPTERS: LazyLock<Registry> = LazyLock::new(|| Mutex::new(Vec::new()));
-
-fn address<T: ?Sized>(ptr: *const T) -> usize {
-    ptr.cast::<u8>() as usize
-}
-
 impl PostgresAdapter {
     /// Connects, applies migrations (unless `migrate=false`), starts listening for
     /// notifications, and returns the adapter.
@@ -292,7 +324,14 @@ impl PostgresAdapter {
                 reason,
             })?;
         let sql = Sql::new(&options.schema);
-        let (mut client, notifications) = listener::open(&config, &sql)
+        let tls = options
+            .tls
+            .connector()
+            .map_err(|reason| QueueError::InvalidUrl {
+                url: description.clone(),
+                reason,
+            })?;
+        let (mut client, notifications) = listener::open(&config, &tls)
             .await
             .map_err(|e| db_error(&format!("connecting to {description}"), e))?;
         if options.migrate {
@@ -313,7 +352,7 @@ impl PostgresAdapter {
 
         let manager = Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -351,23 +390,14 @@ impl PostgresAdapter {
         }
         tokio::spawn(listener::run(
             Arc::downgrade(&inner),
-            inner.wakers.clone(),
-            inner.notifier.clone(),
             config,
+            tls,
             client,
             notifications,
             shutdown_rx.clone(),
         ));
         tokio::spawn(listener::housekeeping(Arc::downgrade(&inner), shutdown_rx));
         let adapter = Arc::new(PostgresAdapter { inner });
-        {
-            let mut all = ADAPTERS.lock();
-            all.retain(|(_, w)| w.strong_count() > 0);
-            all.push((
-                address(Arc::as_ptr(&adapter)),
-                Arc::downgrade(&adapter.inner),
-            ));
-        }
         tracing::info!(url = %adapter.inner.description, schema = %adapter.inner.options.schema, "opened postgres queue");
         Ok(adapter)
     }
@@ -384,12 +414,10 @@ impl PostgresAdapter {
 
     /// The adapter behind a queue opened with a `postgres://` URL.
     pub(crate) fn of(adapter: &Arc<dyn Adapter>) -> Option<Arc<Inner>> {
-        let at = address(Arc::as_ptr(adapter));
-        ADAPTERS
-            .lock()
-            .iter()
-            .find(|(a, _)| *a == at)
-            .and_then(|(_, w)| w.upgrade())
+        adapter
+            .as_any()?
+            .downcast_ref::<PostgresAdapter>()
+            .map(|pg| pg.inner.clone())
     }
 }
 
@@ -493,8 +521,18 @@ impl Inner {
         }
     }
 
-    pub fn now(&self) -> i64 {
-        i64_of(self.clock.now())
+    /// What a statement's `$now` gets: `None`, so that the server's clock decides, or the
+    /// queue clock's time with `clock=queue`.
+    pub fn now(&self) -> Option<i64> {
+        self.pinned(self.clock.now())
+    }
+
+    /// `$now` for a statement sent at `local` (the queue clock's time).
+    pub fn pinned(&self, local: Timestamp) -> Option<i64> {
+        match self.options.clock {
+            TimeSource::Server => None,
+            TimeSource::Queue => Some(i64_of(local)),
+        }
     }
 
     pub async fn connection(&self) -> Result<Object, QueueError> {
@@ -863,26 +901,29 @@ impl Inner {
         Ok(())
     }
 
+    /// The new deadline is on the queue clock's base: the time the statement was sent plus
+    /// `by` (the server's deadline is `by` after it ran the statement, so never earlier).
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<Timestamp, QueueError> {
         let client = self.connection().await?;
         let stmt = client
             .prepare_cached(&self.sql.extend)
             .await
             .map_err(|e| db_error("preparing", e))?;
-        let row = client
+        let sent = self.clock.now();
+        client
             .query_opt(
                 &stmt,
                 &[
                     &i64_of(lease.id.0),
                     &i64_of(lease.token),
                     &i64_of(millis(by)),
-                    &self.now(),
+                    &self.pinned(sent),
                 ],
             )
             .await
             .map_err(|e| db_error("extending a lease", e))?
             .ok_or(QueueError::StaleLease { id: lease.id })?;
-        Ok(u64_of(row.get(0)))
+        Ok(sent.saturating_add(millis(by)))
     }
 
     async fn subscribe(
@@ -992,8 +1033,19 @@ impl Inner {
         Ok(out)
     }
 
+    /// A channel known to the database by name, or `None` for a name it has never seen.
+    async fn existing_channel(&self, name: &str) -> Result<Option<ChannelRow>, QueueError> {
+        match self.channel_named(name).await {
+            Ok(channel) => Ok(Some(channel)),
+            Err(QueueError::UnknownChannel(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn dead_letters(&self, name: &str, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(Vec::new());
+        };
         let client = self.connection().await?;
         self.sweep(&client, &channel).await?;
         let stmt = client
@@ -1020,7 +1072,9 @@ impl Inner {
 
     async fn redrive(&self, name: &str, ids: Option<&[MessageId]>) -> Result<u64, QueueError> {
         self.check_open()?;
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(0);
+        };
         let ids: Option<Vec<i64>> = ids.map(|ids| ids.iter().map(|i| i64_of(i.0)).collect());
         let client = self.connection().await?;
         let stmt = client
@@ -1040,7 +1094,9 @@ impl Inner {
 
     async fn purge_dead(&self, name: &str, ids: Option<&[MessageId]>) -> Result<u64, QueueError> {
         self.check_open()?;
-        let channel = self.channel_named(name).await?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(0);
+        };
         let ids: Option<Vec<i64>> = ids.map(|ids| ids.iter().map(|i| i64_of(i.0)).collect());
         let client = self.connection().await?;
         let stmt = client
@@ -1159,6 +1215,10 @@ impl Adapter for PostgresAdapter {
         }
         .boxed()
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
@@ -1168,9 +1228,10 @@ mod tests {
     #[test]
     fn adapter_options_are_taken_out_of_the_url() {
         let (config, options) = PostgresOptions::parse(
-            "postgres://u:p@localhost:5433/db?schema=jobs&pool_size=4&application_name=w&migrate=false",
+            "postgres://u:p@localhost:5433/db?schema=jobs&pool_size=4&application_name=w&migrate=false&clock=queue",
         )
         .unwrap();
+        assert_eq!(options.clock, TimeSource::Queue);
         assert_eq!(options.schema, "jobs");
         assert_eq!(options.pool_size, 4);
         assert!(!options.migrate);
@@ -1179,10 +1240,41 @@ mod tests {
     }
 
     #[test]
+    fn tls_options_are_read_as_libpq_reads_them() {
+        let (config, options) =
+            PostgresOptions::parse("postgres://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem")
+                .unwrap();
+        assert_eq!(options.tls.mode, SslMode::VerifyFull);
+        assert_eq!(options.tls.root_cert, Some("/etc/ca.pem".into()));
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let (config, options) = PostgresOptions::parse("postgres://h/db").unwrap();
+        assert_eq!(options.tls.mode, SslMode::Prefer);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Prefer
+        );
+        let (config, _) = PostgresOptions::parse("postgres://h/db?sslmode=disable").unwrap();
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+    }
+
+    #[test]
     fn bad_options_are_refused() {
         assert!(PostgresOptions::parse("postgres://h/db?schema=Bad-Name").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?pool_size=0").is_err());
         assert!(PostgresOptions::parse("postgres://h/db?migrate=maybe").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?clock=client").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?sslmode=verify-full").is_err());
+        assert!(PostgresOptions::parse("postgres://h/db?sslmode=sometimes").is_err());
+        assert_eq!(
+            PostgresOptions::parse("postgres://h/db").unwrap().1.clock,
+            TimeSource::Server
+        );
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! Ready order is `priority DESC, rank, seq`: `rank` is the time a message became (or
 //! becomes) due, or a negative number drawn from the id sequence for a message put back at
 //! the front; `seq` breaks ties in the order messages were placed. Every time rule compares
-//! against `now` passed in as a parameter (milliseconds since the Unix epoch) so that a
-//! virtual clock works; no statement reads SQL `now()` for a queue rule.
+//! against `$now`: the server's `statement_timestamp()` in milliseconds since the Unix epoch,
+//! unless the adapter pins it to the queue clock's time with `clock=queue` (tests with a
+//! virtual clock). Times stored in the tables are on the same base.
 
 use tokio_postgres::Client;
 
@@ -411,11 +412,12 @@ impl Sql {
                  FROM picked p WHERE m.id = p.id
                  RETURNING m.id, m.token, m.attempts, m.priority, m.produced_at, m.deadline, m.payload"
             ),
-            // $1 channel: the earliest due time or lease deadline.
+            // $1 channel, $now: milliseconds until the earliest due time or lease deadline.
             wakeup: format!(
                 "SELECT least(
                      (SELECT rank FROM {s}.messages WHERE channel = $1 AND state = 1 ORDER BY rank LIMIT 1),
-                     (SELECT deadline FROM {s}.messages WHERE channel = $1 AND state = 2 ORDER BY deadline LIMIT 1))"
+                     (SELECT deadline FROM {s}.messages WHERE channel = $1 AND state = 2 ORDER BY deadline LIMIT 1))
+                     - $now"
             ),
             // $1 ids, $2 tokens: which of these leases still hold.
             still_held: format!(
@@ -532,10 +534,10 @@ impl Sql {
                  FROM held h WHERE m.id = h.id AND m.token = h.token
                  RETURNING m.id"
             ),
-            // $1 channel, $2 backend pid, $3 backend start, $4 opened at.
+            // $1 channel, $2 backend pid, $3 backend start, $now.
             subscribe: format!(
                 "INSERT INTO {s}.subscriptions (id, channel, backend_pid, backend_start, opened_at)
-                 VALUES (nextval('{s}.consumer_ids'), $1, $2, $3, $4) RETURNING id"
+                 VALUES (nextval('{s}.consumer_ids'), $1, $2, $3, $now) RETURNING id"
             ),
             unsubscribe: format!("DELETE FROM {s}.subscriptions WHERE id = $1"),
             sweep_all: format!("SELECT id, name FROM {s}.channels ORDER BY id"),
@@ -610,7 +612,8 @@ impl Sql {
                 "DELETE FROM {s}.dead_letters
                  WHERE channel = $1 AND ($2::int8[] IS NULL OR id = ANY($2::int8[]))"
             ),
-            expire_dedup: format!("DELETE FROM {s}.dedup WHERE expires <= $1"),
+            // $now.
+            expire_dedup: format!("DELETE FROM {s}.dedup WHERE expires <= $now"),
             forget_subscriptions: format!(
                 "DELETE FROM {s}.subscriptions s
                  WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.backend_pid)"
@@ -631,6 +634,9 @@ impl Sql {
             &mut self.produce,
             &mut self.sweep,
             &mut self.take,
+            &mut self.wakeup,
+            &mut self.subscribe,
+            &mut self.expire_dedup,
             &mut self.ack,
             &mut self.ack_batch,
             &mut self.retry,
@@ -647,6 +653,11 @@ impl Sql {
 
 /// Named parameters in the order they are numbered after the positional ones.
 pub(crate) const NAMED: [&str; 3] = ["$now", "$window", "$dups"];
+
+/// The server's time in milliseconds since the Unix epoch: the start of the current
+/// statement, so one value for the whole statement (and a fresh one for each statement of a
+/// transaction), stable, so that comparisons with it can use an index.
+const SERVER_NOW_MS: &str = "floor(extract(epoch FROM statement_timestamp()) * 1000)::int8";
 
 fn number(text: &str) -> String {
     let highest = (1..=9)
@@ -665,7 +676,13 @@ fn number(text: &str) -> String {
     let mut next = highest + 1;
     for name in NAMED {
         if out.contains(name) {
-            out = out.replace(name, &format!("(${next}::int8)"));
+            // `$now` is null unless the adapter pins the time (`clock=queue`).
+            let value = if name == "$now" {
+                format!("coalesce(${next}::int8, {SERVER_NOW_MS})")
+            } else {
+                format!("(${next}::int8)")
+            };
+            out = out.replace(name, &value);
             next += 1;
         }
     }
@@ -678,11 +695,12 @@ mod tests {
 
     #[test]
     fn named_parameters_follow_the_positional_ones() {
+        let now = |n: u8| format!("coalesce(${n}::int8, {SERVER_NOW_MS})");
         assert_eq!(
             number("SELECT $1, $now, $2, $now + $window"),
-            "SELECT $1, ($3::int8), $2, ($3::int8) + ($4::int8)"
+            format!("SELECT $1, {}, $2, {} + ($4::int8)", now(3), now(3))
         );
-        assert_eq!(number("SELECT $now"), "SELECT ($1::int8)");
+        assert_eq!(number("SELECT $now"), format!("SELECT {}", now(1)));
     }
 
     #[test]

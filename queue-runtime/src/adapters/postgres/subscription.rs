@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
-use queue_core::clock::millis;
+use queue_core::clock::{Timestamp, millis};
 use queue_core::{Lease, MessageId, QueueError, RawDelivery, Subscription};
 use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
@@ -77,7 +77,7 @@ enum Took {
     /// Deliveries are in the buffer.
     Some,
     /// Nothing to take; look again at this time (queue clock), if any.
-    Nothing(Option<u64>),
+    Nothing(Option<Timestamp>),
     /// Capacity was freed behind our back: look again now.
     Again,
 }
@@ -191,7 +191,10 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
     let wakeup = prepare(&sql.wakeup).await?;
     let still_held = prepare(&sql.still_held).await?;
     let channel = &shared.channel;
-    let now = inner.now();
+    // The server decides with its own clock; what it answers in durations is placed on the
+    // queue clock from the time the statements were sent (never later than the server's).
+    let sent = inner.clock.now();
+    let now = inner.pinned(sent);
     let lease_ms = i64_of(millis(channel.spec.lease));
     let consumer = shared.consumer;
     let asked = limit;
@@ -199,7 +202,7 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     let sweep_params: [&(dyn ToSql + Sync); 2] = [&channel.id, &now];
     let take_params: [&(dyn ToSql + Sync); 5] = [&channel.id, &limit, &consumer, &lease_ms, &now];
-    let wakeup_params: [&(dyn ToSql + Sync); 1] = [&channel.id];
+    let wakeup_params: [&(dyn ToSql + Sync); 2] = [&channel.id, &now];
     let held_params: [&(dyn ToSql + Sync); 2] = [&ids, &tokens];
     let (swept, taken, next, holding) = tokio::try_join!(
         client.query_one(&sweep, &sweep_params),
@@ -250,7 +253,7 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
             attempt: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
             priority: u8::try_from(r.get::<_, i16>(3)).unwrap_or(0),
             produced_at: u64_of(r.get(4)),
-            deadline: u64_of(r.get(5)),
+            deadline: sent.saturating_add(millis(channel.spec.lease)),
             payload: r.get(6),
         })
         .collect();
@@ -263,8 +266,14 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
         };
     }
     if deliveries.is_empty() {
-        let at: Option<i64> = next.get(0);
-        return Ok(Took::Nothing(at.map(u64_of)));
+        let until: Option<i64> = next.get(0);
+        return Ok(Took::Nothing(until.map(|ms| {
+            if ms > 0 {
+                sent.saturating_add(u64_of(ms))
+            } else {
+                sent.saturating_sub(1)
+            }
+        })));
     }
     // Tokens were drawn in delivery order.
     deliveries.sort_unstable_by_key(|d| d.lease.token);

@@ -8,6 +8,11 @@
 //!   [`Postgres::within`].
 //! - [`consume_in_transaction`] and [`TransactionalConsumer`]: a consumer whose handler gets
 //!   the message and a [`PgTransaction`]; the ack runs in that transaction before it commits.
+//!
+//! A pooled connection goes back to the pool only once the server has answered its `COMMIT`
+//! or `ROLLBACK`. A transaction dropped at any other point (a cancelled future, `BEGIN`
+//! included: the guard exists before `BEGIN` is sent) closes its connection instead, and the
+//! server rolls the transaction back; no later statement can run inside it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -15,7 +20,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use deadpool_postgres::Object;
 use futures_util::FutureExt;
@@ -73,6 +78,8 @@ impl Postgres {
     }
 
     /// The connection pool the queue uses; take connections from it for your own queries.
+    /// A connection goes back to the pool as you leave it: end any transaction you begin on
+    /// it (or use [`Postgres::begin`], which never pools a connection inside a transaction).
     pub fn pool(&self) -> &deadpool_postgres::Pool {
         &self.inner.pool
     }
@@ -81,21 +88,28 @@ impl Postgres {
     ///
     /// # Errors
     /// [`QueueError::Closed`] after the queue closed; database errors.
+    ///
+    /// # Cancel safety
+    /// Dropped before it returns, nothing was begun: the connection is closed, not pooled.
     pub async fn begin(&self) -> Result<PgTransaction, QueueError> {
         let conn = self.inner.connection().await?;
-        conn.batch_execute("BEGIN")
-            .await
-            .map_err(|e| db_error("beginning a transaction", e))?;
-        Ok(PgTransaction {
+        // The guard first: dropped from here on, the connection is closed.
+        let tx = PgTransaction {
             tx: Arc::new(TxInner {
                 inner: self.inner.clone(),
                 conn: Some(conn),
-                finished: AtomicBool::new(false),
+                state: AtomicU8::new(OPEN),
                 produced: Mutex::new(HashSet::new()),
                 acked: Mutex::new(Vec::new()),
                 delivery: Mutex::new(None),
             }),
-        })
+        };
+        tx.tx
+            .conn()
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| db_error("beginning a transaction", e))?;
+        Ok(tx)
     }
 
     /// Produces inside `tx`, a transaction of your own `tokio-postgres` client on the same
@@ -121,16 +135,22 @@ pub async fn begin(queue: &Queue) -> Result<PgTransaction, QueueError> {
 ///
 /// Dereferences to [`tokio_postgres::Client`]: every query run through it is part of the
 /// transaction until [`PgTransaction::commit`] or [`PgTransaction::rollback`]. Dropping the
-/// last clone without either rolls it back.
+/// last clone without either (or while either is in flight) closes the connection, which
+/// rolls the transaction back; the connection is not reused.
 #[derive(Clone)]
 pub struct PgTransaction {
     tx: Arc<TxInner>,
 }
 
+/// [`TxInner::state`]: open; `COMMIT` or `ROLLBACK` sent; answered (the connection is idle).
+const OPEN: u8 = 0;
+const ENDING: u8 = 1;
+const ENDED: u8 = 2;
+
 struct TxInner {
     inner: Arc<Inner>,
     conn: Option<Object>,
-    finished: AtomicBool,
+    state: AtomicU8,
     /// Channels produced to, woken once the transaction commits.
     produced: Mutex<HashSet<String>>,
     /// Leases acked inside, whose slots free once the transaction commits.
@@ -142,7 +162,7 @@ struct TxInner {
 impl fmt::Debug for PgTransaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgTransaction")
-            .field("finished", &self.tx.finished.load(Ordering::Relaxed))
+            .field("open", &(self.tx.state.load(Ordering::Relaxed) == OPEN))
             .field("delivery", &*self.tx.delivery.lock())
             .finish_non_exhaustive()
     }
@@ -182,14 +202,33 @@ impl PgTransaction {
         self.tx.delivery.lock().map(|(_, a)| a)
     }
 
+    fn finished() -> QueueError {
+        QueueError::InvalidRequest(
+            "the transaction has already been committed or rolled back".into(),
+        )
+    }
+
     fn check(&self) -> Result<(), QueueError> {
-        if self.tx.finished.load(Ordering::Acquire) {
-            Err(QueueError::InvalidRequest(
-                "the transaction has already been committed or rolled back".into(),
-            ))
-        } else {
+        if self.tx.state.load(Ordering::Acquire) == OPEN {
             Ok(())
+        } else {
+            Err(Self::finished())
         }
+    }
+
+    /// Sends `COMMIT` or `ROLLBACK`; the connection counts as idle once the server answered.
+    async fn end(&self, statement: &str, doing: &str) -> Result<(), QueueError> {
+        if self
+            .tx
+            .state
+            .compare_exchange(OPEN, ENDING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Self::finished());
+        }
+        let answer = self.tx.conn().batch_execute(statement).await;
+        self.tx.state.store(ENDED, Ordering::Release);
+        answer.map_err(|e| db_error(doing, e))
     }
 
     /// Commits. Messages produced in the transaction become visible and waiting consumers
@@ -198,14 +237,12 @@ impl PgTransaction {
     /// # Errors
     /// Database errors (the transaction is then rolled back by the server);
     /// [`QueueError::InvalidRequest`] when it was already finished.
+    ///
+    /// # Cancel safety
+    /// Dropped before the server answered, the connection is closed: the transaction
+    /// committed or rolled back as far as the server got, and consumers are not woken.
     pub async fn commit(self) -> Result<(), QueueError> {
-        self.check()?;
-        self.tx.finished.store(true, Ordering::Release);
-        self.tx
-            .conn()
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| db_error("committing", e))?;
+        self.end("COMMIT", "committing").await?;
         let inner = &self.tx.inner;
         let acked = std::mem::take(&mut *self.tx.acked.lock());
         inner.forget_leases(&acked);
@@ -220,14 +257,11 @@ impl PgTransaction {
     ///
     /// # Errors
     /// Database errors; [`QueueError::InvalidRequest`] when it was already finished.
+    ///
+    /// # Cancel safety
+    /// Dropped before the server answered, the connection is closed, which rolls back too.
     pub async fn rollback(self) -> Result<(), QueueError> {
-        self.check()?;
-        self.tx.finished.store(true, Ordering::Release);
-        self.tx
-            .conn()
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(|e| db_error("rolling back", e))
+        self.end("ROLLBACK", "rolling back").await
     }
 
     async fn ack(&self, lease: &Lease) -> Result<bool, QueueError> {
@@ -245,17 +279,13 @@ impl Drop for TxInner {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.finished.load(Ordering::Acquire) {
+        if self.state.load(Ordering::Acquire) == ENDED {
             return;
         }
-        // Roll back before the connection goes back to the pool; a connection that cannot
-        // roll back is closed instead of reused.
-        self.inner.runtime.spawn(async move {
-            if let Err(e) = conn.batch_execute("ROLLBACK").await {
-                tracing::debug!(error = %e, "rolling back a dropped transaction failed");
-                drop(Object::take(conn));
-            }
-        });
+        // Inside a transaction, or not known to be out of it: the connection never goes
+        // back to the pool. Closing it makes the server roll the transaction back.
+        tracing::debug!("closing the connection of a transaction dropped before it ended");
+        drop(Object::take(conn));
     }
 }
 
