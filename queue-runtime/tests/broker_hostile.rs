@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use queue_core::{Channel, ChannelSpec, Outcome, Queue, channel};
+use queue_core::{Channel, ChannelSpec, Outcome, Queue, QueueError, channel};
 use queue_runtime::broker::protocol::{self, ClientFrame, Reply, Request, ServerFrame, WireSpec};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,14 +43,29 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     async fn start(extra: &[&str]) -> BrokerProcess {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra, None).await
+    }
+
+    /// Starts the broker on `dir`, through `sh -c SHELL` when given (the script ends with
+    /// `exec "$0" "$@"`).
+    async fn start_in(dir: tempfile::TempDir, extra: &[&str], shell: Option<&str>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
+        let mut command = match shell {
+            Some(script) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(script)
+                    .arg(env!("CARGO_BIN_EXE_queue-broker"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_queue-broker")),
+        };
+        let child = command
             .arg("--data")
             .arg(dir.path())
             .arg("--listen")
@@ -724,4 +739,111 @@ async fn a_blackholed_worker_leases_go_to_another_worker_within_the_idle_timeout
     // Well before the 30 s lease could lapse.
     assert!(took < Duration::from_secs(5), "took {took:?}");
     drop(held_sub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_store_ends_the_broker_process_with_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    // Files may grow to 1024 blocks (512 KiB or 1 MiB, by shell): a 2 MiB message written
+    // past the end of a 64 KiB segment fails with EFBIG, and a failed write poisons the
+    // store. SIGXFSZ is ignored so the write fails instead of killing the process.
+    let mut broker = BrokerProcess::start_in(
+        dir,
+        &["--segment-size", "65536"],
+        Some("ulimit -f 1024 && trap '' XFSZ && exec \"$0\" \"$@\""),
+    )
+    .await;
+    let queue = broker.client("").await;
+    produce_jobs(&queue, 0..3, 10).await;
+    let failed = Job::produce(
+        &queue,
+        Job {
+            n: 3,
+            body: "p".repeat(2 << 20),
+        },
+    )
+    .await;
+    assert!(
+        matches!(&failed, Err(QueueError::Poisoned(_))),
+        "{failed:?}"
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = broker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the poisoned broker kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "poisoned store: the broker exited with {status} {:.2} s after the failed write",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a failure exit, not a signal: {status}"
+    );
+    // A supervisor restarts it on the same data: what was confirmed is there.
+    let dir = std::mem::replace(&mut broker._dir, tempfile::tempdir().unwrap());
+    assert_eq!(dir.path(), data);
+    let again = BrokerProcess::start_in(dir, &[], None).await;
+    let queue = again.client("").await;
+    assert_eq!(ready(&queue, "hostile/jobs").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_replaces_only_a_stale_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--unix")
+        .arg(&file)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"precious",
+        "the file is kept"
+    );
+
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let broker = BrokerProcess::start(&["--unix", stale.to_str().unwrap()]).await;
+    let started = Instant::now();
+    let queue = loop {
+        match queue_runtime::connect(&format!("queue+unix://{}", stale.display())).await {
+            Ok(queue) => break queue,
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    produce_jobs(&queue, 0..1, 10).await;
+    // A second broker may not take over the live socket.
+    let status = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
+        .arg("--data")
+        .arg(dir.path().join("other"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--unix")
+        .arg(&stale)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    produce_jobs(&queue, 1..2, 10).await;
+    drop(broker);
 }
