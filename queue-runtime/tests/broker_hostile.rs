@@ -472,9 +472,10 @@ async fn a_subscriber_that_never_reads_is_dropped_and_its_messages_go_to_others(
     let mut redelivered = 0;
     let started = Instant::now();
     while seen.len() < JOBS as usize {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        // Well before the 30 s leases of the stuck subscriber could lapse.
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
             .await
-            .expect("every message reaches the other worker")
+            .expect("every message reaches the other worker once the broker drops the stuck one")
             .unwrap();
         let job: Job = queue_core::codec::decode(&d.payload).unwrap();
         seen.insert(job.n);
@@ -855,5 +856,50 @@ async fn the_unix_socket_replaces_only_a_stale_socket() {
         .unwrap();
     assert!(!status.success());
     produce_jobs(&queue, 1..2, 10).await;
+    drop(broker);
+}
+
+/// The status code of `GET /metrics` on `addr`, with a bearer token if given.
+async fn metrics_status(addr: SocketAddr, token: Option<&str>) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_the_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let broker = BrokerProcess::start(&[
+        "--token",
+        "s3cret",
+        "--metrics",
+        &metrics.to_string(),
+        "--metrics-token",
+    ])
+    .await;
+    let started = Instant::now();
+    while TcpStream::connect(metrics).await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics_status(metrics, None).await, "401");
+    assert_eq!(metrics_status(metrics, Some("guess")).await, "401");
+    assert_eq!(metrics_status(metrics, Some("s3cret")).await, "200");
     drop(broker);
 }

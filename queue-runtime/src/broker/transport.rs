@@ -245,6 +245,11 @@ impl Acceptor for UnixAcceptor {
     }
 }
 
+fn channel_hash(channel: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(channel)
+}
+
 /// How long a lease is kept in [`Leases`] after its deadline passed unsettled, before it
 /// may be forgotten.
 const LAPSED_GRACE: Duration = Duration::from_secs(60);
@@ -259,8 +264,8 @@ pub struct Leases {
 
 #[derive(Debug, Default)]
 struct Held {
-    /// (message id, fencing token) to (channel, when the lease lapses).
-    leases: HashMap<(u64, u64), (Box<str>, Instant)>,
+    /// (message id, fencing token) to (a hash of the channel, when the lease lapses).
+    leases: HashMap<(u64, u64), (u64, Instant)>,
     /// Forget lapsed leases when the map grows past this.
     prune_at: usize,
 }
@@ -272,7 +277,7 @@ impl Leases {
         let mut held = self.held.lock();
         held.leases.insert(
             (lease.id.0, lease.token),
-            (lease.channel.as_str().into(), now + valid),
+            (channel_hash(&lease.channel), now + valid),
         );
         if held.leases.len() > held.prune_at.max(1024) {
             held.leases
@@ -287,7 +292,7 @@ impl Leases {
             .lock()
             .leases
             .get(&(lease.id.0, lease.token))
-            .is_some_and(|(channel, _)| **channel == *lease.channel)
+            .is_some_and(|(channel, _)| *channel == channel_hash(&lease.channel))
     }
 
     /// The lease now lapses `valid` from now.
