@@ -8,6 +8,17 @@
 //! chosen by the client and is retried after a reconnect with the same key, so the broker
 //! stores it once. Settling or extending a lease across a reconnect fails with
 //! `StaleLease`: the lease was released with the old connection.
+//!
+//! Nothing waits forever: connecting, the handshake and every request have a timeout
+//! ([`RemoteOptions`], or the URL's `connect_timeout`, `handshake_timeout`,
+//! `request_timeout`) and fail with `QueueError::Timeout`. The client pings a quiet
+//! connection and drops one it hears nothing from for its idle timeout. Lease deadlines are
+//! put on the client's own clock: the broker sends how long a lease is valid, not when it
+//! lapses on the broker's clock.
+//!
+//! `conn` holds a connection (handshake, reader, heartbeat, reconnecting), `batch` gathers
+//! produces and settles into shared requests, and `subs` keeps subscriptions open across
+//! connections.
 
 mod batch;
 mod conn;
