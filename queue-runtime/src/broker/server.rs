@@ -599,6 +599,9 @@ impl Connection {
                 let serial = self.next_serial;
                 let (pause, paused) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
                 let leases = self.leases.clone();
+                // Held until the task is recorded, so that a task ending at once finds
+                // its entry to remove.
+                let mut recorded = self.subs.lock();
                 let task = tokio::spawn(async move {
                     let ended = pump(&broker, &out, &leases, id, sub_id, spec, max, paused).await;
                     if let Err((e, opened)) = ended {
@@ -622,7 +625,7 @@ impl Connection {
                         send(&out, &frame).await;
                     }
                 });
-                self.subs.lock().insert(
+                recorded.insert(
                     sub_id,
                     SubControl {
                         serial,
