@@ -807,22 +807,39 @@ async fn a_poisoned_store_ends_the_broker_process_with_a_failure() {
     assert_eq!(ready(&queue, "hostile/jobs").await, 3);
 }
 
+/// True if a broker told to listen on `unix` exits with a failure within 10 s.
+async fn refuses_to_start(data: std::path::PathBuf, unix: &std::path::Path) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
+        .arg("--data")
+        .arg(data)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--unix")
+        .arg(unix)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = child.try_wait().unwrap() {
+            return !status.success();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unix_socket_replaces_only_a_stale_socket() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, b"precious").unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--unix")
-        .arg(&file)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success());
+    assert!(
+        refuses_to_start(dir.path().join("data"), &file).await,
+        "a broker replaced a regular file"
+    );
     assert_eq!(
         std::fs::read(&file).unwrap(),
         b"precious",
@@ -844,17 +861,10 @@ async fn the_unix_socket_replaces_only_a_stale_socket() {
     };
     produce_jobs(&queue, 0..1, 10).await;
     // A second broker may not take over the live socket.
-    let status = Command::new(env!("CARGO_BIN_EXE_queue-broker"))
-        .arg("--data")
-        .arg(dir.path().join("other"))
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--unix")
-        .arg(&stale)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success());
+    assert!(
+        refuses_to_start(dir.path().join("other"), &stale).await,
+        "a second broker took over a live socket"
+    );
     produce_jobs(&queue, 1..2, 10).await;
     drop(broker);
 }
