@@ -426,3 +426,36 @@ async fn an_old_client_gets_a_clear_version_error() {
     );
     assert!(f.next().await.is_none(), "and the connection closes");
 }
+
+#[tokio::test]
+async fn a_subscriber_that_only_receives_is_not_taken_for_idle() {
+    let clock = VirtualClock::default();
+    let s = setup(
+        BrokerConfig {
+            idle_timeout: Duration::from_secs(1),
+            ..BrokerConfig::default()
+        },
+        clock.clone(),
+    )
+    .await;
+    let producer = client(s.addr, clock.clone()).await;
+    let consumer = client(s.addr, clock).await;
+    let sub = consumer.adapter().subscribe(&SPEC, 64).await.unwrap();
+    // For 2 s the consumer hears a delivery every 100 ms and says nothing itself.
+    let mut held = Vec::new();
+    for n in 0..20 {
+        Job::produce(&producer, Job { n }).await.unwrap();
+        held.push(next(&*sub).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still its leases: the connection was never dropped.
+    for d in &held {
+        consumer
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+    }
+    let idle = s.broker.counters.idle.load(Ordering::Relaxed);
+    assert_eq!(idle, 0, "a connection was dropped as idle");
+}

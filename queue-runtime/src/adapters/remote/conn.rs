@@ -126,9 +126,11 @@ pub(super) struct Conn {
     pub(super) subs: Mutex<HashMap<i64, u64>>,
     /// Wakes the reader to close the connection.
     closing: tokio::sync::Notify,
-    /// When the connection opened, and milliseconds after that when a frame last came.
+    /// When the connection opened, and milliseconds after that when a frame last came and
+    /// when one was last sent.
     opened: Instant,
     heard: AtomicU64,
+    said: AtomicU64,
     /// The largest frame the broker accepts.
     max_frame: AtomicU64,
 }
@@ -164,6 +166,8 @@ impl Conn {
         awaiting: Awaiting,
     ) -> Result<(), CallError> {
         self.pending.lock().insert(id, awaiting);
+        self.said
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         if !self.out.send(bytes).await {
             let awaiting = self.pending.lock().remove(&id);
             if let Some(awaiting) = awaiting {
@@ -202,9 +206,14 @@ impl Conn {
         self.heard.store(ms, Ordering::Relaxed);
     }
 
-    fn quiet_for(&self) -> Duration {
-        let heard = Duration::from_millis(self.heard.load(Ordering::Relaxed));
-        self.opened.elapsed().saturating_sub(heard)
+    /// How long since a frame came from the broker, and since one was sent to it.
+    fn quiet_for(&self) -> (Duration, Duration) {
+        let at = |t: &AtomicU64| Duration::from_millis(t.load(Ordering::Relaxed));
+        let now = self.opened.elapsed();
+        (
+            now.saturating_sub(at(&self.heard)),
+            now.saturating_sub(at(&self.said)),
+        )
     }
 }
 
@@ -294,6 +303,7 @@ impl Inner {
             closing: tokio::sync::Notify::new(),
             opened: Instant::now(),
             heard: AtomicU64::new(0),
+            said: AtomicU64::new(0),
             max_frame: AtomicU64::new(protocol::DEFAULT_MAX_HELLO_FRAME as u64),
         });
         let writer_conn = Arc::downgrade(&conn);
@@ -384,7 +394,8 @@ impl Inner {
     }
 }
 
-/// Pings the broker when the connection is quiet, and drops the connection when nothing
+/// Pings the broker when nothing came from it, or nothing was sent to it, for `every`
+/// (so the broker always hears from a live client), and drops the connection when nothing
 /// came from the broker for `idle`: the broker answers every ping, so a live broker is
 /// never quiet that long.
 async fn heartbeat(conn: Arc<Conn>, every: Duration, idle: Duration) {
@@ -393,7 +404,7 @@ async fn heartbeat(conn: Arc<Conn>, every: Duration, idle: Duration) {
     tick.tick().await;
     while conn.alive.load(Ordering::Acquire) {
         tick.tick().await;
-        let quiet = conn.quiet_for();
+        let (quiet, silent) = conn.quiet_for();
         if quiet >= idle {
             tracing::warn!(
                 ?quiet,
@@ -402,7 +413,7 @@ async fn heartbeat(conn: Arc<Conn>, every: Duration, idle: Duration) {
             conn.fail_all();
             return;
         }
-        if quiet >= every {
+        if quiet >= every || silent >= every {
             let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
             if let Ok(bytes) = protocol::encode(&ClientFrame {
                 id,
