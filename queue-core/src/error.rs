@@ -89,6 +89,30 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// A stable, lowercase name of the variant, as the broker protocol carries it
+    /// (`stale_lease`, `unknown_channel`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            QueueError::Encode(_) => "encode",
+            QueueError::Decode(_) => "decode",
+            QueueError::PayloadTooLarge { .. } => "payload_too_large",
+            QueueError::StaleLease { .. } => "stale_lease",
+            QueueError::UnknownChannel(_) => "unknown_channel",
+            QueueError::UnknownMessage { .. } => "unknown_message",
+            QueueError::InvalidRequest(_) => "invalid",
+            QueueError::Closed => "closed",
+            QueueError::Poisoned(_) => "poisoned",
+            QueueError::Io(_) => "io",
+            QueueError::Corrupt(_) => "corrupt",
+            QueueError::InvalidUrl { .. } => "invalid_url",
+            QueueError::Unsupported(_) => "unsupported",
+            QueueError::Protocol(_) => "protocol",
+            QueueError::Unauthorized(_) => "unauthorized",
+            QueueError::Timeout(_) => "timeout",
+            QueueError::Backend { .. } => "backend",
+        }
+    }
+
     /// Wraps a backend error with what was being done.
     pub fn backend(
         context: impl Into<String>,

@@ -53,6 +53,9 @@ impl ConnectOptions {
 /// | `queue://HOST:PORT`, `queue+unix://PATH` | client of `queue-broker` |
 /// | `postgres://…` | PostgreSQL |
 ///
+/// A broker URL takes `?token=…` and timeouts in seconds: `connect_timeout` (10),
+/// `handshake_timeout` (5), `request_timeout` (30), `heartbeat` (5), `idle_timeout` (20).
+///
 /// Must be called inside a tokio runtime: consumers run on it.
 ///
 /// # Errors
@@ -109,15 +112,32 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
         }
         "queue" | "queue+unix" | "queue+tls" => {
             let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let mut options = RemoteOptions::default();
+            let mut options = RemoteOptions {
+                clock: clock.clone(),
+                ..RemoteOptions::default()
+            };
             let mut ca = None;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let seconds = |v: &str| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+                        .map(std::time::Duration::from_secs_f64)
+                        .ok_or_else(|| invalid(&format!("`{pair}` needs a number of seconds")))
+                };
                 match pair.split_once('=') {
                     Some(("token", t)) => options.token = Some(t.to_string()),
                     Some(("ca", path)) => ca = Some(std::path::PathBuf::from(path)),
+                    Some(("connect_timeout", v)) => options.connect_timeout = seconds(v)?,
+                    Some(("handshake_timeout", v)) => options.handshake_timeout = seconds(v)?,
+                    Some(("request_timeout", v)) => options.request_timeout = seconds(v)?,
+                    Some(("heartbeat", v)) => options.heartbeat = seconds(v)?,
+                    Some(("idle_timeout", v)) => options.idle_timeout = seconds(v)?,
                     _ => {
                         return Err(invalid(&format!(
-                            "unknown option `{pair}`; the broker client takes `token` and, with TLS, `ca`"
+                            "unknown option `{pair}`; the broker client takes `token`, \
+                             `connect_timeout`, `handshake_timeout`, `request_timeout`, \
+                             `heartbeat`, `idle_timeout` (seconds) and, with TLS, `ca`"
                         )));
                     }
                 }

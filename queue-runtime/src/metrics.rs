@@ -229,16 +229,52 @@ impl Metrics {
         addr: SocketAddr,
         queue: Queue,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        use axum::http::{StatusCode, header};
+        self.serve_with_token(addr, queue, None).await
+    }
+
+    /// [`Metrics::serve`], answering only requests with `Authorization: Bearer TOKEN` when
+    /// `token` is given.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn serve_with_token(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        queue: Queue,
+        token: Option<String>,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        use axum::http::{HeaderMap, StatusCode, header};
         use axum::routing::get;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
+        let token: Option<Arc<str>> = token.map(Into::into);
         let app = axum::Router::new().route(
             "/metrics",
-            get(move || {
+            get(move |headers: HeaderMap| {
                 let metrics = self.clone();
                 let queue = queue.clone();
+                let token = token.clone();
                 async move {
+                    if let Some(token) = token {
+                        let given = headers
+                            .get(header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .unwrap_or_default();
+                        let same = given.len() == token.len()
+                            && given
+                                .bytes()
+                                .zip(token.bytes())
+                                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                                == 0;
+                        if !same {
+                            return (
+                                StatusCode::UNAUTHORIZED,
+                                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                                "a bearer token is required\n".to_string(),
+                            );
+                        }
+                    }
                     match metrics.render(&queue).await {
                         Ok(body) => (
                             StatusCode::OK,

@@ -87,13 +87,10 @@ async fn closing_error(f: &mut Framed<TcpStream, LengthDelimitedCodec>) -> (Stri
     let mut error = None;
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(bytes)) = f.next().await {
-            if let Ok(ServerFrame::Error {
-                id: 0,
-                code,
-                message,
-            }) = protocol::decode::<ServerFrame>(&bytes)
+            if let Ok(ServerFrame::Error { id: 0, error: e }) =
+                protocol::decode::<ServerFrame>(&bytes)
             {
-                error = Some((code, message));
+                error = Some((e.code, e.message));
             }
         }
     })

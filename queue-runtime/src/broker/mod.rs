@@ -4,5 +4,6 @@ pub mod protocol;
 pub mod server;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod transport;
 
 pub use server::{Broker, BrokerConfig, BrokerCounters};

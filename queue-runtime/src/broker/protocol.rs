@@ -1,4 +1,4 @@
-//! The broker protocol (version 1), shared by the server and the `queue://` client. Written
+//! The broker protocol (version 3), shared by the server and the `queue://` client. Written
 //! up in `docs/protocol.md`.
 //!
 //! Every frame is a 4-byte big-endian length followed by that many bytes of one BSON
@@ -19,11 +19,16 @@ use queue_core::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks. Version 2 added `settle_many`.
-pub const VERSION: u32 = 2;
+/// The protocol version this build speaks. Version 2 added `settle_many`; version 3 sends
+/// lease deadlines as durations, structured error fields, paginated listings, subscription
+/// ends and heartbeats.
+pub const VERSION: u32 = 3;
 
 /// The default limit on one frame: a maximal payload plus room for its envelope.
 pub const DEFAULT_MAX_FRAME: usize = queue_core::codec::MAX_PAYLOAD + 1024 * 1024;
+
+/// The default limit on a frame before `hello` succeeds.
+pub const DEFAULT_MAX_HELLO_FRAME: usize = 4 * 1024;
 
 /// Milliseconds, as BSON carries them.
 fn ms(d: Duration) -> i64 {
@@ -237,31 +242,32 @@ pub struct WireDelivery {
     pub attempt: i64,
     pub priority: i32,
     pub produced_at: i64,
-    pub deadline: i64,
+    /// How long the lease stays valid, counted from when the broker sent the delivery.
+    pub lease_ms: i64,
 }
 
-impl From<RawDelivery> for WireDelivery {
-    fn from(d: RawDelivery) -> Self {
+impl WireDelivery {
+    /// A delivery whose lease is valid for `valid` from now.
+    pub fn new(d: RawDelivery, valid: Duration) -> Self {
         WireDelivery {
             lease: WireLease::from(&d.lease),
             payload: Blob(d.payload),
             attempt: i64::from(d.attempt),
             priority: i32::from(d.priority),
             produced_at: d.produced_at as i64,
-            deadline: d.deadline as i64,
+            lease_ms: ms(valid),
         }
     }
-}
 
-impl From<WireDelivery> for RawDelivery {
-    fn from(d: WireDelivery) -> Self {
+    /// The delivery, its deadline `lease_ms` after `now` on the receiver's clock.
+    pub fn into_raw(self, now: queue_core::clock::Timestamp) -> RawDelivery {
         RawDelivery {
-            lease: d.lease.into(),
-            payload: d.payload.0,
-            attempt: d.attempt.max(0) as u32,
-            priority: d.priority.clamp(0, 255) as u8,
-            produced_at: d.produced_at.max(0) as u64,
-            deadline: d.deadline.max(0) as u64,
+            lease: self.lease.into(),
+            payload: self.payload.0,
+            attempt: self.attempt.max(0) as u32,
+            priority: self.priority.clamp(0, 255) as u8,
+            produced_at: self.produced_at.max(0) as u64,
+            deadline: now.saturating_add(self.lease_ms.max(0) as u64),
         }
     }
 }
@@ -359,49 +365,55 @@ impl From<WireDead> for DeadLetter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireStats {
     pub channel: String,
-    pub counters: Vec<i64>,
+    pub ready: i64,
+    pub delayed: i64,
+    pub in_flight: i64,
+    pub dead: i64,
+    pub produced: i64,
+    pub duplicates: i64,
+    pub acked: i64,
+    pub retried: i64,
+    pub dead_lettered: i64,
+    pub lease_expiries: i64,
+    pub consumers: i64,
 }
 
 impl From<ChannelStats> for WireStats {
     fn from(s: ChannelStats) -> Self {
+        let w = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         WireStats {
             channel: s.channel,
-            counters: [
-                s.ready,
-                s.delayed,
-                s.in_flight,
-                s.dead,
-                s.produced,
-                s.duplicates,
-                s.acked,
-                s.retried,
-                s.dead_lettered,
-                s.lease_expiries,
-                s.consumers,
-            ]
-            .iter()
-            .map(|v| *v as i64)
-            .collect(),
+            ready: w(s.ready),
+            delayed: w(s.delayed),
+            in_flight: w(s.in_flight),
+            dead: w(s.dead),
+            produced: w(s.produced),
+            duplicates: w(s.duplicates),
+            acked: w(s.acked),
+            retried: w(s.retried),
+            dead_lettered: w(s.dead_lettered),
+            lease_expiries: w(s.lease_expiries),
+            consumers: w(s.consumers),
         }
     }
 }
 
 impl From<WireStats> for ChannelStats {
     fn from(s: WireStats) -> Self {
-        let c = |i: usize| s.counters.get(i).copied().unwrap_or(0).max(0) as u64;
+        let c = |v: i64| v.max(0) as u64;
         ChannelStats {
-            channel: s.channel.clone(),
-            ready: c(0),
-            delayed: c(1),
-            in_flight: c(2),
-            dead: c(3),
-            produced: c(4),
-            duplicates: c(5),
-            acked: c(6),
-            retried: c(7),
-            dead_lettered: c(8),
-            lease_expiries: c(9),
-            consumers: c(10),
+            channel: s.channel,
+            ready: c(s.ready),
+            delayed: c(s.delayed),
+            in_flight: c(s.in_flight),
+            dead: c(s.dead),
+            produced: c(s.produced),
+            duplicates: c(s.duplicates),
+            acked: c(s.acked),
+            retried: c(s.retried),
+            dead_lettered: c(s.dead_lettered),
+            lease_expiries: c(s.lease_expiries),
+            consumers: c(s.consumers),
         }
     }
 }
@@ -445,10 +457,21 @@ pub enum Request {
     Extend { lease: WireLease, by_ms: i64 },
     /// Stats of every channel.
     Stats,
-    /// Pending messages of a channel.
-    Peek { channel: String, limit: i64 },
-    /// The dead-letter queue of a channel.
-    DeadLetters { channel: String, limit: i64 },
+    /// Pending messages of a channel: one page of at most `limit`, starting `offset` into
+    /// the listing.
+    Peek {
+        channel: String,
+        limit: i64,
+        #[serde(default)]
+        offset: i64,
+    },
+    /// The dead-letter queue of a channel, paged as `peek`.
+    DeadLetters {
+        channel: String,
+        limit: i64,
+        #[serde(default)]
+        offset: i64,
+    },
     /// Moves dead letters back.
     Redrive {
         channel: String,
@@ -459,7 +482,7 @@ pub enum Request {
         channel: String,
         ids: Option<Vec<i64>>,
     },
-    /// Liveness.
+    /// Liveness: answered with `pong`. A client sends it when the connection is quiet.
     Ping,
 }
 
@@ -470,11 +493,142 @@ pub struct WireSettle {
     pub outcome: WireOutcome,
 }
 
-/// Why one item of a batch failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Why a request, one item of a batch, or a subscription failed: the code, the text, and
+/// the fields of the [`QueueError`] variant, so the client rebuilds the same error.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct WireError {
     pub code: String,
+    /// The variant's text field (or, for codes without one, a description).
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<i64>,
+    /// A second text field (`InvalidUrl`'s reason, `Backend`'s cause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl WireError {
+    /// An error with a code and a text only.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        WireError {
+            code: code.into(),
+            message: message.into(),
+            ..WireError::default()
+        }
+    }
+}
+
+impl From<&QueueError> for WireError {
+    fn from(e: &QueueError) -> Self {
+        let text = |m: &String| WireError::new(e.code(), m.clone());
+        match e {
+            QueueError::Encode(m)
+            | QueueError::Decode(m)
+            | QueueError::InvalidRequest(m)
+            | QueueError::Poisoned(m)
+            | QueueError::Corrupt(m)
+            | QueueError::Protocol(m)
+            | QueueError::Unauthorized(m) => text(m),
+            QueueError::PayloadTooLarge { size, max } => WireError {
+                size: Some(*size as i64),
+                max: Some(*max as i64),
+                ..WireError::new(e.code(), e.to_string())
+            },
+            QueueError::StaleLease { id } => WireError {
+                id: Some(id.0 as i64),
+                ..WireError::new(e.code(), e.to_string())
+            },
+            QueueError::UnknownChannel(name) => WireError {
+                channel: Some(name.clone()),
+                ..WireError::new(e.code(), e.to_string())
+            },
+            QueueError::UnknownMessage { channel, id } => WireError {
+                id: Some(id.0 as i64),
+                channel: Some(channel.clone()),
+                ..WireError::new(e.code(), e.to_string())
+            },
+            QueueError::InvalidUrl { url, reason } => WireError {
+                detail: Some(reason.clone()),
+                ..WireError::new(e.code(), url.clone())
+            },
+            QueueError::Unsupported(what) => WireError::new(e.code(), *what),
+            QueueError::Timeout(d) => WireError {
+                ms: Some(ms(*d)),
+                ..WireError::new(e.code(), e.to_string())
+            },
+            QueueError::Backend { context, source } => WireError {
+                detail: Some(source.to_string()),
+                ..WireError::new(e.code(), context.clone())
+            },
+            QueueError::Io(io) => WireError::new(e.code(), io.to_string()),
+            other => WireError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl WireError {
+    /// The queue error this stands for: the same variant and fields as on the broker.
+    /// Codes of the connection (`bad_frame`, `limit_exceeded`, …) become
+    /// [`QueueError::Protocol`] or [`QueueError::InvalidRequest`] naming the code.
+    pub fn into_error(self) -> QueueError {
+        let id = MessageId(self.id.unwrap_or(0) as u64);
+        let n = |v: Option<i64>| v.unwrap_or(0).max(0) as usize;
+        match self.code.as_str() {
+            "encode" => QueueError::Encode(self.message),
+            "decode" => QueueError::Decode(self.message),
+            code::TOO_LARGE => QueueError::PayloadTooLarge {
+                size: n(self.size),
+                max: n(self.max),
+            },
+            code::STALE_LEASE => QueueError::StaleLease { id },
+            code::UNKNOWN_CHANNEL => {
+                QueueError::UnknownChannel(self.channel.unwrap_or(self.message))
+            }
+            "unknown_message" => QueueError::UnknownMessage {
+                channel: self.channel.unwrap_or_default(),
+                id,
+            },
+            code::INVALID => QueueError::InvalidRequest(self.message),
+            code::CLOSED => QueueError::Closed,
+            code::POISONED => QueueError::Poisoned(self.message),
+            "io" => QueueError::Io(std::io::Error::other(self.message)),
+            "corrupt" => QueueError::Corrupt(self.message),
+            "invalid_url" => QueueError::InvalidUrl {
+                url: self.message,
+                reason: self.detail.unwrap_or_default(),
+            },
+            "unsupported" => QueueError::Unsupported(intern(self.message)),
+            "protocol" => QueueError::Protocol(self.message),
+            code::UNAUTHORIZED => QueueError::Unauthorized(self.message),
+            "timeout" => QueueError::Timeout(dur(self.ms.unwrap_or(0))),
+            "backend" => QueueError::backend(self.message, self.detail.unwrap_or_default()),
+            code::LIMIT => QueueError::InvalidRequest(format!("{}: {}", self.code, self.message)),
+            other => QueueError::Protocol(format!("{other}: {}", self.message)),
+        }
+    }
+}
+
+/// `Unsupported` carries a `&'static str`: the few texts a broker sends are kept once.
+fn intern(text: String) -> &'static str {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = seen.iter().find(|s| **s == text) {
+        return s;
+    }
+    if seen.len() >= 64 {
+        return "unsupported by the broker";
+    }
+    let s: &'static str = Box::leak(text.into_boxed_str());
+    seen.push(s);
+    s
 }
 
 /// A request with its id.
@@ -489,9 +643,13 @@ pub struct ClientFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
+    /// The handshake succeeded. The broker drops a connection it hears nothing from for
+    /// `idle_timeout_ms`, and accepts frames up to `max_frame` bytes.
     Welcome {
         version: u32,
         server: String,
+        idle_timeout_ms: i64,
+        max_frame: i64,
     },
     Receipts {
         receipts: Vec<(i64, bool)>,
@@ -500,17 +658,22 @@ pub enum Reply {
         sub: i64,
     },
     Done,
-    Deadline {
-        deadline: i64,
+    /// The lease was extended: valid for `lease_ms` from when the broker sent this.
+    Extended {
+        lease_ms: i64,
     },
     Stats {
         channels: Vec<WireStats>,
     },
+    /// One page: `next` is the offset of the next page, or null at the end.
     Peeked {
         messages: Vec<WireStored>,
+        next: Option<i64>,
     },
+    /// One page, as `peeked`.
     DeadLetters {
         messages: Vec<WireDead>,
+        next: Option<i64>,
     },
     Count {
         count: i64,
@@ -537,6 +700,12 @@ pub mod code {
     pub const POISONED: &str = "poisoned";
     pub const CLOSED: &str = "closed";
     pub const INTERNAL: &str = "internal";
+    /// A limit of the connection was hit (subscriptions, `max_parallel`).
+    pub const LIMIT: &str = "limit_exceeded";
+    /// Nothing came from the peer within the idle timeout, or it stopped reading.
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// The broker is stopping.
+    pub const SHUTDOWN: &str = "shutdown";
 }
 
 /// What the server sends.
@@ -546,13 +715,11 @@ pub enum ServerFrame {
     /// The answer to request `id`.
     Reply { id: i64, reply: Reply },
     /// Request `id` failed (id 0: the connection failed and will be closed).
-    Error {
-        id: i64,
-        code: String,
-        message: String,
-    },
+    Error { id: i64, error: WireError },
     /// A pushed delivery for subscription `sub`.
     Delivery { sub: i64, delivery: WireDelivery },
+    /// Subscription `sub` ended on the broker, for `error`; it holds no more leases.
+    Ended { sub: i64, error: WireError },
 }
 
 /// Encodes a frame body.
@@ -572,37 +739,6 @@ pub fn encode<T: Serialize>(frame: &T) -> Result<Bytes, QueueError> {
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, QueueError> {
     bson::deserialize_from_slice(bytes)
         .map_err(|e| QueueError::Protocol(format!("malformed frame: {e}")))
-}
-
-/// The error code and text for a queue error.
-pub fn error_code(e: &QueueError) -> &'static str {
-    match e {
-        QueueError::StaleLease { .. } => code::STALE_LEASE,
-        QueueError::UnknownChannel(_) => code::UNKNOWN_CHANNEL,
-        QueueError::PayloadTooLarge { .. } => code::TOO_LARGE,
-        QueueError::Poisoned(_) => code::POISONED,
-        QueueError::Closed => code::CLOSED,
-        QueueError::InvalidRequest(_) | QueueError::Protocol(_) | QueueError::Encode(_) => {
-            code::INVALID
-        }
-        QueueError::Unauthorized(_) => code::UNAUTHORIZED,
-        _ => code::INTERNAL,
-    }
-}
-
-/// The queue error for an error frame.
-pub fn error_from(code: &str, message: String, id: Option<MessageId>) -> QueueError {
-    match code {
-        code::STALE_LEASE => QueueError::StaleLease {
-            id: id.unwrap_or(MessageId(0)),
-        },
-        code::UNKNOWN_CHANNEL => QueueError::UnknownChannel(message),
-        code::POISONED => QueueError::Poisoned(message),
-        code::CLOSED => QueueError::Closed,
-        code::UNAUTHORIZED => QueueError::Unauthorized(message),
-        code::INVALID => QueueError::InvalidRequest(message),
-        _ => QueueError::Protocol(format!("{code}: {message}")),
-    }
 }
 
 /// Receipts on the wire.
@@ -667,13 +803,20 @@ mod tests {
         };
         let f = ServerFrame::Delivery {
             sub: 1,
-            delivery: d.clone().into(),
+            delivery: WireDelivery::new(d.clone(), Duration::from_millis(30_000)),
         };
         let back: ServerFrame = decode(&encode(&f).unwrap()).unwrap();
         let ServerFrame::Delivery { delivery, .. } = back else {
             panic!()
         };
-        assert_eq!(RawDelivery::from(delivery), d);
+        // The deadline is the lease's duration after now on the receiver's clock.
+        assert_eq!(
+            delivery.into_raw(1_000),
+            RawDelivery {
+                deadline: 31_000,
+                ..d.clone()
+            }
+        );
 
         let many = ClientFrame {
             id: 43,
@@ -693,10 +836,9 @@ mod tests {
             reply: Reply::Settled {
                 errors: vec![
                     None,
-                    Some(WireError {
-                        code: code::STALE_LEASE.into(),
-                        message: "m".into(),
-                    }),
+                    Some(WireError::from(&QueueError::StaleLease {
+                        id: MessageId(9),
+                    })),
                 ],
             },
         };

@@ -1,41 +1,65 @@
 //! The broker server: any adapter (the embedded store in `queue-broker`) behind a socket.
 //!
-//! Each connection has a reader (this task), a writer task fed by a channel, one task per
-//! request (so requests are pipelined and a slow produce does not hold up an ack), and one
+//! Each connection has a reader (its task), a writer task fed by an outbox bounded in bytes
+//! ([`transport::Outbox`]), its requests (run concurrently inside the reader's task, at
+//! most `max_in_flight` at once: at the cap the reader stops reading the socket), and one
 //! task per subscription pushing deliveries. Closing a connection aborts its subscription
 //! tasks, which drops their subscriptions: every lease they hold is released at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
-use queue_core::{Adapter, MessageId, QueueError, Receipt};
+use queue_core::clock::{Clock, Timestamp};
+use queue_core::{Adapter, Lease, MessageId, QueueError, Receipt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 
 use super::protocol::{
-    self, ClientFrame, Reply, Request, ServerFrame, WireError, code, error_code, receipts_to_wire,
+    self, ClientFrame, Reply, Request, ServerFrame, WireDelivery, WireError, code, receipts_to_wire,
 };
+use super::transport::{self, Acceptor, BoxStream, Leases, Outbox, WriteEnd};
 
-/// Settings of a broker.
+/// Settings of a broker. Every limit holds per connection unless it says otherwise.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// The token clients must present; `None` accepts any client.
     pub token: Option<String>,
     /// The largest frame accepted, checked before anything is allocated for it.
     pub max_frame: usize,
-    /// Connections served at once; more are refused with an error frame.
+    /// The largest frame accepted before `hello` succeeded.
+    pub max_hello_frame: usize,
+    /// Connections served at once (for the whole broker); more are refused with an error
+    /// frame.
     pub max_connections: usize,
+    /// Requests of one connection being served at once; at the cap the broker stops
+    /// reading the connection until one finishes.
+    pub max_in_flight: usize,
+    /// Bytes of request frames being served at once; as `max_in_flight`.
+    pub max_in_flight_bytes: usize,
+    /// Bytes of frames queued for a connection and not yet written; replies and deliveries
+    /// wait for room.
+    pub max_outbound_bytes: usize,
+    /// Subscriptions open on one connection.
+    pub max_subscriptions: usize,
+    /// The largest `max_parallel` of a subscription.
+    pub max_parallel: u32,
+    /// The most bytes of messages in one page of `peek` or `dead_letters`.
+    pub max_page_bytes: usize,
     /// How long a client has to complete the handshake.
     pub handshake_timeout: Duration,
+    /// A connection the broker hears nothing from for this long, or that takes no frame
+    /// for this long while frames wait for it, is dropped. Clients ping well within it.
+    pub idle_timeout: Duration,
+    /// TCP keepalive probes start after the connection is quiet this long.
+    pub keepalive: Duration,
     /// How long a produce key is remembered for idempotent retries.
     pub idempotency_window: Duration,
 }
@@ -45,8 +69,17 @@ impl Default for BrokerConfig {
         BrokerConfig {
             token: None,
             max_frame: protocol::DEFAULT_MAX_FRAME,
+            max_hello_frame: protocol::DEFAULT_MAX_HELLO_FRAME,
             max_connections: 1024,
+            max_in_flight: 256,
+            max_in_flight_bytes: 64 << 20,
+            max_outbound_bytes: 32 << 20,
+            max_subscriptions: 256,
+            max_parallel: 4096,
+            max_page_bytes: 4 << 20,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+            keepalive: Duration::from_secs(10),
             idempotency_window: Duration::from_secs(600),
         }
     }
@@ -61,6 +94,8 @@ pub struct BrokerCounters {
     pub open: AtomicI64,
     /// Connections closed for a protocol error, a bad token or a timeout.
     pub rejected: AtomicU64,
+    /// Connections dropped for silence or for not reading (`idle_timeout`).
+    pub idle: AtomicU64,
     /// Produce requests answered from the idempotency cache.
     pub replayed_produces: AtomicU64,
 }
@@ -87,6 +122,9 @@ pub struct Broker {
     /// What the broker has done.
     pub counters: BrokerCounters,
     shutdown: watch::Sender<bool>,
+    failure: OnceLock<String>,
+    /// The adapter's clock, to tell clients how long a lease has left.
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -102,15 +140,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Broker {
-    /// A broker over `adapter`.
+    /// A broker over `adapter`. Without the adapter's clock (see [`Broker::with_clock`]) a
+    /// lease is announced as valid for its whole duration from when the broker sends it.
     pub fn new(adapter: Arc<dyn Adapter>, config: BrokerConfig) -> Arc<Self> {
+        Self::build(adapter, config, None)
+    }
+
+    /// A broker over `adapter`, whose time rules read `clock`: a lease is announced as
+    /// valid until its deadline on that clock.
+    pub fn with_clock(
+        adapter: Arc<dyn Adapter>,
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
+        Self::build(adapter, config, Some(clock))
+    }
+
+    fn build(
+        adapter: Arc<dyn Adapter>,
+        config: BrokerConfig,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Arc<Self> {
         Arc::new(Broker {
+            clock,
             adapter,
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
             idempotency: Mutex::new(Idempotency::default()),
             counters: BrokerCounters::default(),
             shutdown: watch::channel(false).0,
+            failure: OnceLock::new(),
         })
     }
 
@@ -119,29 +178,55 @@ impl Broker {
         &self.adapter
     }
 
+    /// The settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// How long a lease lapsing at `deadline` has left: by the adapter's clock, or
+    /// `otherwise` without one.
+    fn left(&self, deadline: Timestamp, otherwise: Duration) -> Duration {
+        match &self.clock {
+            Some(clock) => Duration::from_millis(deadline.saturating_sub(clock.now())),
+            None => otherwise,
+        }
+    }
+
     /// Closes every connection (their leases are released) and stops serving.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
     }
 
+    /// Completes once the broker stops serving: after [`Broker::shutdown`], or after the
+    /// store failed for good (see [`Broker::failure`]).
+    pub async fn stopped(&self) {
+        stopped(&mut self.shutdown.subscribe()).await;
+    }
+
+    /// Why the broker stopped on its own: the store reported itself poisoned. A supervisor
+    /// restarts the broker on the same data.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Notes an error of the store; a poisoned store stops the broker.
+    fn check(&self, e: &QueueError) {
+        if let QueueError::Poisoned(cause) = e {
+            if self.failure.set(cause.clone()).is_ok() {
+                tracing::error!(cause = %cause, "the store is poisoned; the broker stops");
+            }
+            self.shutdown();
+        }
+    }
+
     /// Accepts connections from `listener` until [`Broker::shutdown`].
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        let mut stop = self.shutdown.subscribe();
-        loop {
-            tokio::select! {
-                () = stopped(&mut stop) => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        self.clone().spawn_connection(stream, peer.to_string());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
+        let keepalive = self.config.keepalive;
+        self.serve(transport::TcpAcceptor {
+            listener,
+            keepalive,
+        })
+        .await;
     }
 
     /// Accepts TLS connections from `listener` until [`Broker::shutdown`]. The TLS handshake
@@ -152,26 +237,42 @@ impl Broker {
         listener: tokio::net::TcpListener,
         acceptor: tokio_rustls::TlsAcceptor,
     ) {
+        let keepalive = self.config.keepalive;
+        self.serve(transport::TlsAcceptor {
+            listener,
+            acceptor,
+            keepalive,
+        })
+        .await;
+    }
+
+    /// Accepts connections on a Unix socket until [`Broker::shutdown`].
+    #[cfg(unix)]
+    pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        self.serve(transport::UnixAcceptor(listener)).await;
+    }
+
+    /// The accept loop of every listener: each connection is set up (TLS: its handshake,
+    /// within the handshake timeout) and served on its own task.
+    pub async fn serve(self: Arc<Self>, mut acceptor: impl Acceptor) {
         let mut stop = self.shutdown.subscribe();
         loop {
             tokio::select! {
                 () = stopped(&mut stop) => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
+                accepted = acceptor.accept() => match accepted {
+                    Ok((upgrading, peer)) => {
                         let broker = self.clone();
-                        let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             let timeout = broker.config.handshake_timeout;
-                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => broker.spawn_connection(tls, peer.to_string()),
+                            match tokio::time::timeout(timeout, upgrading).await {
+                                Ok(Ok(stream)) => broker.run_connection(stream, peer).await,
                                 Ok(Err(e)) => {
                                     broker.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                                    tracing::info!(peer = %peer, error = %e, "tls handshake failed");
+                                    tracing::info!(peer = %peer, error = %e, "connection setup failed");
                                 }
                                 Err(_) => {
                                     broker.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                                    tracing::info!(peer = %peer, "tls handshake timed out");
+                                    tracing::info!(peer = %peer, "connection setup timed out");
                                 }
                             }
                         });
@@ -185,58 +286,51 @@ impl Broker {
         }
     }
 
-    /// Accepts connections on a Unix socket until [`Broker::shutdown`].
-    #[cfg(unix)]
-    pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener) {
-        let mut stop = self.shutdown.subscribe();
-        loop {
-            tokio::select! {
-                () = stopped(&mut stop) => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => self.clone().spawn_connection(stream, "unix".into()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-    }
-
-    /// Serves one already-accepted stream (TCP, Unix or TLS).
+    /// Serves one already-accepted stream (TCP, Unix or TLS) on a task of its own.
     pub fn spawn_connection<S>(self: Arc<Self>, stream: S, peer: String)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        tokio::spawn(self.run_connection(Box::new(stream), peer));
+    }
+
+    async fn run_connection(self: Arc<Self>, stream: BoxStream, peer: String) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let permit = self.slots.clone().try_acquire_owned();
-            let codec = LengthDelimitedCodec::builder()
-                .max_frame_length(self.config.max_frame)
-                .new_codec();
-            let mut framed = Framed::new(stream, codec);
-            let Ok(_permit) = permit else {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %peer, "refusing a connection: too many connections");
-                let frame = error_frame(
-                    0,
-                    code::TOO_MANY_CONNECTIONS,
-                    "the broker serves no more connections",
-                );
-                let _ = framed.send(frame).await;
-                return;
-            };
-            self.counters.open.fetch_add(1, Ordering::Relaxed);
-            let reason = Connection::new(self.clone()).run(framed).await;
-            self.counters.open.fetch_sub(1, Ordering::Relaxed);
-            match reason {
-                Ok(()) => tracing::debug!(peer = %peer, "connection closed"),
-                Err(e) => {
+        let (read, write) = tokio::io::split(stream);
+        let (outbox, rx) = Outbox::new(self.config.max_outbound_bytes);
+        let stall = self.config.idle_timeout;
+        let writer = tokio::spawn(transport::write_frames(write, rx, stall));
+        let Ok(_permit) = self.slots.clone().try_acquire_owned() else {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            let e = WireError::new(
+                code::TOO_MANY_CONNECTIONS,
+                format!(
+                    "the broker serves at most {} connections",
+                    self.config.max_connections
+                ),
+            );
+            outbox.send(error_frame(0, e)).await;
+            drop(outbox);
+            let _ = writer.await;
+            return;
+        };
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        let reader = FramedRead::new(read, transport::codec(self.config.max_hello_frame));
+        let reason = Connection::new(self.clone(), outbox, writer)
+            .run(reader)
+            .await;
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        match reason {
+            Ok(()) => tracing::debug!(peer = %peer, "connection closed"),
+            Err(e) => {
+                if matches!(e, ConnError::Protocol(code::IDLE_TIMEOUT, _)) {
+                    self.counters.idle.fetch_add(1, Ordering::Relaxed);
+                } else {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(peer = %peer, error = %e, "connection closed after an error");
                 }
+                tracing::info!(peer = %peer, error = %e, "connection closed after an error");
             }
-        });
+        }
     }
 
     fn remembered(&self, key: &str) -> Remembered {
@@ -261,7 +355,6 @@ impl Broker {
     }
 }
 
-/// Completes once shutdown is signalled (or the broker is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     loop {
         if *rx.borrow_and_update() {
@@ -273,22 +366,24 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-fn error_frame(id: i64, code: &str, message: &str) -> Bytes {
-    protocol::encode(&ServerFrame::Error {
-        id,
-        code: code.into(),
-        message: message.into(),
-    })
-    .expect("error frames encode")
+fn error_frame(id: i64, error: WireError) -> bytes::Bytes {
+    protocol::encode(&ServerFrame::Error { id, error }).expect("error frames encode")
 }
+
+type Reader = FramedRead<tokio::io::ReadHalf<BoxStream>, tokio_util::codec::LengthDelimitedCodec>;
 
 struct Connection {
     broker: Arc<Broker>,
+    out: Outbox,
+    writer: Option<tokio::task::JoinHandle<WriteEnd>>,
     subs: Arc<Mutex<HashMap<i64, SubControl>>>,
+    leases: Arc<Leases>,
+    next_serial: u64,
 }
 
 /// A subscription's pump task: abort it to close the subscription, or ask it to pause.
 struct SubControl {
+    serial: u64,
     abort: AbortHandle,
     pause: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
@@ -303,59 +398,49 @@ enum ConnError {
 }
 
 impl Connection {
-    fn new(broker: Arc<Broker>) -> Self {
+    fn new(broker: Arc<Broker>, out: Outbox, writer: tokio::task::JoinHandle<WriteEnd>) -> Self {
         Connection {
             broker,
+            out,
+            writer: Some(writer),
             subs: Arc::default(),
+            leases: Arc::default(),
+            next_serial: 0,
         }
     }
 
-    async fn run<S>(self, framed: Framed<S, LengthDelimitedCodec>) -> Result<(), ConnError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (mut sink, mut stream) = framed.split();
-        let (out, mut out_rx) = mpsc::channel::<Bytes>(4096);
-        let writer = tokio::spawn(async move {
-            while let Some(first) = out_rx.recv().await {
-                sink.feed(first).await?;
-                while let Ok(more) = out_rx.try_recv() {
-                    sink.feed(more).await?;
-                }
-                sink.flush().await?;
-            }
-            sink.close().await
-        });
-        let result = self.serve(&mut stream, &out).await;
+    async fn run(mut self, mut reader: Reader) -> Result<(), ConnError> {
+        let mut result = self.serve(&mut reader).await;
         if let Err(ConnError::Protocol(code, message)) = &result {
-            let _ = out.send(error_frame(0, code, message)).await;
+            let frame = error_frame(0, WireError::new(code, message.clone()));
+            // A peer that does not read gets no goodbye.
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.out.send(frame)).await;
         }
+        // Nothing more is queued; what is queued is still written.
+        self.out.close();
         for (_, sub) in self.subs.lock().drain() {
             sub.abort.abort();
         }
-        drop(out);
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let writer = self.writer.take().expect("one run");
+        drop(self);
+        if let Ok(Ok(WriteEnd::Stalled)) =
+            tokio::time::timeout(Duration::from_secs(5), writer).await
+            && result.is_ok()
+        {
+            result = Err(stalled());
+        }
         result
     }
 
-    async fn serve<S>(
-        &self,
-        stream: &mut futures_util::stream::SplitStream<Framed<S, LengthDelimitedCodec>>,
-        out: &mpsc::Sender<Bytes>,
-    ) -> Result<(), ConnError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn serve(&mut self, reader: &mut Reader) -> Result<(), ConnError> {
+        let config = self.broker.config.clone();
         let mut stop = self.broker.shutdown.subscribe();
-        let first = tokio::time::timeout(self.broker.config.handshake_timeout, stream.next())
+        let first = tokio::time::timeout(config.handshake_timeout, reader.next())
             .await
             .map_err(|_| {
                 ConnError::Protocol(
                     code::HANDSHAKE,
-                    format!(
-                        "no handshake within {:?}",
-                        self.broker.config.handshake_timeout
-                    ),
+                    format!("no handshake within {:?}", config.handshake_timeout),
                 )
             })?;
         let hello = match first {
@@ -377,12 +462,13 @@ impl Connection {
             return Err(ConnError::Protocol(
                 code::VERSION,
                 format!(
-                    "protocol version {version} is not supported (this broker speaks {})",
+                    "protocol version {version} is not supported: this broker speaks version {}; \
+                     upgrade the client",
                     protocol::VERSION
                 ),
             ));
         }
-        if let Some(expected) = &self.broker.config.token {
+        if let Some(expected) = &config.token {
             let given = token.unwrap_or_default();
             if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
                 return Err(ConnError::Protocol(
@@ -392,27 +478,59 @@ impl Connection {
             }
         }
         tracing::debug!(client = %client, "client connected");
+        reader.decoder_mut().set_max_frame_length(config.max_frame);
         let welcome = ServerFrame::Reply {
             id: hello.id,
             reply: Reply::Welcome {
                 version: protocol::VERSION,
                 server: format!("queue-broker/{}", env!("CARGO_PKG_VERSION")),
+                idle_timeout_ms: ms(config.idle_timeout),
+                max_frame: config.max_frame as i64,
             },
         };
-        send(out, &welcome).await;
-        // Requests run concurrently inside this task: no task switch per request.
-        let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        send(&self.out, &welcome).await;
+        // Requests run concurrently inside this task: no task switch per request. Each
+        // yields the size of its frame when done.
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, usize>> = FuturesUnordered::new();
+        let mut bytes_in_flight = 0usize;
+        let mut heard = Instant::now();
+        let mut tick =
+            tokio::time::interval((config.idle_timeout / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
+            let room = in_flight.len() < config.max_in_flight
+                && bytes_in_flight < config.max_in_flight_bytes;
             let frame = tokio::select! {
                 () = stopped(&mut stop) => break Ok(()),
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
-                frame = stream.next() => frame,
+                Some(n) = in_flight.next(), if !in_flight.is_empty() => {
+                    bytes_in_flight -= n;
+                    continue;
+                }
+                frame = reader.next(), if room => frame,
+                _ = tick.tick() => {
+                    if !room {
+                        // Not reading: the peer is waiting on us, not idle.
+                        heard = Instant::now();
+                    } else if heard.elapsed() > config.idle_timeout {
+                        break Err(ConnError::Protocol(
+                            code::IDLE_TIMEOUT,
+                            format!("nothing heard for {:?}", config.idle_timeout),
+                        ));
+                    }
+                    if self.out.is_closed() {
+                        break Err(stalled());
+                    }
+                    continue;
+                }
             };
+            heard = Instant::now();
             let Some(frame) = frame else { break Ok(()) };
+            let size = frame.as_ref().map_or(0, |b| b.len());
             match decode_frame(frame) {
                 Ok(frame) => {
-                    if let Some(work) = self.dispatch(frame, out) {
-                        in_flight.push(work);
+                    if let Some(work) = self.dispatch(frame) {
+                        bytes_in_flight += size;
+                        in_flight.push(work.map(move |()| size).boxed());
                     }
                 }
                 Err(e) => break Err(e),
@@ -426,93 +544,96 @@ impl Connection {
         result
     }
 
-    fn dispatch(
-        &self,
-        frame: ClientFrame,
-        out: &mpsc::Sender<Bytes>,
-    ) -> Option<BoxFuture<'static, ()>> {
+    fn dispatch(&mut self, frame: ClientFrame) -> Option<BoxFuture<'static, ()>> {
         let id = frame.id;
         let broker = self.broker.clone();
-        let out = out.clone();
+        let out = self.out.clone();
+        let refuse = |out: Outbox, e: WireError| -> Option<BoxFuture<'static, ()>> {
+            Some(
+                async move {
+                    out.send(error_frame(id, e)).await;
+                }
+                .boxed(),
+            )
+        };
         match frame.request {
             Request::Subscribe {
                 sub: sub_id,
                 spec,
                 max_parallel,
             } => {
+                let config = &self.broker.config;
                 let subs = self.subs.clone();
                 if subs.lock().contains_key(&sub_id) {
                     let e = QueueError::InvalidRequest(format!(
                         "subscription {sub_id} is open already"
                     ));
-                    return Some(
-                        async move {
-                            send(&out, &error_reply(id, &e)).await;
-                        }
-                        .boxed(),
-                    );
+                    return refuse(out, WireError::from(&e));
                 }
-                let (pause, mut paused) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+                if subs.lock().len() >= config.max_subscriptions {
+                    let e = WireError::new(
+                        code::LIMIT,
+                        format!(
+                            "at most {} subscriptions per connection (--max-subscriptions)",
+                            config.max_subscriptions
+                        ),
+                    );
+                    return refuse(out, e);
+                }
+                if max_parallel < 1 || max_parallel > i64::from(config.max_parallel) {
+                    let e = WireError::new(
+                        code::LIMIT,
+                        format!(
+                            "max_parallel must be 1 to {} (--max-parallel), not {max_parallel}",
+                            config.max_parallel
+                        ),
+                    );
+                    return refuse(out, e);
+                }
+                let spec = match spec.to_spec() {
+                    Ok(spec) => spec,
+                    Err(e) => return refuse(out, WireError::from(&e)),
+                };
+                let max = u32::try_from(max_parallel).unwrap_or(1);
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                let (pause, paused) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+                let leases = self.leases.clone();
+                // Held until the task is recorded, so that a task ending at once finds
+                // its entry to remove.
+                let mut recorded = self.subs.lock();
                 let task = tokio::spawn(async move {
-                    let subscribed = async {
-                        let spec = spec.to_spec()?;
-                        let max = u32::try_from(max_parallel.clamp(1, 65_536)).unwrap_or(1);
-                        broker.adapter.subscribe(&spec, max).await
-                    }
-                    .await;
-                    let sub = match subscribed {
-                        Ok(sub) => sub,
-                        Err(e) => {
-                            send(&out, &error_reply(id, &e)).await;
-                            return;
-                        }
-                    };
-                    send(
-                        &out,
-                        &ServerFrame::Reply {
-                            id,
-                            reply: Reply::Subscribed { sub: sub_id },
-                        },
-                    )
-                    .await;
-                    loop {
-                        let next = tokio::select! {
-                            biased;
-                            ack = paused.recv() => {
-                                // Taking is cancel safe: a message is leased and returned in
-                                // the same poll, so dropping `next` here loses nothing.
-                                if let Some(ack) = ack {
-                                    let _ = ack.send(());
-                                }
-                                std::future::pending::<()>().await;
-                                return;
+                    let ended = pump(&broker, &out, &leases, id, sub_id, spec, max, paused).await;
+                    if let Err((e, opened)) = ended {
+                        broker.check(&e);
+                        tracing::info!(sub = sub_id, error = %e, "subscription ended");
+                        {
+                            let mut subs = subs.lock();
+                            if subs.get(&sub_id).is_some_and(|c| c.serial == serial) {
+                                subs.remove(&sub_id);
                             }
-                            next = sub.next() => next,
+                        }
+                        // Removed first, so the client may open it again at once.
+                        let frame = if opened {
+                            ServerFrame::Ended {
+                                sub: sub_id,
+                                error: WireError::from(&e),
+                            }
+                        } else {
+                            error_reply(id, &e)
                         };
-                        match next {
-                            Ok(d) => {
-                                let frame = ServerFrame::Delivery {
-                                    sub: sub_id,
-                                    delivery: d.into(),
-                                };
-                                if !send(&out, &frame).await {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::debug!(error = %e, "subscription ended");
-                                return;
-                            }
-                        }
+                        send(&out, &frame).await;
                     }
                 });
-                subs.lock().insert(
+                recorded.insert(
                     sub_id,
                     SubControl {
+                        serial,
                         abort: task.abort_handle(),
                         pause,
                     },
                 );
+                None
             }
             Request::Pause { sub } => {
                 let (ack, acked) = oneshot::channel();
@@ -522,49 +643,131 @@ impl Connection {
                     .get(&sub)
                     .map(|c| c.pause.send(ack).is_ok())
                     .unwrap_or(false);
-                tokio::spawn(async move {
-                    if found {
-                        let _ = acked.await;
+                Some(
+                    async move {
+                        if found {
+                            let _ = acked.await;
+                        }
+                        send(
+                            &out,
+                            &ServerFrame::Reply {
+                                id,
+                                reply: Reply::Done,
+                            },
+                        )
+                        .await;
                     }
-                    send(
-                        &out,
-                        &ServerFrame::Reply {
-                            id,
-                            reply: Reply::Done,
-                        },
-                    )
-                    .await
-                });
+                    .boxed(),
+                )
             }
             Request::Unsubscribe { sub } => {
                 if let Some(task) = self.subs.lock().remove(&sub) {
                     task.abort.abort();
                 }
-                tokio::spawn(async move {
-                    send(
-                        &out,
-                        &ServerFrame::Reply {
-                            id,
-                            reply: Reply::Done,
-                        },
-                    )
-                    .await
-                });
+                Some(
+                    async move {
+                        send(
+                            &out,
+                            &ServerFrame::Reply {
+                                id,
+                                reply: Reply::Done,
+                            },
+                        )
+                        .await;
+                    }
+                    .boxed(),
+                )
             }
             request => {
-                return Some(
+                let leases = self.leases.clone();
+                Some(
                     async move {
-                        let frame = match answer(&broker, request).await {
+                        let frame = match answer(&broker, &leases, request).await {
                             Ok(reply) => ServerFrame::Reply { id, reply },
-                            Err(e) => error_reply(id, &e),
+                            Err(e) => {
+                                broker.check(&e);
+                                error_reply(id, &e)
+                            }
                         };
                         send(&out, &frame).await;
                     }
                     .boxed(),
-                );
+                )
             }
         }
-        None
+    }
+}
+
+fn stalled() -> ConnError {
+    ConnError::Protocol(
+        code::IDLE_TIMEOUT,
+        "the peer took no frame within the idle timeout".into(),
+    )
+}
+
+/// Runs subscription `sub_id`: answers the `subscribe` request `id`, then pushes
+/// deliveries until paused (then waits to be aborted) or the subscription fails, returning
+/// why and whether it had opened.
+#[expect(clippy::too_many_arguments, reason = "the parts of one subscription")]
+async fn pump(
+    broker: &Broker,
+    out: &Outbox,
+    leases: &Leases,
+    id: i64,
+    sub_id: i64,
+    spec: queue_core::ChannelSpec,
+    max: u32,
+    mut paused: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+) -> Result<(), (QueueError, bool)> {
+    let sub = broker
+        .adapter
+        .subscribe(&spec, max)
+        .await
+        .map_err(|e| (e, false))?;
+    send(
+        out,
+        &ServerFrame::Reply {
+            id,
+            reply: Reply::Subscribed { sub: sub_id },
+        },
+    )
+    .await;
+    loop {
+        let next = tokio::select! {
+            biased;
+            ack = paused.recv() => {
+                // Taking is cancel safe: a message is leased and returned in the same poll,
+                // so dropping `next` here loses nothing.
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+                std::future::pending::<()>().await;
+                return Ok(());
+            }
+            next = sub.next() => next,
+        };
+        match next {
+            Ok(d) => {
+                leases.hand(&d.lease, spec.lease);
+                let Some(room) = out.reserve(d.payload.len() + 256).await else {
+                    return Ok(());
+                };
+                let valid = broker.left(d.deadline, spec.lease);
+                let frame = ServerFrame::Delivery {
+                    sub: sub_id,
+                    delivery: WireDelivery::new(d, valid),
+                };
+                match protocol::encode(&frame) {
+                    Ok(bytes) => {
+                        if !out.push(bytes, room) {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot encode a delivery"),
+                }
+            }
+            Err(e) => return Err((e, true)),
+        }
     }
 }
 
@@ -583,14 +786,13 @@ fn decode_frame(frame: Result<bytes::BytesMut, std::io::Error>) -> Result<Client
 fn error_reply(id: i64, e: &QueueError) -> ServerFrame {
     ServerFrame::Error {
         id,
-        code: error_code(e).into(),
-        message: e.to_string(),
+        error: WireError::from(e),
     }
 }
 
-async fn send(out: &mpsc::Sender<Bytes>, frame: &ServerFrame) -> bool {
+async fn send(out: &Outbox, frame: &ServerFrame) -> bool {
     match protocol::encode(frame) {
-        Ok(bytes) => out.send(bytes).await.is_ok(),
+        Ok(bytes) => out.send(bytes).await,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a reply");
             false
@@ -598,16 +800,74 @@ async fn send(out: &mpsc::Sender<Bytes>, frame: &ServerFrame) -> bool {
     }
 }
 
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn ids(ids: Option<Vec<i64>>) -> Option<Vec<MessageId>> {
     ids.map(|v| v.into_iter().map(|i| MessageId(i as u64)).collect())
 }
 
-fn limit(l: i64) -> usize {
-    usize::try_from(l.clamp(0, 100_000)).unwrap_or(0)
+/// The most entries in one page of a listing.
+const PAGE_ENTRIES: usize = 1000;
+
+/// The bytes an entry of a listing takes besides its payload and texts.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// One page of a listing: up to `limit` entries starting `offset` into it, cut so their
+/// bytes stay within `max_bytes` (the first entry always goes). The adapter lists from the
+/// start, so the broker asks it for `offset` plus a window that grows while the page has
+/// room. Returns the entries and the offset of the next page, if the caller wants more and
+/// there are more.
+async fn page<T, F>(
+    limit: i64,
+    offset: i64,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+    fetch: F,
+) -> Result<(Vec<T>, Option<i64>), QueueError>
+where
+    F: Fn(usize) -> BoxFuture<'static, Result<Vec<T>, QueueError>>,
+{
+    let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
+    let offset = usize::try_from(offset.max(0)).unwrap_or(usize::MAX);
+    let wanted = limit.min(PAGE_ENTRIES);
+    let mut window = wanted.min(16);
+    loop {
+        let listed = fetch(offset.saturating_add(window)).await?;
+        let available = listed.len().saturating_sub(offset);
+        let mut bytes = 0;
+        let mut entries = Vec::new();
+        let mut cut = false;
+        for entry in listed.into_iter().skip(offset) {
+            let n = size(&entry) + ENTRY_OVERHEAD;
+            if !entries.is_empty() && bytes + n > max_bytes {
+                cut = true;
+                break;
+            }
+            bytes += n;
+            entries.push(entry);
+        }
+        let exhausted = available < window;
+        if cut || exhausted || window >= wanted {
+            let taken = entries.len();
+            let more = cut || (!exhausted && taken < limit);
+            let next = more.then(|| (offset + taken) as i64);
+            return Ok((entries, next));
+        }
+        window = (window * 4).min(wanted);
+    }
 }
 
-async fn answer(broker: &Broker, request: Request) -> Result<Reply, QueueError> {
+async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Reply, QueueError> {
     let a = &broker.adapter;
+    let owned = |lease: &Lease| -> Result<(), QueueError> {
+        if leases.owns(lease) {
+            Ok(())
+        } else {
+            Err(QueueError::StaleLease { id: lease.id })
+        }
+    };
     Ok(match request {
         Request::Produce {
             spec,
@@ -660,63 +920,115 @@ async fn answer(broker: &Broker, request: Request) -> Result<Reply, QueueError> 
             }
         }
         Request::Settle { lease, outcome } => {
-            a.settle(&lease.into(), outcome.into()).await?;
+            let lease: Lease = lease.into();
+            owned(&lease)?;
+            let settled = a.settle(&lease, outcome.into()).await;
+            if matches!(settled, Ok(()) | Err(QueueError::StaleLease { .. })) {
+                leases.forget(&lease);
+            }
+            settled?;
             Reply::Done
         }
         Request::SettleMany { settles } => {
             // Settled together, so that they share the store's group commits.
-            let settled = settles
-                .into_iter()
-                .map(|s| async move { a.settle(&s.lease.into(), s.outcome.into()).await });
+            let settled = settles.into_iter().map(|s| async move {
+                let lease: Lease = s.lease.into();
+                owned(&lease)?;
+                let settled = a.settle(&lease, s.outcome.into()).await;
+                if matches!(settled, Ok(()) | Err(QueueError::StaleLease { .. })) {
+                    leases.forget(&lease);
+                }
+                settled
+            });
             let errors = futures_util::future::join_all(settled)
                 .await
                 .into_iter()
                 .map(|r| {
-                    r.err().map(|e| WireError {
-                        code: error_code(&e).into(),
-                        message: e.to_string(),
+                    r.err().map(|e| {
+                        broker.check(&e);
+                        WireError::from(&e)
                     })
                 })
                 .collect();
             Reply::Settled { errors }
         }
         Request::Extend { lease, by_ms } => {
-            let deadline = a
-                .extend(&lease.into(), Duration::from_millis(by_ms.max(0) as u64))
-                .await?;
-            Reply::Deadline {
-                deadline: deadline as i64,
+            let lease: Lease = lease.into();
+            owned(&lease)?;
+            let by = Duration::from_millis(by_ms.max(0) as u64);
+            let deadline = a.extend(&lease, by).await?;
+            let valid = broker.left(deadline, by);
+            leases.extended(&lease, valid);
+            Reply::Extended {
+                lease_ms: ms(valid),
             }
         }
         Request::Stats => Reply::Stats {
             channels: a.stats().await?.into_iter().map(Into::into).collect(),
         },
-        Request::Peek { channel, limit: l } => Reply::Peeked {
-            messages: a
-                .peek(&channel, limit(l))
-                .await?
-                .into_iter()
-                .map(Into::into)
-                .collect(),
-        },
-        Request::DeadLetters { channel, limit: l } => Reply::DeadLetters {
-            messages: a
-                .dead_letters(&channel, limit(l))
-                .await?
-                .into_iter()
-                .map(Into::into)
-                .collect(),
-        },
+        Request::Peek {
+            channel,
+            limit,
+            offset,
+        } => {
+            let adapter = a.clone();
+            let (messages, next) = page(
+                limit,
+                offset,
+                broker.page_bytes(),
+                |m: &queue_core::StoredMessage| m.payload.len(),
+                |n| {
+                    let (adapter, channel) = (adapter.clone(), channel.clone());
+                    async move { adapter.peek(&channel, n).await }.boxed()
+                },
+            )
+            .await?;
+            Reply::Peeked {
+                messages: messages.into_iter().map(Into::into).collect(),
+                next,
+            }
+        }
+        Request::DeadLetters {
+            channel,
+            limit,
+            offset,
+        } => {
+            let adapter = a.clone();
+            let (messages, next) = page(
+                limit,
+                offset,
+                broker.page_bytes(),
+                |d: &queue_core::DeadLetter| d.payload.len() + d.error.len() + d.channel.len(),
+                |n| {
+                    let (adapter, channel) = (adapter.clone(), channel.clone());
+                    async move { adapter.dead_letters(&channel, n).await }.boxed()
+                },
+            )
+            .await
+            .or_else(never_seen((Vec::new(), None)))?;
+            Reply::DeadLetters {
+                messages: messages.into_iter().map(Into::into).collect(),
+                next,
+            }
+        }
         Request::Redrive { channel, ids: i } => {
             let i = ids(i);
+            let count = a
+                .redrive(&channel, i.as_deref())
+                .await
+                .or_else(never_seen(0))?;
             Reply::Count {
-                count: a.redrive(&channel, i.as_deref()).await? as i64,
+                count: count as i64,
             }
         }
         Request::Purge { channel, ids: i } => {
             let i = ids(i);
+            let count = a
+                .purge_dead(&channel, i.as_deref())
+                .await
+                .or_else(never_seen(0))?;
             Reply::Count {
-                count: a.purge_dead(&channel, i.as_deref()).await? as i64,
+                count: count as i64,
             }
         }
         Request::Ping => Reply::Pong,
@@ -727,4 +1039,23 @@ async fn answer(broker: &Broker, request: Request) -> Result<Reply, QueueError> 
             unreachable!("handled by the connection")
         }
     })
+}
+
+/// A channel the store has never seen has no dead letters: listing them yields nothing,
+/// redriving or purging them counts 0.
+fn never_seen<T>(empty: T) -> impl FnOnce(QueueError) -> Result<T, QueueError> {
+    move |e| match e {
+        QueueError::UnknownChannel(_) => Ok(empty),
+        other => Err(other),
+    }
+}
+
+impl Broker {
+    /// The bytes of entries in one page: within the page limit and well within a frame.
+    fn page_bytes(&self) -> usize {
+        self.config
+            .max_page_bytes
+            .min(self.config.max_frame.saturating_sub(64 * 1024))
+            .max(1)
+    }
 }

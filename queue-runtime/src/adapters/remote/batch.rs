@@ -1,0 +1,258 @@
+//! Gathering: the produces of one channel, and the settles, made while a request is being
+//! prepared travel together in one request, so the broker's commits stay few and full.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use queue_core::{ChannelSpec, MessageId, Outgoing, QueueError, Receipt};
+use tokio::sync::oneshot;
+
+use super::Inner;
+use super::conn::{Awaiting, copy_of, encode_frame};
+use crate::broker::protocol::{ClientFrame, Request, WireSettle};
+
+/// A settle waiting for its answer: the message, and where the answer goes.
+pub(super) type Settler = (MessageId, oneshot::Sender<Result<(), QueueError>>);
+
+/// A produce request in flight, kept whole so it can be sent again after a reconnect.
+pub(super) struct Produce {
+    pub(super) inner: std::sync::Weak<Inner>,
+    pub(super) request: Request,
+    pub(super) waiting: Vec<Waiting>,
+    /// Given back when this is dropped, after the waiting produces have their answer.
+    pub(super) _slot: Slot,
+}
+
+/// Gives each waiting produce its share of the receipts, or the error.
+pub(super) fn hand_out(waiting: Vec<Waiting>, result: Result<Vec<Receipt>, QueueError>) {
+    match result {
+        Ok(receipts) => {
+            let mut receipts = receipts.into_iter();
+            for (n, tx) in waiting {
+                let _ = tx.send(Ok(receipts.by_ref().take(n).collect()));
+            }
+        }
+        Err(e) => {
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(copy_of(&e)));
+            }
+        }
+    }
+}
+
+pub(super) type Waiting = (usize, oneshot::Sender<Result<Vec<Receipt>, QueueError>>);
+
+/// Produces of one channel waiting to be sent: the client-side half of group commit.
+///
+/// A produce spawns a flusher when none is pending and fewer than [`IN_FLIGHT`] requests of
+/// the channel are out; produces arriving before the flusher runs join its request. The
+/// producers woken together by one reply go back together in one request, and produces
+/// that find every slot taken join the request sent when the next reply frees one, so the
+/// broker's commits stay few and full.
+pub(super) struct ChannelBatch {
+    pub(super) spec: ChannelSpec,
+    pub(super) messages: Vec<Outgoing>,
+    pub(super) waiting: Vec<Waiting>,
+    /// A flusher is spawned and has not yet taken the waiting produces.
+    pub(super) pending: bool,
+    /// Flushers spawned and requests out, each holding a [`Slot`].
+    pub(super) in_flight: usize,
+}
+
+impl ChannelBatch {
+    /// Claims a slot for a new flusher if one should start now.
+    pub(super) fn claim(&mut self) -> bool {
+        let start = !self.pending && !self.waiting.is_empty() && self.in_flight < IN_FLIGHT;
+        if start {
+            self.pending = true;
+            self.in_flight += 1;
+        }
+        start
+    }
+}
+
+/// Produce requests of one channel out at once. Two keep the broker's disk busy, one
+/// request being committed while the next waits, and going beyond two would split the
+/// producers into more, smaller commits.
+const IN_FLIGHT: usize = 2;
+
+/// A produce request's claim on one of its channel's [`IN_FLIGHT`] slots, given back when
+/// the request has been answered, failed, or was never sent.
+pub(super) struct Slot {
+    inner: std::sync::Weak<Inner>,
+    channel: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let start = {
+            let mut batches = inner.batches.lock();
+            let Some(b) = batches.get_mut(&self.channel) else {
+                return;
+            };
+            b.in_flight -= 1;
+            b.claim()
+        };
+        if start && let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(flush(inner, std::mem::take(&mut self.channel)));
+        } else if start {
+            // No runtime to send from: give the claim back.
+            let mut batches = inner.batches.lock();
+            if let Some(b) = batches.get_mut(&self.channel) {
+                b.pending = false;
+                b.in_flight -= 1;
+            }
+        }
+    }
+}
+
+/// How many times a flusher yields, at most, for more produces to join its request.
+const GATHER_ROUNDS: usize = 4;
+
+/// Settles waiting to be sent, gathered like produces: one flusher at a time is spawned and
+/// takes every settle made before it runs.
+#[derive(Default)]
+pub(super) struct SettleBatch {
+    pub(super) waiting: Vec<(WireSettle, Settler)>,
+    /// A flusher is spawned and has not yet taken the waiting settles.
+    pub(super) pending: bool,
+}
+
+/// The most settles one `settle_many` carries.
+const BATCH_SETTLES: usize = 4096;
+
+/// The most messages or bytes one produce request carries.
+const BATCH_MESSAGES: usize = 1024;
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Lets the tasks woken alongside this one join its request: yields while the number
+/// `waiting` reports keeps growing.
+async fn gather(waiting: impl Fn() -> usize) {
+    let mut seen = waiting();
+    for _ in 0..GATHER_ROUNDS {
+        tokio::task::yield_now().await;
+        let now = waiting();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+}
+
+pub(super) fn spawn_settle_flush(inner: Arc<Inner>) {
+    tokio::spawn(flush_settles(inner));
+}
+
+/// Sends the settles waiting now as one `settle_many`.
+async fn flush_settles(inner: Arc<Inner>) {
+    gather(|| inner.settles.lock().waiting.len()).await;
+    let (settles, settlers): (Vec<WireSettle>, Vec<Settler>) = {
+        let mut b = inner.settles.lock();
+        let n = b.waiting.len().min(BATCH_SETTLES);
+        let taken: Vec<_> = b.waiting.drain(..n).collect();
+        b.pending = !b.waiting.is_empty();
+        if b.pending {
+            spawn_settle_flush(inner.clone());
+        }
+        taken.into_iter().unzip()
+    };
+    if settlers.is_empty() {
+        return;
+    }
+    let conn = match inner.connection().await {
+        Ok(conn) => conn,
+        Err(e) => return Awaiting::Settlers(settlers).answer(Err(e)),
+    };
+    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = ClientFrame {
+        id,
+        request: Request::SettleMany { settles },
+    };
+    match encode_frame(&conn, &frame) {
+        // A lost connection fails them as stale, from `Awaiting::lost`.
+        Ok(bytes) => {
+            let _ = conn.send(id, bytes, Awaiting::Settlers(settlers)).await;
+        }
+        Err(e) => Awaiting::Settlers(settlers).answer(Err(e)),
+    }
+}
+
+pub(super) fn spawn_flush(inner: Arc<Inner>, channel: String) {
+    tokio::spawn(flush(inner, channel));
+}
+
+/// Sends the produces of `channel` waiting now as one request.
+async fn flush(inner: Arc<Inner>, channel: String) {
+    let slot = Slot {
+        inner: Arc::downgrade(&inner),
+        channel: channel.clone(),
+    };
+    gather(|| {
+        inner
+            .batches
+            .lock()
+            .get(&channel)
+            .map_or(0, |b| b.waiting.len())
+    })
+    .await;
+    let (spec, messages, waiting) = {
+        let mut batches = inner.batches.lock();
+        let Some(b) = batches.get_mut(&channel) else {
+            return;
+        };
+        // Take whole produces while they fit in one request.
+        let (mut count, mut bytes, mut take) = (0, 0, 0);
+        for (n, _) in &b.waiting {
+            let size: usize = b.messages[count..count + n]
+                .iter()
+                .map(|m| m.payload.len())
+                .sum();
+            if take > 0 && (count + n > BATCH_MESSAGES || bytes + size > BATCH_BYTES) {
+                break;
+            }
+            count += n;
+            bytes += size;
+            take += 1;
+        }
+        let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
+        let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
+        b.pending = false;
+        if b.claim() {
+            spawn_flush(inner.clone(), channel.clone());
+        }
+        (b.spec.clone(), messages, waiting)
+    };
+    if waiting.is_empty() {
+        return;
+    }
+    let request = Request::Produce {
+        spec: (&spec).into(),
+        messages: messages.into_iter().map(Into::into).collect(),
+        key: Some(produce_key()),
+    };
+    let conn = match inner.connection().await {
+        Ok(conn) => conn,
+        Err(e) => return hand_out(waiting, Err(e)),
+    };
+    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = ClientFrame { id, request };
+    let bytes = match encode_frame(&conn, &frame) {
+        Ok(bytes) => bytes,
+        Err(e) => return hand_out(waiting, Err(e)),
+    };
+    let awaiting = Awaiting::Producers(Produce {
+        inner: Arc::downgrade(&inner),
+        request: frame.request,
+        waiting,
+        _slot: slot,
+    });
+    // A lost connection sends the request again on the next one, from `Awaiting::lost`.
+    let _ = conn.send(id, bytes, awaiting).await;
+}
+
+pub(super) fn produce_key() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
