@@ -6,7 +6,7 @@
 //! task per subscription pushing deliveries. Closing a connection aborts its subscription
 //! tasks, which drops their subscriptions: every lease they hold is released at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,6 +16,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use queue_core::clock::{Clock, Timestamp};
+
+use crate::engine::KeyWindow;
 use queue_core::{Adapter, Lease, MessageId, QueueError, Receipt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot, watch};
@@ -105,20 +107,17 @@ type Remembered = Arc<OnceCell<Vec<Receipt>>>;
 /// The longest produce key accepted.
 const MAX_PRODUCE_KEY: usize = 128;
 
-/// Produce keys seen recently, so that a produce retried after a reconnect is not stored
-/// twice.
-#[derive(Default)]
-struct Idempotency {
-    keys: HashMap<String, Remembered>,
-    order: VecDeque<(Instant, String)>,
-}
+/// Produce keys remembered at most.
+const MAX_PRODUCE_KEYS: usize = 1_000_000;
 
 /// A broker serving one adapter.
 pub struct Broker {
     adapter: Arc<dyn Adapter>,
     config: BrokerConfig,
     slots: Arc<Semaphore>,
-    idempotency: Mutex<Idempotency>,
+    /// Produce keys seen recently, so that a produce retried after a reconnect is not
+    /// stored twice.
+    idempotency: Mutex<KeyWindow<String, Remembered>>,
     /// What the broker has done.
     pub counters: BrokerCounters,
     shutdown: watch::Sender<bool>,
@@ -166,7 +165,7 @@ impl Broker {
             adapter,
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
-            idempotency: Mutex::new(Idempotency::default()),
+            idempotency: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
             counters: BrokerCounters::default(),
             shutdown: watch::channel(false).0,
             failure: OnceLock::new(),
@@ -334,23 +333,18 @@ impl Broker {
     }
 
     fn remembered(&self, key: &str) -> Remembered {
-        let mut idem = self.idempotency.lock();
-        let now = Instant::now();
-        while let Some((at, _)) = idem.order.front() {
-            if now.duration_since(*at) < self.config.idempotency_window
-                && idem.order.len() < 1_000_000
-            {
-                break;
-            }
-            let (_, old) = idem.order.pop_front().expect("checked");
-            idem.keys.remove(&old);
-        }
-        if let Some(cell) = idem.keys.get(key) {
+        let now = match &self.clock {
+            Some(clock) => clock.now(),
+            None => crate::SystemClock.now(),
+        };
+        let mut keys = self.idempotency.lock();
+        let key = key.to_string();
+        if let Some(cell) = keys.get(&key, now) {
             return cell.clone();
         }
         let cell = Remembered::default();
-        idem.keys.insert(key.to_string(), cell.clone());
-        idem.order.push_back((now, key.to_string()));
+        let end = now.saturating_add(queue_core::clock::millis(self.config.idempotency_window));
+        keys.insert(key, cell.clone(), end, now);
         cell
     }
 }
