@@ -359,7 +359,7 @@ fn run_workers(url: &str, at_most: usize) -> Result<Vec<u32>, String> {
             .map_err(|e| format!("starting a worker: {e}"))?;
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
@@ -386,6 +386,12 @@ fn run_workers(url: &str, at_most: usize) -> Result<Vec<u32>, String> {
         }
         let _ = child.kill();
         let _ = child.wait();
+        let _ = reader.join();
+        for line in rx.try_iter() {
+            if let Some(a) = line.strip_prefix("SAW ") {
+                saw = a.parse::<u32>().ok();
+            }
+        }
         match saw {
             Some(a) => seen.push(a),
             None => return Ok(seen),
@@ -462,7 +468,11 @@ fn poison_broker() -> Result<String, String> {
             .map_err(|e| e.to_string())?;
         let seen = run_workers(&url, 6)?;
         if seen != [1, 2, 3] {
-            return Err(format!("workers saw attempts {seen:?}, not 1, 2, 3"));
+            let dead = rt.block_on(queue.dead_letters(PoisonChannel::SPEC.name.as_ref(), 10));
+            let stats = rt.block_on(queue.stats());
+            return Err(format!(
+                "workers saw attempts {seen:?}, not 1, 2, 3; dead letters {dead:?}; stats {stats:?}"
+            ));
         }
         let error = check_dead(&queue, &rt)?;
         Ok(format!(
