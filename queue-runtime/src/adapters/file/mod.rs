@@ -90,9 +90,13 @@ enum KeyHome {
     Produce(String),
 }
 
+/// Bytes a message record takes beside its payload, about: for compaction's estimates.
+const RECORD_OVERHEAD: u64 = 64;
+
 /// The embedded store's journal: the log.
 pub struct FileJournal {
     dir: PathBuf,
+    segment_size: u64,
     writer: Writer,
     shared: Arc<Shared>,
     storage: Arc<dyn Storage>,
@@ -222,6 +226,11 @@ impl Journal for FileJournal {
                             .extend(homes);
                     }
                     forget_live(&shared, &gone);
+                    add_live_bytes(
+                        &shared,
+                        placed.segment,
+                        payloads.iter().map(|(_, len)| u64::from(*len)).sum(),
+                    );
                     payloads
                         .into_iter()
                         .map(|(at, len)| Loc {
@@ -267,6 +276,12 @@ impl Journal for FileJournal {
     }
 }
 
+fn add_live_bytes(shared: &Shared, segment: u64, bytes: u64) {
+    if bytes > 0 {
+        shared.usage.lock().entry(segment).or_default().live_bytes += bytes;
+    }
+}
+
 fn forget_live(shared: &Shared, locs: &[Loc]) {
     if locs.is_empty() {
         return;
@@ -275,6 +290,7 @@ fn forget_live(shared: &Shared, locs: &[Loc]) {
     for loc in locs {
         if let Some(u) = usage.get_mut(&u64::from(loc.segment)) {
             u.live = u.live.saturating_sub(1);
+            u.live_bytes = u.live_bytes.saturating_sub(u64::from(loc.len));
         }
     }
 }
@@ -344,7 +360,9 @@ impl Engine<FileJournal> {
             usage.entry(seg).or_default().written = written;
         }
         for m in state.messages.values() {
-            usage.entry(m.segment).or_default().live += 1;
+            let u = usage.entry(m.segment).or_default();
+            u.live += 1;
+            u.live_bytes += u64::from(m.len);
         }
         shared.usage.lock().extend(usage);
         let mut key_homes: BTreeMap<u64, Vec<KeyHome>> = BTreeMap::new();
@@ -386,6 +404,7 @@ impl Engine<FileJournal> {
         };
         let journal = FileJournal {
             dir: dir.clone(),
+            segment_size,
             writer,
             shared,
             storage,
@@ -483,8 +502,9 @@ impl Engine<FileJournal> {
             .collect()
     }
 
-    /// Reclaims space: rewrites the live messages of mostly-acked old segments into the
-    /// active one, then deletes every old segment that holds nothing live.
+    /// Reclaims space: rewrites the live messages of old segments forward when they pin more
+    /// dead space than their own size, then deletes every old segment that holds nothing
+    /// live.
     ///
     /// # Errors
     /// Write errors; the store is poisoned by them.
@@ -529,16 +549,25 @@ impl Engine<FileJournal> {
             .map(|(s, u)| (*s, *u))
             .collect();
         let on_disk = self.segments();
-        // Relocate the oldest segments while they are mostly dead.
-        for &seg in on_disk.iter().take_while(|s| **s < active) {
-            let u = sealed.get(&seg).copied().unwrap_or_default();
+        // The oldest segment holding live messages keeps every later sealed segment on disk.
+        // Its live messages move forward once they pin more dead space than their own size,
+        // so the log stays within about twice its live data plus a few segments.
+        let sealed_on_disk: Vec<u64> = on_disk.iter().copied().filter(|s| *s < active).collect();
+        let dead_bytes = |seg: &u64| {
+            let u = sealed.get(seg).copied().unwrap_or_default();
+            journal.segment_size.saturating_sub(u.live_bytes)
+        };
+        for (i, seg) in sealed_on_disk.iter().enumerate() {
+            let u = sealed.get(seg).copied().unwrap_or_default();
             if u.live == 0 {
                 continue;
             }
-            if u.live * 4 > u.written.max(1) || !settled(seg, u.live) {
+            let pinned: u64 = sealed_on_disk[i..].iter().map(dead_bytes).sum();
+            let own = u.live_bytes + u.live * RECORD_OVERHEAD;
+            if own >= pinned || !settled(*seg, u.live) {
                 break;
             }
-            self.relocate(seg).await?;
+            self.relocate(*seg).await?;
         }
         // Delete the prefix of sealed segments with nothing live.
         let usage = shared.usage.lock().clone();
@@ -684,6 +713,11 @@ impl Engine<FileJournal> {
                 journal.writer.submit(buf, moved.len() as u64)
             };
             let placed = Writer::wait(pending).await?;
+            add_live_bytes(
+                &journal.shared,
+                placed.segment,
+                moved.iter().map(|(_, old, _)| u64::from(old.len)).sum(),
+            );
             let new: HashMap<MessageId, (Loc, Loc)> = moved
                 .iter()
                 .map(|(id, old, at)| {

@@ -154,6 +154,8 @@ pub struct Usage {
     pub written: u64,
     /// Stored messages whose payload is in the segment.
     pub live: u64,
+    /// Payload bytes of those messages.
+    pub live_bytes: u64,
 }
 
 /// State shared between the writer thread and readers.
