@@ -519,6 +519,26 @@ pub async fn a_dropped_subscription_releases_its_messages_at_once(h: &Harness) {
     assert_eq!(job(&next(&*b).await), 1);
 }
 
+pub async fn a_subscription_dropped_on_the_last_attempt_dead_letters_the_message(h: &Harness) {
+    produce_jobs(h, 0..1).await;
+    for attempt in 1..=3 {
+        let sub = subscribe(h, 1).await;
+        let d = next(&*sub).await;
+        assert_eq!(d.attempt, attempt);
+        drop(sub);
+    }
+    eventually("the dead letter", || async {
+        h.stats(JOBS).await.dead == 1
+    })
+    .await;
+    let dead = h.queue.dead_letters(JOBS, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error, "worker lost on attempt 3 of 3");
+    assert_eq!(dead[0].attempts, 3);
+    let sub = subscribe(h, 1).await;
+    still_waiting(sub.next()).await;
+}
+
 pub async fn exactly_once_drops_a_duplicate_inside_the_window(h: &Harness) {
     let s = Signup {
         email: "a@example.com".into(),

@@ -126,6 +126,7 @@ macro_rules! conformance_suite {
             purge_deletes_dead_letters,
             release_gives_a_message_back_without_counting_the_attempt,
             a_dropped_subscription_releases_its_messages_at_once,
+            a_subscription_dropped_on_the_last_attempt_dead_letters_the_message,
             exactly_once_drops_a_duplicate_inside_the_window,
             the_dedup_window_is_fixed_at_the_first_produce,
             the_dedup_window_outlives_the_ack,

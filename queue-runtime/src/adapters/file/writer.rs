@@ -138,8 +138,10 @@ pub struct Placed {
     pub offset: u64,
 }
 
-/// What runs once a submitted write is durable (or failed), on the writer's thread.
+/// What runs once a submitted write is durable (or failed), on the store's completion thread.
 pub type Done = Box<dyn FnOnce(Result<Placed, QueueError>) + Send>;
+
+type Completions = Vec<(Result<Placed, QueueError>, Done)>;
 
 struct Job {
     bytes: Vec<u8>,
@@ -253,10 +255,22 @@ impl Writer {
     /// When the thread cannot be started.
     pub fn start(config: WriterConfig, shared: Arc<Shared>) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        // Completions run on a thread of their own, in commit order, so that the writer
+        // starts the next write while the last batch's callers are answered.
+        let (done_tx, done_rx) = mpsc::channel::<Completions>();
+        std::thread::Builder::new()
+            .name("queue-log-complete".into())
+            .spawn(move || {
+                for batch in done_rx {
+                    for (result, done) in batch {
+                        done(result);
+                    }
+                }
+            })?;
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("queue-log-writer".into())
-            .spawn(move || run(config, &thread_shared, &rx))?;
+            .spawn(move || run(config, &thread_shared, &rx, &done_tx))?;
         Ok(Writer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -329,8 +343,8 @@ impl Writer {
     pub fn shutdown(&self) {
         self.tx.lock().take();
         if let Some(t) = self.thread.lock().take() {
-            // The last handle to a store can go away in a completion on the writer's own
-            // thread; it then ends by itself once the queue is drained.
+            // The last handle to a store can go away on the writer's own thread; it then
+            // ends by itself once the queue is drained.
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
             }
@@ -356,7 +370,12 @@ fn fail(job: Job, error: &QueueError) {
 /// Bytes gathered into one group commit at most (a single larger write goes alone).
 const BATCH_BYTES: usize = 4 << 20;
 
-fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
+fn run(
+    mut c: WriterConfig,
+    shared: &Shared,
+    rx: &mpsc::Receiver<Job>,
+    completions: &mpsc::Sender<Completions>,
+) {
     // The next segment is prepared once the active one is half full.
     let mut prepared: Option<Preparing> = None;
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
@@ -422,14 +441,17 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
                     u.written += messages;
                     u.live += messages;
                 }
-                for (at, done) in batch.drain(..) {
-                    if let Some(done) = done {
-                        done(Ok(Placed {
+                let answered: Completions = batch
+                    .drain(..)
+                    .filter_map(|(at, done)| {
+                        let placed = Placed {
                             segment: c.segment,
                             offset: base + at as u64,
-                        }));
-                    }
-                }
+                        };
+                        done.map(|d| (Ok(placed), d))
+                    })
+                    .collect();
+                let _ = completions.send(answered);
             }
             Err(e) => {
                 shared.poison(format!(
@@ -437,14 +459,17 @@ fn run(mut c: WriterConfig, shared: &Shared, rx: &mpsc::Receiver<Job>) {
                     segment_path(&c.dir, c.segment).display()
                 ));
                 let err = shared.check().expect_err("just poisoned");
-                for (_, done) in batch.drain(..) {
-                    if let Some(done) = done {
-                        done(Err(QueueError::Poisoned(match &err {
-                            QueueError::Poisoned(r) => r.clone(),
-                            other => other.to_string(),
-                        })));
-                    }
-                }
+                let reason = match &err {
+                    QueueError::Poisoned(r) => r.clone(),
+                    other => other.to_string(),
+                };
+                let failed: Completions = batch
+                    .drain(..)
+                    .filter_map(|(_, done)| {
+                        done.map(|d| (Err(QueueError::Poisoned(reason.clone())), d))
+                    })
+                    .collect();
+                let _ = completions.send(failed);
             }
         }
     }

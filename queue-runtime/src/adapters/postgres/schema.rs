@@ -519,20 +519,42 @@ impl Sql {
                  WHERE id = $1 AND token = $2 AND state = 2 AND deadline > $now
                  RETURNING deadline"
             ),
-            // $1 channel, $2 consumer: every lease of a subscription back to the front, oldest
-            // delivery first, attempts kept.
+            // $1 channel, $2 consumer, $now: every lease of a subscription back to the front,
+            // oldest delivery first, attempts kept; a lease on its last attempt goes to the dead
+            // letters instead ("worker lost"). Returns the ids.
             release_consumer: format!(
                 "WITH held AS MATERIALIZED (
-                     SELECT h.id, h.token, -nextval({ids}) AS front FROM (
-                         SELECT id, token FROM {s}.messages
-                         WHERE channel = $1 AND state = 2 AND consumer = $2
-                         ORDER BY token DESC FOR UPDATE
-                     ) h
+                     SELECT h.id, h.token, h.attempts, -nextval({ids}) AS front,
+                            (SELECT max_attempts FROM {s}.channels WHERE id = $1) AS max_attempts
+                     FROM (SELECT id, token, attempts FROM {s}.messages
+                           WHERE channel = $1 AND state = 2 AND consumer = $2
+                           ORDER BY token DESC FOR UPDATE) h
+                 ),
+                 dead AS (
+                     DELETE FROM {s}.messages x USING held h
+                     WHERE x.id = h.id AND x.token = h.token AND h.attempts >= h.max_attempts
+                     RETURNING x.*, h.max_attempts
+                 ),
+                 buried AS ({bury_lost}),
+                 counted AS (
+                     INSERT INTO {s}.counters AS k (channel, shard, dead_lettered)
+                     SELECT $1, {SHARD}, (SELECT count(*) FROM dead)
+                     WHERE EXISTS (SELECT 1 FROM dead)
+                     ON CONFLICT (channel, shard) DO UPDATE
+                        SET dead_lettered = k.dead_lettered + EXCLUDED.dead_lettered
+                 ),
+                 requeued AS (
+                     UPDATE {s}.messages m
+                     SET state = 0, token = NULL, consumer = NULL, deadline = NULL, rank = h.front
+                     FROM held h
+                     WHERE m.id = h.id AND m.token = h.token AND h.attempts < h.max_attempts
+                     RETURNING m.id
                  )
-                 UPDATE {s}.messages m
-                 SET state = 0, token = NULL, consumer = NULL, deadline = NULL, rank = h.front
-                 FROM held h WHERE m.id = h.id AND m.token = h.token
-                 RETURNING m.id"
+                 SELECT id FROM requeued UNION ALL SELECT id FROM dead",
+                bury_lost = bury(
+                    "dead",
+                    "'worker lost on attempt ' || attempts || ' of ' || max_attempts"
+                ),
             ),
             // $1 channel, $2 backend pid, $3 backend start, $now.
             subscribe: format!(
@@ -642,6 +664,7 @@ impl Sql {
             &mut self.retry,
             &mut self.dead_letter,
             &mut self.release,
+            &mut self.release_consumer,
             &mut self.extend,
             &mut self.redrive,
         ] {

@@ -370,7 +370,8 @@ async fn release(inner: &Inner, shared: &SubShared) -> Result<(), QueueError> {
         .prepare_cached(&inner.sql.unsubscribe)
         .await
         .map_err(|e| db_error("preparing", e))?;
-    let release_params: [&(dyn ToSql + Sync); 2] = [&shared.channel.id, &shared.consumer];
+    let now = inner.now();
+    let release_params: [&(dyn ToSql + Sync); 3] = [&shared.channel.id, &shared.consumer, &now];
     let unsubscribe_params: [&(dyn ToSql + Sync); 1] = [&shared.consumer];
     let (released, _) = tokio::try_join!(
         client.query(&release, &release_params),
