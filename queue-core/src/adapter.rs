@@ -238,26 +238,6 @@ pub trait Adapter: Send + Sync + 'static {
         batch: Vec<Outgoing>,
     ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>>;
 
-    /// Like [`Adapter::produce`], under a key the producer chose: the same key sent again
-    /// within `window` of the first produce is answered with the first produce's receipts,
-    /// and nothing is stored again. An adapter that keeps no keys just produces; the
-    /// embedded store keeps them durably, so the answer holds across a restart. Concurrent
-    /// produces under one key are the caller's to avoid.
-    ///
-    /// # Cancel safety
-    /// As [`Adapter::produce`]; a retry under the same key is answered with the stored
-    /// receipts.
-    fn produce_keyed<'a>(
-        &'a self,
-        spec: &'a ChannelSpec,
-        batch: Vec<Outgoing>,
-        key: &'a str,
-        window: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
-        let _ = (key, window);
-        self.produce(spec, batch)
-    }
-
     /// Opens a subscription to `spec`'s channel holding at most `max_parallel` deliveries.
     ///
     /// # Cancel safety
@@ -351,6 +331,31 @@ pub trait Adapter: Send + Sync + 'static {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+
+    /// Idempotent produce, where the adapter keeps produce keys (the local stores).
+    fn keyed(&self) -> Option<&dyn KeyedProduce> {
+        None
+    }
+}
+
+/// Produce under a key the producer chose: the same key sent again within `window` of the
+/// first produce is answered with the first produce's receipts, and nothing is stored again.
+/// The embedded store keeps the keys durably, so the answer holds across a restart. The
+/// broker uses it to make a produce retried after a lost connection store once.
+pub trait KeyedProduce: Send + Sync {
+    /// Like [`Adapter::produce`], under `key`. Concurrent produces under one key are the
+    /// caller's to avoid.
+    ///
+    /// # Cancel safety
+    /// As [`Adapter::produce`]; a retry under the same key is answered with the stored
+    /// receipts.
+    fn produce_keyed<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>>;
 }
 
 /// Serde for payload bytes: a BSON binary or similar compact form where the format has one,

@@ -53,8 +53,8 @@ pub mod registry;
 mod spec;
 
 pub use adapter::{
-    Adapter, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome, Outgoing,
-    RawDelivery, Receipt, StoredMessage, Subscription,
+    Adapter, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState, Outcome,
+    Outgoing, RawDelivery, Receipt, StoredMessage, Subscription,
 };
 pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};

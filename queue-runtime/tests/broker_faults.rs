@@ -12,8 +12,9 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use parking_lot::Mutex;
 use queue_core::clock::{Clock, Timestamp};
 use queue_core::{
-    Adapter, Channel, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, Outcome, Outgoing,
-    Queue, QueueError, RawDelivery, Receipt, StoredMessage, Subscription, VirtualClock, channel,
+    Adapter, Channel, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId,
+    Outcome, Outgoing, Queue, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
+    VirtualClock, channel,
 };
 use queue_runtime::ConnectOptions;
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
@@ -57,18 +58,7 @@ impl Subscription for FaultySub {
     }
 }
 
-impl Adapter for Faulty {
-    fn produce<'a>(
-        &'a self,
-        spec: &'a ChannelSpec,
-        batch: Vec<Outgoing>,
-    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return async { Err(QueueError::Poisoned("fdatasync failed: EIO".into())) }.boxed();
-        }
-        self.inner.produce(spec, batch)
-    }
-
+impl KeyedProduce for Faulty {
     fn produce_keyed<'a>(
         &'a self,
         spec: &'a ChannelSpec,
@@ -79,7 +69,27 @@ impl Adapter for Faulty {
         if self.poisoned.load(Ordering::Acquire) {
             return async { Err(QueueError::Poisoned("fdatasync failed: EIO".into())) }.boxed();
         }
-        self.inner.produce_keyed(spec, batch, key, window)
+        match self.inner.keyed() {
+            Some(keyed) => keyed.produce_keyed(spec, batch, key, window),
+            None => self.inner.produce(spec, batch),
+        }
+    }
+}
+
+impl Adapter for Faulty {
+    fn keyed(&self) -> Option<&dyn KeyedProduce> {
+        Some(self)
+    }
+
+    fn produce<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return async { Err(QueueError::Poisoned("fdatasync failed: EIO".into())) }.boxed();
+        }
+        self.inner.produce(spec, batch)
     }
 
     fn subscribe<'a>(

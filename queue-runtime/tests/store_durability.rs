@@ -351,7 +351,10 @@ async fn a_produce_key_is_answered_across_a_restart_until_its_window_ends() {
         let window = Duration::from_secs(60);
         let spec = OrderChannel::SPEC;
         let adapter = queue.adapter();
-        let produce = adapter.produce_keyed(&spec, batch, "key-1", window);
+        let produce = adapter
+            .keyed()
+            .expect("keyed")
+            .produce_keyed(&spec, batch, "key-1", window);
         produce.await.unwrap()
     }
     let (adapter, queue) = open(dir.path(), &clock);
@@ -385,6 +388,8 @@ async fn a_produce_key_survives_the_deletion_of_its_segment() {
     let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
     let first = queue
         .adapter()
+        .keyed()
+        .expect("keyed")
         .produce_keyed(&spec, vec![payload(0)], "kept", window)
         .await
         .unwrap();
@@ -413,6 +418,8 @@ async fn a_produce_key_survives_the_deletion_of_its_segment() {
     let (_adapter, queue) = open_with(dir.path(), &clock, options(4096));
     let again = queue
         .adapter()
+        .keyed()
+        .expect("keyed")
         .produce_keyed(&spec, vec![payload(0)], "kept", window)
         .await
         .unwrap();

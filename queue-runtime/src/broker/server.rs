@@ -895,7 +895,10 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
                     let r = cell
                         .get_or_try_init(|| {
                             ran = true;
-                            a.produce_keyed(&spec, batch, &key, window)
+                            match a.keyed() {
+                                Some(keyed) => keyed.produce_keyed(&spec, batch, &key, window),
+                                None => a.produce(&spec, batch),
+                            }
                         })
                         .await?
                         .clone();

@@ -23,8 +23,8 @@ use futures_util::future::{BoxFuture, select};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::{
-    Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
-    Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
+    Adapter, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
+    Outcome, Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
 };
 use tokio::sync::Notify;
 
@@ -218,7 +218,7 @@ impl<J: Journal> Engine<J> {
         self.journal.append(&events, gone)
     }
 
-    /// Stores a batch, with an optional caller's key (see [`Adapter::produce_keyed`]).
+    /// Stores a batch, with an optional caller's key (see [`KeyedProduce`]).
     ///
     /// # Errors
     /// [`QueueError::Closed`], the journal's write errors.
@@ -815,16 +815,6 @@ impl<J: Journal> Adapter for Engine<J> {
         Engine::put(self, spec, batch, None).boxed()
     }
 
-    fn produce_keyed<'a>(
-        &'a self,
-        spec: &'a ChannelSpec,
-        batch: Vec<Outgoing>,
-        key: &'a str,
-        window: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
-        Engine::put(self, spec, batch, Some((key, window))).boxed()
-    }
-
     fn subscribe<'a>(
         &'a self,
         spec: &'a ChannelSpec,
@@ -893,5 +883,21 @@ impl<J: Journal> Adapter for Engine<J> {
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         let result = Engine::shut_down(self);
         async move { result }.boxed()
+    }
+
+    fn keyed(&self) -> Option<&dyn KeyedProduce> {
+        Some(self)
+    }
+}
+
+impl<J: Journal> KeyedProduce for Engine<J> {
+    fn produce_keyed<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        Engine::put(self, spec, batch, Some((key, window))).boxed()
     }
 }

@@ -536,7 +536,7 @@ pub async fn a_subscription_dropped_on_the_last_attempt_dead_letters_the_message
     assert_eq!(dead[0].error, "worker lost on attempt 3 of 3");
     assert_eq!(dead[0].attempts, 3);
     let sub = subscribe(h, 1).await;
-    still_waiting(sub.next()).await;
+    let _waiting = still_waiting(sub.next()).await;
 }
 
 pub async fn exactly_once_drops_a_duplicate_inside_the_window(h: &Harness) {
