@@ -380,18 +380,16 @@ impl Adapter for RemoteAdapter {
                 lease: WireLease::from(lease),
                 by_ms: i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
             };
+            // Counted from the send: the lease runs from a moment between the send and the
+            // reply, so the deadline errs early by at most a round trip, never late.
+            let sent = self.inner.options.clock.now();
             match self
                 .inner
                 .call(request, false)
                 .await
                 .map_err(|e| stale_on_loss(lease, e))?
             {
-                Reply::Extended { lease_ms } => Ok(self
-                    .inner
-                    .options
-                    .clock
-                    .now()
-                    .saturating_add(lease_ms.max(0) as u64)),
+                Reply::Extended { lease_ms } => Ok(sent.saturating_add(lease_ms.max(0) as u64)),
                 other => Err(unexpected(&other)),
             }
         }
