@@ -20,7 +20,7 @@ use futures_util::FutureExt;
 use parking_lot::{Condvar, Mutex};
 use queue_core::{Channel, Delivery, Queue, VirtualClock, channel};
 use queue_runtime::TokioSpawner;
-use queue_runtime::adapters::file::writer::Storage;
+use queue_runtime::adapters::file::writer::{Handle, Storage};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
@@ -123,13 +123,13 @@ impl Gate {
 struct StallingStorage(Arc<Gate>);
 
 impl Storage for StallingStorage {
-    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+    fn sync_data(&self, file: &Handle) -> std::io::Result<()> {
         let mut closed = self.0.closed.lock();
         while *closed {
             self.0.opened.wait(&mut closed);
         }
         drop(closed);
-        file.sync_data()
+        file.file()?.sync_data()
     }
 }
 
