@@ -483,6 +483,9 @@ async fn a_power_cut_at_any_point_loses_nothing_confirmed_and_brings_back_no_ack
     for i in 0..cuts {
         let mut rng = fastrand::Rng::with_seed(i + 1);
         let fs = Arc::new(SimFs::default());
+        // A directory of its own for the `LOCK` file: a process another test spawns may hold
+        // a copy of the last one's descriptor for a moment.
+        let dir = tempfile::tempdir().unwrap();
         let mut history = History::default();
         // Two lives, each cut at a random call: the second starts from what the first left.
         for life in 0..2 {
