@@ -47,7 +47,8 @@ impl Handle {
 }
 
 /// Every file-system call the log makes, replaceable to inject failures in tests. The
-/// defaults are the operating system's; only the directory lock (`LOCK`) is always the OS's.
+/// defaults are the operating system's. Creating the store directory and locking its `LOCK`
+/// file are always the OS's.
 pub trait Storage: Send + Sync + 'static {
     /// Creates a file, or truncates an existing one, open for reading and writing.
     ///
