@@ -20,7 +20,7 @@ use futures_util::FutureExt;
 use parking_lot::{Condvar, Mutex};
 use queue_core::{Channel, Delivery, Queue, VirtualClock, channel};
 use queue_runtime::TokioSpawner;
-use queue_runtime::adapters::file::writer::Storage;
+use queue_runtime::adapters::file::writer::{Handle, Storage};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
@@ -123,13 +123,13 @@ impl Gate {
 struct StallingStorage(Arc<Gate>);
 
 impl Storage for StallingStorage {
-    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+    fn sync_data(&self, file: &Handle) -> std::io::Result<()> {
         let mut closed = self.0.closed.lock();
         while *closed {
             self.0.opened.wait(&mut closed);
         }
         drop(closed);
-        file.sync_data()
+        file.file()?.sync_data()
     }
 }
 
@@ -345,7 +345,7 @@ fn worker(url: &str) {
     });
 }
 
-/// Runs worker processes one after another until one sees nothing for 2 s; returns the
+/// Runs worker processes one after another until one sees nothing for 5 s; returns the
 /// attempts the workers saw.
 fn run_workers(url: &str, at_most: usize) -> Result<Vec<u32>, String> {
     let mut seen = Vec::new();
@@ -380,7 +380,7 @@ fn run_workers(url: &str, at_most: usize) -> Result<Vec<u32>, String> {
             if child.try_wait().map_err(|e| e.to_string())?.is_some() {
                 break;
             }
-            if saw.is_none() && ready_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            if saw.is_none() && ready_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
                 break;
             }
         }

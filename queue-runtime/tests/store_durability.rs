@@ -14,7 +14,7 @@ use queue_core::{
 };
 use queue_runtime::TokioSpawner;
 use queue_runtime::adapters::file::format::{self, Read, Record};
-use queue_runtime::adapters::file::writer::{Storage, segment_path};
+use queue_runtime::adapters::file::writer::{Handle, Storage, segment_path};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
@@ -552,11 +552,11 @@ struct FailingSync {
 }
 
 impl Storage for FailingSync {
-    fn sync_data(&self, file: &std::fs::File) -> io::Result<()> {
+    fn sync_data(&self, file: &Handle) -> io::Result<()> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected fsync failure"));
         }
-        file.sync_data()
+        file.file()?.sync_data()
     }
 }
 

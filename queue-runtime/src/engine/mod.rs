@@ -428,7 +428,12 @@ impl<J: Journal> Engine<J> {
                 self.release(state, &taken);
             }
             Ok(()) => inbox.ready.extend(taken),
-            Err(e) => inbox.failed = Some(e.to_string()),
+            Err(e) => {
+                // Not recorded, so not handed out: ready again with the attempt given back.
+                inbox.failed = Some(e);
+                drop(inbox);
+                self.release(state, &taken);
+            }
         }
     }
 
@@ -717,7 +722,7 @@ struct Inbox<P> {
     /// Deliveries taken whose journal append is not yet durable.
     committing: usize,
     /// Why an append failed.
-    failed: Option<String>,
+    failed: Option<QueueError>,
     /// Set by [`Subscription::stop`]: deliveries arriving later are given back.
     stopped: bool,
 }
@@ -751,7 +756,7 @@ impl<J: Journal> EngineSubscription<J> {
                     return Ok(held.to_delivery(&channel, payload));
                 }
                 if let Some(e) = inbox.failed.take() {
-                    return Err(QueueError::Poisoned(e));
+                    return Err(e);
                 }
                 inbox.committing > 0
             };

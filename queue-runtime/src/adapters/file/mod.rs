@@ -14,7 +14,6 @@ pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +24,9 @@ use queue_core::clock::Clock;
 use queue_core::{MessageId, QueueError, Receipt};
 
 use self::format::{MessageRecord, Record};
-use self::writer::{OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path};
+use self::writer::{
+    Class, OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path,
+};
 use crate::engine::{Change, Engine, Entry, Event, Journal, Ticket};
 
 /// Where a payload is: segment, byte offset and length.
@@ -213,9 +214,15 @@ impl Journal for FileJournal {
         let (ticket, completer) = Ticket::pending();
         let shared = self.shared.clone();
         let key_homes = self.key_homes.clone();
+        let class = if payloads.is_empty() {
+            Class::Settle
+        } else {
+            Class::Growth
+        };
         self.writer.submit_then(
             buf,
             payloads.len() as u64,
+            class,
             Box::new(move |placed: Result<Placed, QueueError>| {
                 let result = placed.map(|placed| {
                     if !homes.is_empty() {
@@ -260,7 +267,8 @@ impl Journal for FileJournal {
                 ))
             })?;
         let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, u64::from(loc.offset))?;
+        self.storage
+            .read_at(&file, &mut buf, u64::from(loc.offset))?;
         Ok(buf)
     }
 
@@ -329,7 +337,7 @@ impl Engine<FileJournal> {
         }
         let storage = options.storage.clone();
         let segment_size = options.segment_size.max(4096);
-        recovery::remove_prepared(&dir)?;
+        recovery::remove_prepared(&dir, &*storage)?;
         let state = recovery::recover(&dir, &*storage)?;
         let epoch = state.epoch + 1;
 
@@ -349,10 +357,10 @@ impl Engine<FileJournal> {
         {
             let mut segments = shared.segments.write();
             for &(n, _) in &state.segments {
-                segments.insert(n, Arc::new(File::open(segment_path(&dir, n))?));
+                segments.insert(n, Arc::new(storage.open(&segment_path(&dir, n))?));
             }
             if state.segments.is_empty() {
-                segments.insert(active, Arc::new(File::open(segment_path(&dir, active))?));
+                segments.insert(active, Arc::new(storage.open(&segment_path(&dir, active))?));
             }
         }
         let mut usage: BTreeMap<u64, Usage> = BTreeMap::new();
@@ -379,10 +387,7 @@ impl Engine<FileJournal> {
                 .push(KeyHome::Produce(key.clone()));
         }
 
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(segment_path(&dir, active))?;
+        let file = storage.open(&segment_path(&dir, active))?;
         let writer = Writer::start(
             WriterConfig {
                 dir: dir.clone(),
@@ -583,9 +588,10 @@ impl Engine<FileJournal> {
         for seg in &doomed {
             shared.segments.write().remove(seg);
             shared.usage.lock().remove(seg);
-            fs::remove_file(segment_path(&journal.dir, *seg))?;
+            journal.storage.remove(&segment_path(&journal.dir, *seg))?;
         }
         journal.storage.sync_dir(&journal.dir)?;
+        shared.space_freed();
         tracing::debug!(segments = doomed.len(), "compaction deleted segments");
         Ok(doomed.len() as u64)
     }

@@ -7,8 +7,7 @@
 //! were synced before, and that is corruption too.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use queue_core::QueueError;
 use queue_core::clock::Timestamp;
@@ -212,11 +211,9 @@ impl State {
 ///
 /// # Errors
 /// When the directory cannot be read.
-pub fn list_segments(dir: &Path) -> Result<Vec<u64>, QueueError> {
+pub fn list_segments(dir: &Path, storage: &dyn Storage) -> Result<Vec<u64>, QueueError> {
     let mut numbers = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
+    for name in storage.list(dir)? {
         if let Some(n) = name
             .strip_suffix(".qlog")
             .and_then(|n| n.parse::<u64>().ok())
@@ -238,7 +235,7 @@ fn corrupt(path: &Path, offset: usize, what: &str) -> QueueError {
 /// [`QueueError::Corrupt`] naming the file and offset of damage that is not a torn tail;
 /// I/O errors.
 pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
-    let numbers = list_segments(dir)?;
+    let numbers = list_segments(dir, storage)?;
     let mut state = State {
         next_id: 1,
         ..State::default()
@@ -246,7 +243,7 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
     for (i, &n) in numbers.iter().enumerate() {
         let last = i + 1 == numbers.len();
         let path = segment_path(dir, n);
-        let bytes = fs::read(&path)?;
+        let bytes = storage.read(&path)?;
         if let Err(e) = format::check_header(&bytes, n) {
             if last && bytes.iter().take(format::HEADER_LEN).all(|b| *b == 0) {
                 // Created but never synced whole: an empty segment.
@@ -282,7 +279,7 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
                     let end = bytes.iter().rposition(|b| *b != 0).map_or(at, |p| p + 1);
                     let cut = (end - at) as u64;
                     tracing::warn!(file = %path.display(), offset = at, bytes = cut, reason = what, "cutting off a torn tail");
-                    let f = OpenOptions::new().write(true).open(&path)?;
+                    let f = storage.open(&path)?;
                     storage.write_at(&f, &vec![0u8; end - at], at as u64)?;
                     storage.sync_data(&f)?;
                     state.truncated += cut;
@@ -317,8 +314,8 @@ fn committed_after(bytes: &[u8], from: usize) -> bool {
     false
 }
 
-fn rewrite_header(path: &PathBuf, n: u64, storage: &dyn Storage) -> Result<(), QueueError> {
-    let f = OpenOptions::new().write(true).open(path)?;
+fn rewrite_header(path: &Path, n: u64, storage: &dyn Storage) -> Result<(), QueueError> {
+    let f = storage.open(path)?;
     storage.write_at(&f, &format::header(n), 0)?;
     storage.sync_data(&f)?;
     Ok(())
@@ -328,11 +325,10 @@ fn rewrite_header(path: &PathBuf, n: u64, storage: &dyn Storage) -> Result<(), Q
 ///
 /// # Errors
 /// I/O errors.
-pub fn remove_prepared(dir: &Path) -> Result<(), QueueError> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().ends_with(".qlog.tmp") {
-            fs::remove_file(entry.path())?;
+pub fn remove_prepared(dir: &Path, storage: &dyn Storage) -> Result<(), QueueError> {
+    for name in storage.list(dir)? {
+        if name.ends_with(".qlog.tmp") {
+            storage.remove(&dir.join(name))?;
         }
     }
     Ok(())

@@ -1,8 +1,10 @@
 //! Group commit: one thread owns the active segment. It takes every write waiting, appends
 //! them with a commit record in one `write`, calls `fdatasync` once, and answers all of them.
-//! A lone writer is written at once; no timer holds it back. After any failed write or sync
-//! the store is poisoned: the failed batch and every later one fail, and the sync is never
-//! retried (the kernel may have dropped the dirty pages it could not write).
+//! A lone writer is written at once; no timer holds it back. After a failed sync, or a write
+//! failing other than for want of space, the store is poisoned: the failed batch and every
+//! later one fail, and the sync is never retried (the kernel may have dropped the dirty pages
+//! it could not write). A write that fails for want of space fails its batch only; new
+//! messages are refused while the disk is full, and settling writes use a reserve.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -11,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use queue_core::QueueError;
@@ -19,22 +21,119 @@ use tokio::sync::oneshot;
 
 use super::format::{self, Record};
 
-/// The file-system calls the log makes, replaceable to inject failures in tests.
+/// An open file of the store: an OS file, or a number a test storage gives out.
+#[derive(Debug)]
+pub enum Handle {
+    /// An open file.
+    File(File),
+    /// A storage's own handle.
+    Id(u64),
+}
+
+impl Handle {
+    /// The OS file.
+    ///
+    /// # Errors
+    /// `Unsupported` for a storage's own handle.
+    pub fn file(&self) -> io::Result<&File> {
+        match self {
+            Handle::File(f) => Ok(f),
+            Handle::Id(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "not an operating-system file",
+            )),
+        }
+    }
+}
+
+/// Every file-system call the log makes, replaceable to inject failures in tests. The
+/// defaults are the operating system's. Creating the store directory and locking its `LOCK`
+/// file are always the OS's.
 pub trait Storage: Send + Sync + 'static {
-    /// Writes bytes into a segment at `offset`.
+    /// Creates a file, or truncates an existing one, open for reading and writing.
+    ///
+    /// # Errors
+    /// The open error.
+    fn create(&self, path: &Path) -> io::Result<Handle> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map(Handle::File)
+    }
+
+    /// Opens an existing file for reading and writing.
+    ///
+    /// # Errors
+    /// The open error.
+    fn open(&self, path: &Path) -> io::Result<Handle> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map(Handle::File)
+    }
+
+    /// Writes bytes into a file at `offset`.
     ///
     /// # Errors
     /// The write error.
-    fn write_at(&self, file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
-        file.write_all_at(bytes, offset)
+    fn write_at(&self, file: &Handle, bytes: &[u8], offset: u64) -> io::Result<()> {
+        file.file()?.write_all_at(bytes, offset)
+    }
+
+    /// Fills `buf` from a file at `offset`.
+    ///
+    /// # Errors
+    /// The read error, `UnexpectedEof` past the end.
+    fn read_at(&self, file: &Handle, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        file.file()?.read_exact_at(buf, offset)
+    }
+
+    /// Reads a whole file.
+    ///
+    /// # Errors
+    /// The read error.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
     }
 
     /// Makes a file's data durable (`fdatasync`).
     ///
     /// # Errors
     /// The sync error.
-    fn sync_data(&self, file: &File) -> io::Result<()> {
-        file.sync_data()
+    fn sync_data(&self, file: &Handle) -> io::Result<()> {
+        file.file()?.sync_data()
+    }
+
+    /// Renames a file; durable once the directory is synced.
+    ///
+    /// # Errors
+    /// The rename error.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    /// Removes a file; durable once the directory is synced.
+    ///
+    /// # Errors
+    /// The remove error.
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    /// The names of the entries in a directory.
+    ///
+    /// # Errors
+    /// The listing error.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
     }
 
     /// Makes a directory's entries durable, after a file was created, renamed or removed.
@@ -68,13 +167,13 @@ pub fn prepared_path(dir: &Path, n: u64) -> PathBuf {
 ///
 /// # Errors
 /// I/O errors.
-pub fn prepare_segment(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<File> {
+pub fn prepare_segment(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<Handle> {
     prepare(dir, n, size, storage, Duration::ZERO)
 }
 
 /// [`prepare_segment`] in the background: synced every 4 MiB with a pause after each, so the
 /// zeros never queue a long write-back in front of the commits that share the disk.
-fn prepare_gently(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<File> {
+fn prepare_gently(dir: &Path, n: u64, size: u64, storage: &dyn Storage) -> io::Result<Handle> {
     prepare(dir, n, size, storage, Duration::from_millis(3))
 }
 
@@ -84,27 +183,29 @@ fn prepare(
     size: u64,
     storage: &dyn Storage,
     pause: Duration,
-) -> io::Result<File> {
+) -> io::Result<Handle> {
     const CHUNK: u64 = 1 << 20;
     let path = prepared_path(dir, n);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)?;
-    let zeros = vec![0u8; CHUNK as usize];
-    let mut at = 0;
-    while at < size {
-        let n = (size - at).min(CHUNK) as usize;
-        storage.write_at(&file, &zeros[..n], at)?;
-        at += n as u64;
-        if !pause.is_zero() && at % (4 * CHUNK) == 0 {
-            storage.sync_data(&file)?;
-            std::thread::sleep(pause);
+    let file = storage.create(&path)?;
+    let fill = || {
+        let zeros = vec![0u8; CHUNK.min(size) as usize];
+        let mut at = 0;
+        while at < size {
+            let n = (size - at).min(CHUNK) as usize;
+            storage.write_at(&file, &zeros[..n], at)?;
+            at += n as u64;
+            if !pause.is_zero() && at % (4 * CHUNK) == 0 {
+                storage.sync_data(&file)?;
+                std::thread::sleep(pause);
+            }
         }
+        storage.sync_data(&file)
+    };
+    if let Err(e) = fill() {
+        // A partly filled file would only hold space (on a full disk, the space acks need).
+        let _ = storage.remove(&path);
+        return Err(e);
     }
-    storage.sync_data(&file)?;
     Ok(file)
 }
 
@@ -116,7 +217,7 @@ fn prepare(
 pub fn install_segment(
     dir: &Path,
     n: u64,
-    file: &File,
+    file: &Handle,
     commit: &Record<'_>,
     storage: &dyn Storage,
 ) -> io::Result<u64> {
@@ -124,7 +225,7 @@ pub fn install_segment(
     format::encode(commit, &mut head);
     storage.write_at(file, &head, 0)?;
     storage.sync_data(file)?;
-    std::fs::rename(prepared_path(dir, n), segment_path(dir, n))?;
+    storage.rename(&prepared_path(dir, n), &segment_path(dir, n))?;
     storage.sync_dir(dir)?;
     Ok(head.len() as u64)
 }
@@ -143,9 +244,20 @@ pub type Done = Box<dyn FnOnce(Result<Placed, QueueError>) + Send>;
 
 type Completions = Vec<(Result<Placed, QueueError>, Done)>;
 
+/// What a write does to the space the store needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Stores new messages: refused on a full disk once the reserve is reached.
+    Growth,
+    /// Settles or moves what is stored (acks, leases, retries, dead letters, compaction):
+    /// may use the reserve.
+    Settle,
+}
+
 struct Job {
     bytes: Vec<u8>,
     messages: u64,
+    class: Class,
     done: Option<Done>,
 }
 
@@ -163,7 +275,7 @@ pub struct Usage {
 /// State shared between the writer thread and readers.
 pub struct Shared {
     /// Read handles of every segment, by number.
-    pub segments: RwLock<BTreeMap<u64, Arc<File>>>,
+    pub segments: RwLock<BTreeMap<u64, Arc<Handle>>>,
     /// The active segment's number.
     pub active: AtomicU64,
     poisoned: AtomicBool,
@@ -178,6 +290,8 @@ pub struct Shared {
     pub commits: AtomicU64,
     /// Usage of each segment; the writer counts messages in as it writes them.
     pub usage: Mutex<BTreeMap<u64, Usage>>,
+    /// Set when segments were deleted: a full disk may have room again.
+    freed: AtomicBool,
 }
 
 impl Shared {
@@ -191,6 +305,11 @@ impl Shared {
         } else {
             Ok(())
         }
+    }
+
+    /// Tells the writer that segments were deleted, so a full disk may have room again.
+    pub fn space_freed(&self) {
+        self.freed.store(true, Ordering::Release);
     }
 
     fn poison(&self, reason: String) {
@@ -237,7 +356,7 @@ pub struct WriterConfig {
     /// The store directory.
     pub dir: PathBuf,
     /// The active segment, opened for writing.
-    pub file: File,
+    pub file: Handle,
     /// The end of its data: where the next write goes.
     pub len: u64,
     /// Its number.
@@ -282,20 +401,23 @@ impl Writer {
     /// have failed. Records submitted earlier are written earlier. `messages` counts the
     /// message records among them, which the writer adds to the segment's usage as it
     /// writes them.
-    pub fn submit_then(&self, bytes: Vec<u8>, messages: u64, done: Done) {
+    pub fn submit_then(&self, bytes: Vec<u8>, messages: u64, class: Class, done: Done) {
         self.send(Job {
             bytes,
             messages,
+            class,
             done: Some(done),
         });
     }
 
-    /// Queues encoded records; the returned future completes once they are durable.
+    /// Queues encoded records that settle or move what is stored; the returned future
+    /// completes once they are durable.
     pub fn submit(&self, bytes: Vec<u8>, messages: u64) -> Pending {
         let (tx, rx) = oneshot::channel();
         self.submit_then(
             bytes,
             messages,
+            Class::Settle,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -312,6 +434,7 @@ impl Writer {
         self.submit_then(
             Vec::new(),
             0,
+            Class::Settle,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -370,6 +493,80 @@ fn fail(job: Job, error: &QueueError) {
 /// Bytes gathered into one group commit at most (a single larger write goes alone).
 const BATCH_BYTES: usize = 4 << 20;
 
+/// How long a full disk is left alone before the writer tries again to prepare a segment,
+/// unless segments are deleted sooner.
+const FULL_RETRY: Duration = Duration::from_secs(1);
+
+/// The bytes of the active segment kept for [`Class::Settle`] writes once the next segment
+/// cannot be prepared: new messages are refused when they would leave less.
+pub fn reserve(segment_size: u64) -> u64 {
+    segment_size / 8
+}
+
+/// The error of a write refused or failed for want of space.
+pub fn full_error(reason: &str) -> QueueError {
+    QueueError::Io(io::Error::new(
+        io::ErrorKind::StorageFull,
+        format!(
+            "the disk is full: {reason}; new messages are refused until space is freed \
+             (acks, dead letters and compaction still work)"
+        ),
+    ))
+}
+
+fn is_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.kind() == io::ErrorKind::QuotaExceeded
+}
+
+/// The segment after the active one.
+enum Next {
+    /// Not started.
+    None,
+    /// Being prepared on its own thread.
+    Preparing(Preparing),
+    /// Prepared and synced under its temporary name.
+    Ready(Handle),
+    /// Could not be prepared for want of space.
+    Full { reason: String, since: Instant },
+}
+
+impl Next {
+    /// Resolves to `Ready` or `Full`: waits for a preparation under way, prepares one now,
+    /// or tries again on a full disk once space may have been freed.
+    ///
+    /// # Errors
+    /// A preparation error other than a full disk.
+    fn resolve(&mut self, c: &WriterConfig, shared: &Shared) -> io::Result<()> {
+        let number = c.segment + 1;
+        let result = match std::mem::replace(self, Next::None) {
+            Next::Ready(file) => Ok(file),
+            Next::Preparing(p) if p.number == number => p
+                .handle
+                .join()
+                .map_err(|_| io::Error::other("segment preparation panicked"))?,
+            Next::Full { reason, since }
+                if !shared.freed.swap(false, Ordering::AcqRel) && since.elapsed() < FULL_RETRY =>
+            {
+                *self = Next::Full { reason, since };
+                return Ok(());
+            }
+            _ => prepare_segment(&c.dir, number, c.segment_size, &*c.storage),
+        };
+        *self = match result {
+            Ok(file) => Next::Ready(file),
+            Err(e) if is_full(&e) => {
+                tracing::warn!(segment = number, error = %e, "cannot prepare the next segment: the disk is full");
+                Next::Full {
+                    reason: format!("cannot prepare segment {number}: {e}"),
+                    since: Instant::now(),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(())
+    }
+}
+
 fn run(
     mut c: WriterConfig,
     shared: &Shared,
@@ -377,7 +574,8 @@ fn run(
     completions: &mpsc::Sender<Completions>,
 ) {
     // The next segment is prepared once the active one is half full.
-    let mut prepared: Option<Preparing> = None;
+    let mut next = Next::None;
+    let reserve = reserve(c.segment_size);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut batch: Vec<(usize, Option<Done>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -396,14 +594,46 @@ fn run(
             jobs.into_iter().for_each(|j| fail(j, &e));
             continue;
         }
-        if c.len > format::HEADER_LEN as u64
-            && c.len + size as u64 > c.segment_size
-            && let Err(e) = roll(&mut c, shared, &mut prepared)
-        {
-            shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
-            let err = shared.check().expect_err("just poisoned");
-            jobs.into_iter().for_each(|j| fail(j, &err));
-            continue;
+        // New messages take the reserve only while the next segment can be had.
+        let growth: u64 = jobs
+            .iter()
+            .filter(|j| j.class == Class::Growth)
+            .map(|j| j.bytes.len() as u64)
+            .sum();
+        if growth > 0 && c.len + growth + reserve > c.segment_size {
+            if let Err(e) = next.resolve(&c, shared) {
+                shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
+                let err = shared.check().expect_err("just poisoned");
+                jobs.into_iter().for_each(|j| fail(j, &err));
+                continue;
+            }
+            if let Next::Full { reason, .. } = &next {
+                let (refused, kept): (Vec<Job>, Vec<Job>) =
+                    jobs.into_iter().partition(|j| j.class == Class::Growth);
+                let refused: Completions = refused
+                    .into_iter()
+                    .filter_map(|j| j.done.map(|d| (Err(full_error(reason)), d)))
+                    .collect();
+                let _ = completions.send(refused);
+                jobs = kept;
+                if jobs.is_empty() {
+                    continue;
+                }
+                size = jobs.iter().map(|j| j.bytes.len()).sum();
+            }
+        }
+        if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size {
+            // On a full disk the batch goes past the segment's end and fails if the file
+            // cannot grow.
+            let rolled = next
+                .resolve(&c, shared)
+                .and_then(|()| roll(&mut c, shared, &mut next));
+            if let Err(e) = rolled {
+                shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
+                let err = shared.check().expect_err("just poisoned");
+                jobs.into_iter().for_each(|j| fail(j, &err));
+                continue;
+            }
         }
         buf.clear();
         batch.clear();
@@ -420,10 +650,26 @@ fn run(
             },
             &mut buf,
         );
-        let result = c
-            .storage
-            .write_at(&c.file, &buf, c.len)
-            .and_then(|()| c.storage.sync_data(&c.file));
+        let result = match c.storage.write_at(&c.file, &buf, c.len) {
+            Err(e) if is_full(&e) => {
+                // Nothing of the batch was synced, and the next batch is written at the same
+                // offset. What landed is zeroed (the blocks it took exist), so no part of a
+                // failed batch can be synced with a later one.
+                let _ = c.storage.write_at(&c.file, &vec![0; buf.len()], c.len);
+                let reason = format!(
+                    "write to {} failed: {e}",
+                    segment_path(&c.dir, c.segment).display()
+                );
+                tracing::warn!(error = %reason, "batch refused: the disk is full");
+                let failed: Completions = batch
+                    .drain(..)
+                    .filter_map(|(_, done)| done.map(|d| (Err(full_error(&reason)), d)))
+                    .collect();
+                let _ = completions.send(failed);
+                continue;
+            }
+            r => r.and_then(|()| c.storage.sync_data(&c.file)),
+        };
         match result {
             Ok(()) => {
                 let base = c.len;
@@ -432,8 +678,8 @@ fn run(
                     .written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 shared.commits.fetch_add(1, Ordering::Relaxed);
-                if prepared.is_none() && c.len > c.segment_size / 2 {
-                    prepared = Some(Preparing::start(&c, c.segment + 1));
+                if matches!(next, Next::None) && c.len > c.segment_size / 2 {
+                    next = Next::Preparing(Preparing::start(&c, c.segment + 1));
                 }
                 if messages > 0 {
                     let mut usage = shared.usage.lock();
@@ -478,42 +724,49 @@ fn run(
     {
         tracing::error!(error = %e, "final fdatasync failed");
     }
-    if let Some(p) = prepared {
-        let _ = p.handle.join();
-        let _ = std::fs::remove_file(prepared_path(&c.dir, p.number));
+    let number = c.segment + 1;
+    match next {
+        Next::Preparing(p) => {
+            let _ = p.handle.join();
+            let _ = c.storage.remove(&prepared_path(&c.dir, p.number));
+        }
+        Next::Ready(_) => {
+            let _ = c.storage.remove(&prepared_path(&c.dir, number));
+        }
+        Next::None | Next::Full { .. } => {}
     }
 }
 
-/// Starts the next segment: the one prepared in the background when it is ready, else one
-/// prepared now. Every batch was synced already, so the old segment is sealed as it is.
-fn roll(c: &mut WriterConfig, shared: &Shared, prepared: &mut Option<Preparing>) -> io::Result<()> {
-    let next = c.segment + 1;
-    let file = match prepared.take() {
-        Some(p) if p.number == next => p
-            .handle
-            .join()
-            .map_err(|_| io::Error::other("segment preparation panicked"))??,
-        _ => prepare_segment(&c.dir, next, c.segment_size, &*c.storage)?,
+/// Starts the next segment if it is ready; on a full disk stays on the active one. Every
+/// batch was synced already, so the old segment is sealed as it is.
+fn roll(c: &mut WriterConfig, shared: &Shared, next: &mut Next) -> io::Result<()> {
+    let number = c.segment + 1;
+    let file = match std::mem::replace(next, Next::None) {
+        Next::Ready(file) => file,
+        other => {
+            *next = other;
+            return Ok(());
+        }
     };
     let commit = Record::Commit {
         next_id: shared.next_id.load(Ordering::Acquire),
         epoch: shared.epoch,
     };
-    let len = install_segment(&c.dir, next, &file, &commit, &*c.storage)?;
-    let reader = Arc::new(File::open(segment_path(&c.dir, next))?);
-    shared.segments.write().insert(next, reader);
-    shared.active.store(next, Ordering::Release);
+    let len = install_segment(&c.dir, number, &file, &commit, &*c.storage)?;
+    let reader = Arc::new(c.storage.open(&segment_path(&c.dir, number))?);
+    shared.segments.write().insert(number, reader);
+    shared.active.store(number, Ordering::Release);
     c.file = file;
     c.len = len;
-    c.segment = next;
-    tracing::debug!(segment = next, "started a new segment");
+    c.segment = number;
+    tracing::debug!(segment = number, "started a new segment");
     Ok(())
 }
 
 /// A segment being prepared on its own thread.
 struct Preparing {
     number: u64,
-    handle: std::thread::JoinHandle<io::Result<File>>,
+    handle: std::thread::JoinHandle<io::Result<Handle>>,
 }
 
 impl Preparing {
@@ -540,5 +793,6 @@ pub fn shared(next_id: u64, epoch: u64, active: u64) -> Arc<Shared> {
         written: AtomicU64::new(0),
         commits: AtomicU64::new(0),
         usage: Mutex::new(BTreeMap::new()),
+        freed: AtomicBool::new(false),
     })
 }
