@@ -89,17 +89,9 @@ impl WireSpec {
     /// # Errors
     /// A protocol error for a name or value out of range.
     pub fn to_spec(&self) -> Result<ChannelSpec, QueueError> {
-        let valid = !self.name.is_empty()
-            && !self.name.starts_with('/')
-            && !self.name.ends_with('/')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
-        if !valid {
+        if let Some(problem) = queue_core::limits::channel_name_problem(&self.name) {
             return Err(QueueError::Protocol(format!(
-                "invalid channel name `{}`",
-                self.name
+                "invalid channel name: {problem}"
             )));
         }
         let max_attempts = u32::try_from(self.max_attempts)

@@ -22,6 +22,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, select};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
+use queue_core::limits;
 use queue_core::{
     Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
     Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
@@ -233,6 +234,11 @@ impl<J: Journal> Engine<J> {
         key: Option<(&str, Duration)>,
     ) -> Result<Vec<Receipt>, QueueError> {
         self.check_open()?;
+        spec.check()?;
+        limits::check_batch(&batch)?;
+        if let Some((key, _)) = key {
+            limits::check_produce_key(key)?;
+        }
         let cell = self.channel(spec);
         let now = self.now();
         if let Some((key, _)) = key
@@ -337,6 +343,7 @@ impl<J: Journal> Engine<J> {
         max_parallel: u32,
     ) -> Result<Box<dyn Subscription>, QueueError> {
         self.check_open()?;
+        spec.check()?;
         let cell = self.channel(spec);
         let consumer = self.next_consumer.fetch_add(1, Ordering::Relaxed);
         cell.lock().add_consumer(consumer, max_parallel);

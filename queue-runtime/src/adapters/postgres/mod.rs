@@ -611,6 +611,7 @@ impl Inner {
 
     /// The channel of `spec`, created or updated to these settings.
     pub async fn channel(&self, spec: &ChannelSpec) -> Result<ChannelRow, QueueError> {
+        spec.check()?;
         if let Some(row) = self.channels.read().get(spec.name.as_ref())
             && &row.spec == spec
         {
@@ -682,6 +683,7 @@ impl Inner {
         channel: &ChannelRow,
         batch: &[Outgoing],
     ) -> Result<(Vec<Receipt>, bool), QueueError> {
+        queue_core::limits::check_batch(batch)?;
         let dedupe = channel.spec.deduplicates();
         let mut first: HashMap<u64, usize> = HashMap::new();
         let mut slots = Vec::with_capacity(batch.len());
@@ -830,6 +832,7 @@ impl Inner {
                 return Ok(());
             }
             Outcome::Retry { after, error } => {
+                let error = queue_core::limits::cut_error_text(error);
                 let channel = self
                     .channel_named(&lease.channel)
                     .await
@@ -866,6 +869,7 @@ impl Inner {
                 true
             }
             Outcome::DeadLetter { error } => {
+                let error = queue_core::limits::cut_error_text(error);
                 let client = self.connection().await?;
                 let stmt = client
                     .prepare_cached(&self.sql.dead_letter)
