@@ -733,3 +733,72 @@ async fn a_segment_size_beyond_32_bit_offsets_is_refused_at_open() {
     assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
     assert!(err.to_string().contains("segment_size"), "{err}");
 }
+
+#[tokio::test]
+async fn queuectl_check_names_each_damaged_segment_and_offset_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+        produce_each(&queue, 60).await;
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"))
+            .args(["check", "--data"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let clean = check();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+
+    let path = segment_path(dir.path(), 1);
+    let (start, _) = record_ends(&path)[3];
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[start + format::FRAME_LEN + 2] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let newest = segment_path(dir.path(), *adapter_segments(dir.path()).last().unwrap());
+    let mut newest_bytes = std::fs::read(&newest).unwrap();
+    newest_bytes[..format::HEADER_LEN].fill(0);
+    std::fs::write(&newest, &newest_bytes).unwrap();
+
+    let damaged = check();
+    let out = String::from_utf8_lossy(&damaged.stdout);
+    assert!(!damaged.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} at offset {start}: checksum mismatch",
+            path.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{} at offset 0", newest.display())),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "check writes nothing");
+    assert_eq!(std::fs::read(&newest).unwrap(), newest_bytes);
+}
+
+/// The segment numbers in a store directory, sorted.
+fn adapter_segments(dir: &Path) -> Vec<u64> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".qlog")
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert!(numbers.len() >= 2, "several segments");
+    numbers
+}

@@ -12,6 +12,8 @@ pub mod format;
 mod recovery;
 pub mod writer;
 
+pub use recovery::{Damage, Finding, check};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use queue_core::QueueError;
 use queue_core::clock::Timestamp;
@@ -404,4 +404,56 @@ pub fn remove_prepared(dir: &Path) -> Result<(), QueueError> {
         }
     }
     Ok(())
+}
+
+/// What [`check`] found in one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Damage that makes opening fail.
+    Damaged {
+        /// The segment file.
+        path: PathBuf,
+        /// The damage.
+        damage: Damage,
+    },
+    /// Bytes after the last commit of the newest segment, which opening cuts.
+    TornTail {
+        /// The segment file.
+        path: PathBuf,
+        /// Where the tail starts.
+        offset: usize,
+        /// Its length.
+        bytes: usize,
+        /// Why it is torn.
+        what: String,
+    },
+}
+
+/// Scans every segment in `dir` as opening would, writing nothing. Scanning a segment stops
+/// at its first damage, so each damaged segment is reported once.
+///
+/// # Errors
+/// I/O errors.
+pub fn check(dir: &Path) -> Result<Vec<Finding>, QueueError> {
+    let numbers = list_segments(dir)?;
+    let mut findings = Vec::new();
+    for (i, &n) in numbers.iter().enumerate() {
+        let path = segment_path(dir, n);
+        let bytes = fs::read(&path)?;
+        match scan_segment(&bytes, n, i + 1 == numbers.len()) {
+            Err(damage) => findings.push(Finding::Damaged { path, damage }),
+            Ok(Scan {
+                end,
+                tail: Some(tail),
+                ..
+            }) => findings.push(Finding::TornTail {
+                path,
+                offset: end,
+                bytes: tail.end - end,
+                what: tail.what,
+            }),
+            Ok(_) => {}
+        }
+    }
+    Ok(findings)
 }
