@@ -3,19 +3,22 @@
 //! | what | limit |
 //! |---|---|
 //! | channel name | 1 to [`MAX_CHANNEL_NAME`] bytes of `[A-Za-z0-9_./:-]`, no `/` at either end |
-//! | error text kept with a message | [`MAX_ERROR_TEXT`] bytes, longer text cut by [`cut_error_text`] |
+//! | error text kept with a message | [`MAX_ERROR_TEXT`] bytes: an outcome's text is cut to [`MAX_HANDLER_ERROR`] by [`limit_outcome`] |
 //! | produce key | 1 to [`MAX_PRODUCE_KEY`] bytes |
 //! | payload | [`crate::codec::MAX_PAYLOAD`] bytes |
 //! | one produce call | [`MAX_BATCH`] messages, [`MAX_BATCH_BYTES`] bytes |
 
-use crate::adapter::Outgoing;
+use crate::adapter::{Outcome, Outgoing};
 use crate::codec::MAX_PAYLOAD;
 use crate::error::QueueError;
 
 /// The longest channel name, in bytes.
 pub const MAX_CHANNEL_NAME: usize = 255;
-/// The longest error text kept with a message, in bytes, marker included.
+/// The longest error text kept with a message, in bytes: a handler's error cut to
+/// [`MAX_HANDLER_ERROR`], plus the note an adapter adds (` (attempt 3 of 3)`).
 pub const MAX_ERROR_TEXT: usize = 4096;
+/// The longest error text of an [`Outcome`], in bytes, marker included.
+pub const MAX_HANDLER_ERROR: usize = MAX_ERROR_TEXT - 64;
 /// The longest produce key, in bytes.
 pub const MAX_PRODUCE_KEY: usize = 128;
 
@@ -114,20 +117,36 @@ pub fn check_batch(batch: &[Outgoing]) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// Cuts `text` to at most [`MAX_ERROR_TEXT`] bytes on a character boundary, ending it with
-/// `… [cut: N bytes]` where `N` counts the bytes left out. Shorter text is returned as is.
+/// Cuts the error text of an outcome to [`MAX_HANDLER_ERROR`] bytes (see
+/// [`cut_error_text`]). Every adapter applies it where an outcome enters, before it adds its
+/// own note, so what it keeps is at most [`MAX_ERROR_TEXT`] bytes.
+pub fn limit_outcome(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Retry { after, error } => Outcome::Retry {
+            after,
+            error: cut_error_text(error),
+        },
+        Outcome::DeadLetter { error } => Outcome::DeadLetter {
+            error: cut_error_text(error),
+        },
+        other => other,
+    }
+}
+
+/// Cuts `text` to at most [`MAX_HANDLER_ERROR`] bytes on a character boundary, ending it
+/// with `… [cut: N bytes]` where `N` counts the bytes left out. Shorter text is returned as
+/// is.
 pub fn cut_error_text(text: String) -> String {
-    if text.len() <= MAX_ERROR_TEXT {
+    if text.len() <= MAX_HANDLER_ERROR {
         return text;
     }
-    // The marker is at most 24 bytes ("… [cut: " + 20 digits + " bytes]" is longer only for
-    // impossible lengths); reserve room for the longest and cut on a character boundary.
+    // Room for the longest marker: "… [cut: " + 20 digits + " bytes]".
     let reserve = "… [cut: ".len() + 20 + " bytes]".len();
-    let mut end = MAX_ERROR_TEXT - reserve;
+    let mut end = MAX_HANDLER_ERROR - reserve;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let mut out = String::with_capacity(MAX_ERROR_TEXT);
+    let mut out = String::with_capacity(MAX_HANDLER_ERROR);
     out.push_str(&text[..end]);
     out.push_str(&format!("… [cut: {} bytes]", text.len() - end));
     out
@@ -141,7 +160,7 @@ mod tests {
     fn long_multibyte_text_is_cut_on_a_character_boundary_with_a_marker() {
         let text = "한국어 {\"본문\": \"오류\"} ".repeat(5000);
         let cut = cut_error_text(text.clone());
-        assert!(cut.len() <= MAX_ERROR_TEXT, "{} bytes", cut.len());
+        assert!(cut.len() <= MAX_HANDLER_ERROR, "{} bytes", cut.len());
         let (kept, marker) = cut.rsplit_once("… [cut: ").expect("a marker");
         assert!(text.starts_with(kept));
         let n: usize = marker
@@ -154,8 +173,28 @@ mod tests {
 
     #[test]
     fn short_text_is_kept_as_is() {
-        let text = "x".repeat(MAX_ERROR_TEXT);
+        let text = "x".repeat(MAX_HANDLER_ERROR);
         assert_eq!(cut_error_text(text.clone()), text);
+        assert_ne!(cut_error_text(text.clone() + "x"), text + "x");
+    }
+
+    #[test]
+    fn outcomes_have_their_error_cut_and_keep_the_rest() {
+        let long = "오".repeat(10_000);
+        let Outcome::Retry { after, error } = limit_outcome(Outcome::Retry {
+            after: Some(std::time::Duration::from_secs(3)),
+            error: long.clone(),
+        }) else {
+            panic!("still a retry");
+        };
+        assert_eq!(after, Some(std::time::Duration::from_secs(3)));
+        assert!(error.len() <= MAX_HANDLER_ERROR && error.contains("… [cut: "));
+        let Outcome::DeadLetter { error } = limit_outcome(Outcome::DeadLetter { error: long })
+        else {
+            panic!("still a dead letter");
+        };
+        assert!(error.len() <= MAX_HANDLER_ERROR);
+        assert_eq!(limit_outcome(Outcome::Ack), Outcome::Ack);
     }
 
     #[test]

@@ -654,7 +654,12 @@ async fn a_long_non_ascii_error_on_the_last_attempt_is_cut_with_a_marker_and_the
         text.starts_with(kept),
         "the kept text is the start of the error"
     );
-    assert!(marker.ends_with(" bytes]"), "{marker}");
+    let (cut, note) = marker.split_once(" bytes]").expect("the marker's end");
+    assert_eq!(kept.len() + cut.parse::<usize>().unwrap(), text.len());
+    assert_eq!(
+        note, " (attempt 1 of 1)",
+        "the engine's note follows the cut text"
+    );
     assert_eq!(
         stats(&queue, "store/payments").await.ready,
         1,

@@ -484,6 +484,7 @@ impl<J: Journal> Engine<J> {
     /// future is polled again.
     async fn settle_lease(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
         self.check_open()?;
+        let outcome = limits::limit_outcome(outcome);
         let cell = self
             .existing_cell(&lease.channel)
             .ok_or(QueueError::StaleLease { id: lease.id })?;

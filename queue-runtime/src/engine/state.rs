@@ -302,9 +302,7 @@ impl<P: Clone> ChannelState<P> {
         Some(entry)
     }
 
-    /// Every error text a message keeps enters here, cut to the limit every adapter shares.
     fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) -> Change {
-        let error = queue_core::limits::cut_error_text(error);
         self.counters.dead_lettered += 1;
         let change = Change::Died {
             id: entry.id,

@@ -612,14 +612,16 @@ mod tests {
         name
     }
 
-    /// Error text as the engine keeps it: anything, cut to the limit.
+    /// Error text as the engine keeps it: anything, cut to the limit, with the longest note
+    /// of the attempt.
     fn error_text(rng: &mut fastrand::Rng) -> String {
         let len = match rng.u8(..4) {
-            0 => limits::MAX_ERROR_TEXT,
-            1 => rng.usize(limits::MAX_ERROR_TEXT..70_000),
-            _ => rng.usize(..limits::MAX_ERROR_TEXT),
+            0 => limits::MAX_HANDLER_ERROR,
+            1 => rng.usize(limits::MAX_HANDLER_ERROR..70_000),
+            _ => rng.usize(..limits::MAX_HANDLER_ERROR),
         };
-        let cut = limits::cut_error_text(text(rng, len));
+        let cut = limits::cut_error_text(text(rng, len))
+            + &format!(" (attempt {} of {})", u32::MAX, u32::MAX);
         assert!(cut.len() <= limits::MAX_ERROR_TEXT);
         cut
     }

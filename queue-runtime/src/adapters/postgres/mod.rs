@@ -814,6 +814,7 @@ impl Inner {
 
     async fn settle(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
         self.check_open()?;
+        let outcome = queue_core::limits::limit_outcome(outcome);
         let stale = || QueueError::StaleLease { id: lease.id };
         let id = i64_of(lease.id.0);
         let token = i64_of(lease.token);
@@ -832,7 +833,6 @@ impl Inner {
                 return Ok(());
             }
             Outcome::Retry { after, error } => {
-                let error = queue_core::limits::cut_error_text(error);
                 let channel = self
                     .channel_named(&lease.channel)
                     .await
@@ -869,7 +869,6 @@ impl Inner {
                 true
             }
             Outcome::DeadLetter { error } => {
-                let error = queue_core::limits::cut_error_text(error);
                 let client = self.connection().await?;
                 let stmt = client
                     .prepare_cached(&self.sql.dead_letter)
