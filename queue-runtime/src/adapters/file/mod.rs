@@ -42,8 +42,9 @@ pub struct Loc {
 }
 
 /// The largest `segment_size`. A segment grows past it by one group commit at most (4 MiB of
-/// small writes, or one produce of at most `queue_core::limits::MAX_BATCH_BYTES`), so every
-/// offset in it fits the 32-bit offsets of [`Loc`].
+/// queued writes plus one append: a produce of at most `queue_core::limits::MAX_BATCH_BYTES`,
+/// or the relocated messages of a segment that is at most a quarter live), so every offset
+/// in it fits the 32-bit offsets of [`Loc`].
 pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 
 /// Settings of the embedded store.
