@@ -87,13 +87,10 @@ impl WireSpec {
     /// Checks and converts.
     ///
     /// # Errors
-    /// A protocol error for a name or value out of range.
+    /// [`QueueError::InvalidRequest`] for a name outside `queue_core::limits`; a protocol
+    /// error for a value out of range.
     pub fn to_spec(&self) -> Result<ChannelSpec, QueueError> {
-        if let Some(problem) = queue_core::limits::channel_name_problem(&self.name) {
-            return Err(QueueError::Protocol(format!(
-                "invalid channel name: {problem}"
-            )));
-        }
+        queue_core::limits::check_channel_name(&self.name)?;
         let max_attempts = u32::try_from(self.max_attempts)
             .ok()
             .filter(|n| *n > 0)
