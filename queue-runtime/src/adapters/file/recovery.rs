@@ -250,10 +250,10 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
         let last = i + 1 == numbers.len();
         let path = segment_path(dir, n);
         let bytes = fs::read(&path)?;
-        let scan = scan_segment(&bytes, n, last).map_err(|d| corrupt(&path, d.offset, &d.what))?;
-        for (record, at, payload_at) in scan.records {
+        let scan = scan_segment(&bytes, n, last, |record, at, payload_at| {
             state.apply(record, n, at, payload_at);
-        }
+        })
+        .map_err(|d| corrupt(&path, d.offset, &d.what))?;
         if let Some(tail) = scan.tail {
             let cut = (tail.end - scan.end) as u64;
             tracing::warn!(file = %path.display(), offset = scan.end, bytes = cut, reason = %tail.what, "cutting off a torn tail");
@@ -285,32 +285,37 @@ pub struct Tail {
     pub what: String,
 }
 
-/// What one segment holds: its committed records, where they end, and a torn tail.
+/// Where a segment's committed records end, and its torn tail.
 #[derive(Debug)]
-pub struct Scan<'a> {
-    /// `(record, offset, payload offset within the record)` of every committed record.
-    pub records: Vec<(Record<'a>, u64, usize)>,
+pub struct Scan {
     /// The end of the last commit record.
     pub end: usize,
     /// Bytes after the last commit that no later commit covers (last segment only).
     pub tail: Option<Tail>,
 }
 
-/// Reads segment `n`. Records count once the commit record ending their group commit is
-/// read. In the `last` segment, what follows the last commit record is a torn tail, unless
+/// Reads segment `n` and hands each committed record to `apply` with its offset and its
+/// payload's offset within the record. Records count once the commit record ending their
+/// group commit is read: `apply` sees a group commit whole or not at all. In the `last`
+/// segment, what follows the last commit record is a torn tail, unless
 /// a complete commit record followed by another record lies after the damage: then the
 /// damaged bytes were synced before.
 ///
 /// # Errors
 /// The first damage that is not a torn tail.
-pub fn scan_segment(bytes: &[u8], n: u64, last: bool) -> Result<Scan<'_>, Damage> {
+pub fn scan_segment<'a>(
+    bytes: &'a [u8],
+    n: u64,
+    last: bool,
+    mut apply: impl FnMut(Record<'a>, u64, usize),
+) -> Result<Scan, Damage> {
     if let Err(e) = format::check_header(bytes, n) {
         return Err(Damage {
             offset: 0,
             what: e.to_string(),
         });
     }
-    let mut records = Vec::new();
+    // The records of the group commit being read.
     let mut pending = Vec::new();
     let mut end = format::HEADER_LEN;
     let mut at = format::HEADER_LEN;
@@ -330,7 +335,9 @@ pub fn scan_segment(bytes: &[u8], n: u64, last: bool) -> Result<Scan<'_>, Damage
                 pending.push((record, at as u64, payload_at));
                 at += len;
                 if commit {
-                    records.append(&mut pending);
+                    for (record, at, payload_at) in pending.drain(..) {
+                        apply(record, at, payload_at);
+                    }
                     end = at;
                 }
             }
@@ -367,7 +374,7 @@ pub fn scan_segment(bytes: &[u8], n: u64, last: bool) -> Result<Scan<'_>, Damage
         end: bytes.iter().rposition(|b| *b != 0).map_or(end, |p| p + 1),
         what: what.to_string(),
     });
-    Ok(Scan { records, end, tail })
+    Ok(Scan { end, tail })
 }
 
 /// Whether a complete commit record lies after `from` and is followed by another record:
@@ -440,7 +447,7 @@ pub fn check(dir: &Path) -> Result<Vec<Finding>, QueueError> {
     for (i, &n) in numbers.iter().enumerate() {
         let path = segment_path(dir, n);
         let bytes = fs::read(&path)?;
-        match scan_segment(&bytes, n, i + 1 == numbers.len()) {
+        match scan_segment(&bytes, n, i + 1 == numbers.len(), |_, _, _| {}) {
             Err(damage) => findings.push(Finding::Damaged { path, damage }),
             Ok(Scan {
                 end,
