@@ -48,6 +48,7 @@ pub mod codec;
 pub mod consume;
 mod delivery;
 mod error;
+pub mod limits;
 mod queue;
 pub mod registry;
 mod spec;

@@ -247,7 +247,8 @@ impl Queue {
     /// and bridges; typed code uses [`Producer`].
     ///
     /// # Errors
-    /// The adapter's errors; [`QueueError::PayloadTooLarge`] for an oversized payload.
+    /// The adapter's errors; [`QueueError::PayloadTooLarge`] for an oversized payload;
+    /// [`QueueError::InvalidRequest`] for a channel name outside [`crate::limits`].
     ///
     /// # Cancel safety
     /// As [`Producer::produce`].
@@ -256,14 +257,8 @@ impl Queue {
         spec: &ChannelSpec,
         batch: Vec<Outgoing>,
     ) -> Result<Vec<Receipt>, QueueError> {
-        for m in &batch {
-            if m.payload.len() > codec::MAX_PAYLOAD {
-                return Err(QueueError::PayloadTooLarge {
-                    size: m.payload.len(),
-                    max: codec::MAX_PAYLOAD,
-                });
-            }
-        }
+        spec.check()?;
+        crate::limits::check_batch(&batch)?;
         self.inner.adapter.produce(spec, batch).await
     }
 }

@@ -24,7 +24,8 @@ pub enum Processing {
 /// `#[channel]`; adapters receive it with every produce and subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelSpec {
-    /// The channel name, `[A-Za-z0-9/._-]+`, no leading or trailing `/`.
+    /// The channel name: 1 to 255 bytes of `[A-Za-z0-9_./:-]`, no `/` at either end
+    /// (see [`crate::limits`]).
     pub name: Cow<'static, str>,
     /// At-least-once or exactly-once.
     pub processing: Processing,
@@ -63,6 +64,14 @@ impl ChannelSpec {
             backoff: Self::DEFAULT_BACKOFF,
             max_backoff: Self::DEFAULT_MAX_BACKOFF,
         }
+    }
+
+    /// Checks what an adapter relies on: the name's length and characters.
+    ///
+    /// # Errors
+    /// [`crate::QueueError::InvalidRequest`] saying what is wrong.
+    pub fn check(&self) -> Result<(), crate::QueueError> {
+        crate::limits::check_channel_name(&self.name)
     }
 
     /// Makes the channel exactly-once with the given dedup window.

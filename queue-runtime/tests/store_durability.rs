@@ -427,7 +427,10 @@ async fn a_produce_key_survives_the_deletion_of_its_segment() {
     assert_eq!(stats(&queue, ORDERS).await.ready, 0, "nothing stored again");
 }
 
-/// The end offset of every message record in a segment, in order.
+/// Bytes of a commit record, frame included.
+const COMMIT_LEN: usize = format::FRAME_LEN + 17;
+
+/// The start and end offsets of every message record in a segment, in order.
 fn record_ends(path: &Path) -> Vec<(usize, usize)> {
     let bytes = std::fs::read(path).unwrap();
     let mut at = format::HEADER_LEN;
@@ -495,7 +498,11 @@ async fn a_truncated_segment_keeps_every_record_before_the_cut() {
             .unwrap()
             .set_len(cut as u64)
             .unwrap();
-        let expected: Vec<u32> = (0..40).filter(|i| ends[*i as usize].1 <= cut).collect();
+        // Each produce is one group commit: the message, then a commit record. A message
+        // counts once its commit record is whole.
+        let expected: Vec<u32> = (0..40)
+            .filter(|i| ends[*i as usize].1 + COMMIT_LEN <= cut)
+            .collect();
         let got = surviving(dir.path(), &clock)
             .await
             .expect("a torn tail is repaired, not refused");
@@ -596,4 +603,214 @@ async fn an_fsync_failure_poisons_the_store_and_surfaces_to_producers() {
         Some(kept.id),
         "what was confirmed is still there"
     );
+}
+
+/// A text over 64 KiB, mostly three-byte characters, with a character across byte 65,535.
+fn long_korean_json() -> String {
+    let mut text = String::from("{\"error\": \"");
+    while text.len() < 70_000 {
+        text.push_str("결제 서버가 응답하지 않습니다. ");
+    }
+    text.push_str("\"}");
+    assert!(
+        !text.is_char_boundary(u16::MAX as usize),
+        "the old cut at 65,535 bytes splits a character"
+    );
+    text
+}
+
+#[tokio::test]
+async fn a_long_non_ascii_error_on_the_last_attempt_is_cut_with_a_marker_and_the_store_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let spec = ChannelSpec::new("store/payments").max_attempts(1);
+    let text = long_korean_json();
+    let dead_id = {
+        let (adapter, queue) = open(dir.path(), &clock);
+        queue.produce_raw(&spec, vec![payload(1)]).await.unwrap();
+        let d = take(&queue, &spec).await;
+        queue
+            .adapter()
+            .settle(
+                &d.lease,
+                Outcome::Retry {
+                    after: None,
+                    error: text.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        // A later write after the dead letter.
+        queue.produce_raw(&spec, vec![payload(2)]).await.unwrap();
+        queue.close().await.unwrap();
+        drop(adapter);
+        d.lease.id
+    };
+    let (_adapter, queue) = open(dir.path(), &clock);
+    let dl = queue.dead_letters("store/payments", 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].id, dead_id);
+    let error = &dl[0].error;
+    assert!(
+        error.len() <= queue_core::limits::MAX_ERROR_TEXT,
+        "{} bytes",
+        error.len()
+    );
+    let (kept, marker) = error.rsplit_once("… [cut: ").expect("a visible marker");
+    assert!(
+        text.starts_with(kept),
+        "the kept text is the start of the error"
+    );
+    let (cut, note) = marker.split_once(" bytes]").expect("the marker's end");
+    assert_eq!(kept.len() + cut.parse::<usize>().unwrap(), text.len());
+    assert_eq!(
+        note, " (attempt 1 of 1)",
+        "the engine's note follows the cut text"
+    );
+    assert_eq!(
+        stats(&queue, "store/payments").await.ready,
+        1,
+        "the later produce is there"
+    );
+}
+
+#[tokio::test]
+async fn a_zeroed_header_of_the_newest_segment_is_reported_not_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        produce_each(&queue, 100).await;
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let path = segment_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..format::HEADER_LEN].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = surviving(dir.path(), &clock).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, QueueError::Corrupt(_)), "{text}");
+    assert!(
+        text.contains("00000000000000000001.qlog") && text.contains("offset 0"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the damaged file is left as it was"
+    );
+}
+
+#[tokio::test]
+async fn a_channel_name_near_64_kib_is_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let name = "a".repeat(65_000);
+    let spec = ChannelSpec {
+        name: name.into(),
+        ..ChannelSpec::new("")
+    };
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        let big = Outgoing {
+            payload: vec![0; 1 << 20],
+            ..payload(0)
+        };
+        let err = queue
+            .produce_raw(&spec, vec![big.clone()])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+        let err = adapter.produce(&spec, vec![big]).await.unwrap_err();
+        assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+        let err = adapter.subscribe(&spec, 1).await.err().expect("refused");
+        assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+        produce_each(&queue, 1).await;
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    assert_eq!(surviving(dir.path(), &clock).await.unwrap(), vec![0]);
+}
+
+#[tokio::test]
+async fn a_segment_size_beyond_32_bit_offsets_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = FileAdapter::open(
+        dir.path(),
+        Arc::new(VirtualClock::default()),
+        options(5 << 30),
+    )
+    .unwrap_err();
+    assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+    assert!(err.to_string().contains("segment_size"), "{err}");
+}
+
+#[tokio::test]
+async fn queuectl_check_names_each_damaged_segment_and_offset_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+        produce_each(&queue, 60).await;
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"))
+            .args(["check", "--data"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let clean = check();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+
+    let path = segment_path(dir.path(), 1);
+    let (start, _) = record_ends(&path)[3];
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[start + format::FRAME_LEN + 2] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let newest = segment_path(dir.path(), *adapter_segments(dir.path()).last().unwrap());
+    let mut newest_bytes = std::fs::read(&newest).unwrap();
+    newest_bytes[..format::HEADER_LEN].fill(0);
+    std::fs::write(&newest, &newest_bytes).unwrap();
+
+    let damaged = check();
+    let out = String::from_utf8_lossy(&damaged.stdout);
+    assert!(!damaged.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} at offset {start}: checksum mismatch",
+            path.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{} at offset 0", newest.display())),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "check writes nothing");
+    assert_eq!(std::fs::read(&newest).unwrap(), newest_bytes);
+}
+
+/// The segment numbers in a store directory, sorted.
+fn adapter_segments(dir: &Path) -> Vec<u64> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".qlog")
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert!(numbers.len() >= 2, "several segments");
+    numbers
 }

@@ -88,8 +88,13 @@ fn split_name(first: Option<Arg>, mut options: Vec<Opt>) -> (Name, Vec<Opt>) {
     (name, options)
 }
 
-/// The name must be a non-empty string literal of `[A-Za-z0-9/._-]` without a leading or
-/// trailing `/`: it is a key in stores, URLs and metrics, where other characters need escaping.
+/// The longest channel name in bytes: `queue_core::limits::MAX_CHANNEL_NAME`, which every
+/// adapter enforces at run time (this crate cannot depend on `queue-core`).
+const MAX_NAME: usize = 255;
+
+/// The name must be a non-empty string literal of at most [`MAX_NAME`] bytes of
+/// `[A-Za-z0-9/._:-]` without a leading or trailing `/`: it is a key in stores, URLs and
+/// metrics, where other characters need escaping, and it is stored with every message.
 fn check_name(name: Name, attr_span: Span, errors: &mut Errors) -> Option<String> {
     let lit = match name {
         Name::First(Arg::Lit(Lit::Str(s))) => s,
@@ -155,16 +160,26 @@ fn check_name(name: Name, attr_span: Span, errors: &mut Errors) -> Option<String
         errors.push(lit.span(), "the channel name must not be empty");
         return None;
     }
+    if name.len() > MAX_NAME {
+        errors.push(
+            lit.span(),
+            format!(
+                "channel name is {} bytes long, the limit is {MAX_NAME} bytes",
+                name.len()
+            ),
+        );
+        return None;
+    }
     if let Some(bad) = name.chars().find(|c| !valid_name_char(*c)) {
         let suggestion = if name
             .chars()
-            .all(|c| valid_name_char(c) || matches!(c, ' ' | '\t' | ':' | '\\'))
+            .all(|c| valid_name_char(c) || matches!(c, ' ' | '\t' | '\\'))
         {
             let fixed: String = name
                 .trim()
                 .chars()
                 .map(|c| match c {
-                    ':' | '\\' => '/',
+                    '\\' => '/',
                     ' ' | '\t' => '-',
                     c => c,
                 })
@@ -176,7 +191,7 @@ fn check_name(name: Name, attr_span: Span, errors: &mut Errors) -> Option<String
         errors.push(
             lit.span(),
             format!(
-                "channel name `{name}` contains {bad:?}: use only letters, digits, `/`, `.`, `_` and `-`{suggestion}"
+                "channel name `{name}` contains {bad:?}: use only letters, digits, `/`, `.`, `_`, `:` and `-`{suggestion}"
             ),
         );
         return None;
@@ -204,7 +219,7 @@ fn check_name(name: Name, attr_span: Span, errors: &mut Errors) -> Option<String
 }
 
 fn valid_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')
+    c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | ':' | '-')
 }
 
 /// Only a non-generic struct or enum can be a message: a channel carries one concrete type,

@@ -87,21 +87,10 @@ impl WireSpec {
     /// Checks and converts.
     ///
     /// # Errors
-    /// A protocol error for a name or value out of range.
+    /// [`QueueError::InvalidRequest`] for a name outside `queue_core::limits`; a protocol
+    /// error for a value out of range.
     pub fn to_spec(&self) -> Result<ChannelSpec, QueueError> {
-        let valid = !self.name.is_empty()
-            && !self.name.starts_with('/')
-            && !self.name.ends_with('/')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
-        if !valid {
-            return Err(QueueError::Protocol(format!(
-                "invalid channel name `{}`",
-                self.name
-            )));
-        }
+        queue_core::limits::check_channel_name(&self.name)?;
         let max_attempts = u32::try_from(self.max_attempts)
             .ok()
             .filter(|n| *n > 0)

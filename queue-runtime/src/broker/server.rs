@@ -105,7 +105,7 @@ pub struct BrokerCounters {
 type Remembered = Arc<OnceCell<Vec<Receipt>>>;
 
 /// The longest produce key accepted.
-const MAX_PRODUCE_KEY: usize = 128;
+const MAX_PRODUCE_KEY: usize = queue_core::limits::MAX_PRODUCE_KEY;
 
 /// Produce keys remembered at most.
 const MAX_PRODUCE_KEYS: usize = 1_000_000;

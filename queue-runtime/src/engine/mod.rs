@@ -22,6 +22,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, select};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
+use queue_core::limits;
 use queue_core::{
     Adapter, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
     Outcome, Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
@@ -233,6 +234,11 @@ impl<J: Journal> Engine<J> {
         key: Option<(&str, Duration)>,
     ) -> Result<Vec<Receipt>, QueueError> {
         self.check_open()?;
+        spec.check()?;
+        limits::check_batch(&batch)?;
+        if let Some((key, _)) = key {
+            limits::check_produce_key(key)?;
+        }
         let cell = self.channel(spec);
         let now = self.now();
         if let Some((key, _)) = key
@@ -300,7 +306,7 @@ impl<J: Journal> Engine<J> {
             let ticket = self.journal.append(&events, Vec::new());
             drop(events);
             let done = Arc::new(Mutex::new(Some(ProduceDone {
-                engine: self.arc(),
+                engine: self.me.clone(),
                 cell: cell.clone(),
                 fresh: fresh
                     .into_iter()
@@ -337,6 +343,7 @@ impl<J: Journal> Engine<J> {
         max_parallel: u32,
     ) -> Result<Box<dyn Subscription>, QueueError> {
         self.check_open()?;
+        spec.check()?;
         let cell = self.channel(spec);
         let consumer = self.next_consumer.fetch_add(1, Ordering::Relaxed);
         cell.lock().add_consumer(consumer, max_parallel);
@@ -388,13 +395,16 @@ impl<J: Journal> Engine<J> {
             inbox.lock().committing += taken.len();
             let taken = Arc::new(Mutex::new(taken));
             let later = taken.clone();
-            let engine = self.arc();
+            // Weak: a completion must not keep a store open that its owner has dropped.
+            let engine = self.me.clone();
             let cell_later = cell.clone();
             let inbox_later = inbox.clone();
             let step = move |result: Result<_, QueueError>| {
                 let taken = std::mem::take(&mut *later.lock());
                 let mut state = cell_later.lock();
-                engine.deliver(&mut state, &inbox_later, taken, result.map(|_| ()));
+                if let Some(engine) = engine.upgrade() {
+                    engine.deliver(&mut state, &inbox_later, taken, result.map(|_| ()));
+                }
                 drop(state);
                 cell_later.wake();
             };
@@ -482,6 +492,7 @@ impl<J: Journal> Engine<J> {
     /// future is polled again.
     async fn settle_lease(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
         self.check_open()?;
+        let outcome = limits::limit_outcome(outcome);
         let cell = self
             .existing_cell(&lease.channel)
             .ok_or(QueueError::StaleLease { id: lease.id })?;
@@ -665,7 +676,8 @@ struct Fresh {
 
 /// What a produce does once its journal append is durable (or failed).
 struct ProduceDone<J: Journal> {
-    engine: Arc<Engine<J>>,
+    /// Weak: a completion must not keep a store open that its owner has dropped.
+    engine: Weak<Engine<J>>,
     cell: Arc<Cell<J::Payload>>,
     fresh: Vec<(Fresh, u8)>,
     produced_at: Timestamp,
@@ -682,8 +694,13 @@ impl<J: Journal> ProduceDone<J> {
     ) {
         match result {
             Ok(payloads) => {
+                let Some(engine) = self.engine.upgrade() else {
+                    // Stored, but the store was closed meanwhile: a reopen delivers it.
+                    let _ = self.reply.send(Err(QueueError::Closed));
+                    return;
+                };
                 // Readiness against the clock now; produce and due times as journaled.
-                let now = self.engine.now();
+                let now = engine.now();
                 for ((f, priority), payload) in self.fresh.into_iter().zip(payloads) {
                     let entry = Entry {
                         id: f.id,
@@ -696,7 +713,7 @@ impl<J: Journal> ProduceDone<J> {
                 }
                 self.cell.wake();
                 if let Some((key, expires)) = self.keyed {
-                    self.engine
+                    engine
                         .keys
                         .lock()
                         .insert(key, self.receipts.clone(), expires, now);

@@ -718,6 +718,92 @@ pub async fn an_oversized_payload_is_refused_and_nothing_is_stored(h: &Harness) 
     assert_eq!(h.stats(JOBS).await.ready, 1);
 }
 
+pub async fn a_channel_name_beyond_the_limits_is_refused_and_nothing_is_stored(h: &Harness) {
+    let one = || Outgoing {
+        payload: codec::encode(&Job { n: 1 }).unwrap(),
+        dedup_key: None,
+        delay: Duration::ZERO,
+        priority: 0,
+    };
+    let long = "a".repeat(queue_core::limits::MAX_CHANNEL_NAME + 1);
+    for name in [long.as_str(), "a b", "/a", "채널"] {
+        let spec = ChannelSpec {
+            name: name.to_string().into(),
+            ..jobs()
+        };
+        let err = h.queue.produce_raw(&spec, vec![one()]).await.unwrap_err();
+        assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+        let err = h
+            .queue
+            .adapter()
+            .produce(&spec, vec![one()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, QueueError::InvalidRequest(_)),
+            "{name}: {err:?}"
+        );
+        let err = h
+            .queue
+            .adapter()
+            .subscribe(&spec, 1)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, QueueError::InvalidRequest(_)),
+            "{name}: {err:?}"
+        );
+    }
+    let longest = "a".repeat(queue_core::limits::MAX_CHANNEL_NAME);
+    let spec = ChannelSpec {
+        name: longest.clone().into(),
+        ..jobs()
+    };
+    h.queue.produce_raw(&spec, vec![one()]).await.unwrap();
+    let names: Vec<String> = h
+        .queue
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.channel)
+        .collect();
+    assert!(names.contains(&longest), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| queue_core::limits::channel_name_problem(n).is_none()),
+        "no refused channel exists: {names:?}"
+    );
+}
+
+pub async fn a_long_error_text_is_cut_on_a_character_boundary_with_a_marker(h: &Harness) {
+    produce_jobs(h, 0..1).await;
+    let sub = subscribe(h, 1).await;
+    let d = next(&*sub).await;
+    let text = "오류 {\"본문\": 1} ".repeat(2_000);
+    settle_with(
+        h,
+        &d,
+        Outcome::DeadLetter {
+            error: text.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let dead = h.queue.dead_letters(JOBS, 10).await.unwrap();
+    let error = &dead[0].error;
+    assert!(
+        error.len() <= queue_core::limits::MAX_ERROR_TEXT,
+        "{} bytes",
+        error.len()
+    );
+    let (kept, marker) = error.rsplit_once("… [cut: ").expect("a marker");
+    assert!(text.starts_with(kept));
+    assert_eq!(marker, format!("{} bytes]", text.len() - kept.len()));
+}
+
 fn recorder<T: Send + 'static>() -> (mpsc::UnboundedSender<T>, mpsc::UnboundedReceiver<T>) {
     mpsc::unbounded_channel()
 }

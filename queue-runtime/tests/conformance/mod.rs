@@ -137,6 +137,8 @@ macro_rules! conformance_suite {
             stats_count_every_state,
             peek_shows_pending_messages_without_taking_them,
             an_oversized_payload_is_refused_and_nothing_is_stored,
+            a_channel_name_beyond_the_limits_is_refused_and_nothing_is_stored,
+            a_long_error_text_is_cut_on_a_character_boundary_with_a_marker,
             a_typed_consumer_acks_on_ok,
             a_handler_error_is_retried_and_its_text_kept,
             a_panicking_handler_is_retried,

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use queue_core::clock::Timestamp;
+use queue_core::limits;
 
 /// The segment magic.
 pub const MAGIC: &[u8; 4] = b"QSEG";
@@ -21,8 +22,32 @@ pub const OLDEST_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Bytes of a record's frame before its kind byte.
 pub const FRAME_LEN: usize = 8;
-/// The largest record accepted on read: a maximal payload plus room for its metadata.
-pub const MAX_RECORD: usize = queue_core::codec::MAX_PAYLOAD + 64 * 1024;
+/// The largest record the store writes and reads, from the limits of `queue_core::limits`:
+/// a message record with a maximal payload, channel name, dedup key and error text. A
+/// produce-key record with [`MAX_BATCH`](queue_core::limits::MAX_BATCH) receipts is smaller.
+pub const MAX_RECORD: usize = MAX_MESSAGE_META + queue_core::codec::MAX_PAYLOAD;
+
+/// The largest record read: [`MAX_RECORD`], or the bound of stores written before the limits
+/// were enforced, whichever is larger.
+pub const READ_LIMIT: usize = if MAX_RECORD > LEGACY_READ_LIMIT {
+    MAX_RECORD
+} else {
+    LEGACY_READ_LIMIT
+};
+const LEGACY_READ_LIMIT: usize = queue_core::codec::MAX_PAYLOAD + 64 * 1024;
+
+/// A message record's bytes besides its payload, at most: kind, id, produced, due,
+/// priority, attempts, flags, dedup key and window, channel, dead time and error, payload
+/// length.
+const MAX_MESSAGE_META: usize =
+    1 + 8 * 3 + 1 + 4 + 1 + 16 + 2 + limits::MAX_CHANNEL_NAME + 8 + 2 + limits::MAX_ERROR_TEXT + 4;
+
+const _: () = {
+    assert!(limits::MAX_CHANNEL_NAME <= u16::MAX as usize);
+    assert!(limits::MAX_ERROR_TEXT <= u16::MAX as usize);
+    assert!(limits::MAX_PRODUCE_KEY <= u16::MAX as usize);
+    assert!(1 + 2 + limits::MAX_PRODUCE_KEY + 8 + 4 + 9 * limits::MAX_BATCH <= MAX_RECORD);
+};
 
 const PRODUCE: u8 = 1;
 const LEASE: u8 = 2;
@@ -210,10 +235,12 @@ impl Writer<'_> {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    /// Strings in records are held to `queue_core::limits` where they enter, all far below
+    /// `u16::MAX` bytes; a longer one is a bug, never cut here.
     fn str16(&mut self, s: &str) {
-        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-        self.u16(b.len() as u16);
-        self.0.extend_from_slice(b);
+        let len = u16::try_from(s.len()).expect("record strings are within queue_core::limits");
+        self.u16(len);
+        self.0.extend_from_slice(s.as_bytes());
     }
 }
 
@@ -370,7 +397,7 @@ pub fn decode(bytes: &[u8]) -> Read<'_> {
     }
     let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-    if len == 0 || len > MAX_RECORD {
+    if len == 0 || len > READ_LIMIT {
         return Read::Damaged("record length out of range");
     }
     let Some(body) = bytes.get(FRAME_LEN..FRAME_LEN + len) else {
@@ -554,6 +581,166 @@ mod tests {
                 assert_eq!(&buf[at..at + m.payload.len()], m.payload);
             }
         }
+    }
+
+    /// A string of `len` bytes or a little less, of characters 1 to 4 bytes long.
+    fn text(rng: &mut fastrand::Rng, len: usize) -> String {
+        const CHARS: [char; 6] = ['a', '{', 'é', '한', '€', '𝄞'];
+        let mut s = String::with_capacity(len);
+        while s.len() + 4 <= len {
+            s.push(CHARS[rng.usize(..CHARS.len())]);
+        }
+        while s.len() < len {
+            s.push('x');
+        }
+        s
+    }
+
+    fn channel_name(rng: &mut fastrand::Rng) -> String {
+        const CHARS: &[u8] = b"abcXYZ019_./:-";
+        let len = if rng.bool() {
+            limits::MAX_CHANNEL_NAME
+        } else {
+            rng.usize(1..=limits::MAX_CHANNEL_NAME)
+        };
+        let mut name: String = (0..len)
+            .map(|_| char::from(CHARS[rng.usize(..CHARS.len())]))
+            .collect();
+        name.replace_range(..1, "a");
+        name.replace_range(len - 1.., "z");
+        assert_eq!(limits::channel_name_problem(&name), None, "{name}");
+        name
+    }
+
+    /// Error text as the engine keeps it: anything, cut to the limit, with the longest note
+    /// of the attempt.
+    fn error_text(rng: &mut fastrand::Rng) -> String {
+        let len = match rng.u8(..4) {
+            0 => limits::MAX_HANDLER_ERROR,
+            1 => rng.usize(limits::MAX_HANDLER_ERROR..70_000),
+            _ => rng.usize(..limits::MAX_HANDLER_ERROR),
+        };
+        let cut = limits::cut_error_text(text(rng, len))
+            + &format!(" (attempt {} of {})", u32::MAX, u32::MAX);
+        assert!(cut.len() <= limits::MAX_ERROR_TEXT);
+        cut
+    }
+
+    fn check_round_trip(record: &Record<'_>) {
+        let mut buf = vec![0xee; 3];
+        let payload_at = encode(record, &mut buf);
+        let bytes = &buf[3..];
+        assert!(
+            bytes.len() - FRAME_LEN <= MAX_RECORD,
+            "a record of {} bytes is over MAX_RECORD",
+            bytes.len()
+        );
+        // `assert!` rather than `assert_eq!`: a failure must not print 16 MiB.
+        assert!(
+            decode(bytes) == Read::Record(record.clone(), bytes.len()),
+            "a record of {} bytes does not round-trip",
+            bytes.len()
+        );
+        if let (Record::Message(m), Some(at)) = (record, payload_at) {
+            assert!(
+                &bytes[at..at + m.payload.len()] == m.payload,
+                "payload offset"
+            );
+        }
+    }
+
+    #[test]
+    fn every_record_at_the_limits_round_trips() {
+        let seed = std::env::var("QUEUE_FORMAT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let big = vec![0xab; queue_core::codec::MAX_PAYLOAD];
+        for case in 0..300 {
+            let channel = channel_name(&mut rng);
+            let error = error_text(&mut rng);
+            let payload = match case % 10 {
+                0 => &big[..],
+                1 => &big[..rng.usize(..queue_core::codec::MAX_PAYLOAD)],
+                _ => &big[..rng.usize(..4096)],
+            };
+            check_round_trip(&Record::Message(MessageRecord {
+                channel: &channel,
+                id: rng.u64(..),
+                produced_at: rng.u64(..),
+                due: rng.u64(..),
+                priority: rng.u8(..),
+                attempts: rng.u32(..),
+                dedup: rng.bool().then(|| (rng.u64(..), rng.u64(..))),
+                dead: rng.bool().then(|| (rng.u64(..), error.as_str())),
+                payload,
+            }));
+            check_round_trip(&Record::Dead {
+                id: rng.u64(..),
+                attempts: rng.u32(..),
+                dead_at: rng.u64(..),
+                error: &error,
+            });
+            check_round_trip(&Record::Dedup {
+                channel: &channel,
+                key: rng.u64(..),
+                id: rng.u64(..),
+                expires: rng.u64(..),
+            });
+            let key_len = rng.usize(1..=limits::MAX_PRODUCE_KEY);
+            let key = text(&mut rng, key_len);
+            let receipts = if case % 50 == 0 {
+                limits::MAX_BATCH
+            } else {
+                rng.usize(..100)
+            };
+            check_round_trip(&Record::Produced {
+                key: &key,
+                expires: rng.u64(..),
+                receipts: (0..receipts).map(|_| (rng.u64(..), rng.bool())).collect(),
+            });
+            check_round_trip(&Record::Lease {
+                id: rng.u64(..),
+                attempts: rng.u32(..),
+            });
+            check_round_trip(&Record::Ack { id: rng.u64(..) });
+            check_round_trip(&Record::Requeue {
+                id: rng.u64(..),
+                attempts: rng.u32(..),
+                due: rng.u64(..),
+            });
+            check_round_trip(&Record::Redrive { id: rng.u64(..) });
+            check_round_trip(&Record::Purge { id: rng.u64(..) });
+            check_round_trip(&Record::Commit {
+                next_id: rng.u64(..),
+                epoch: rng.u64(..),
+            });
+        }
+    }
+
+    #[test]
+    fn the_largest_record_is_exactly_max_record() {
+        let channel = "c".repeat(limits::MAX_CHANNEL_NAME);
+        let error = "e".repeat(limits::MAX_ERROR_TEXT);
+        let payload = vec![0; queue_core::codec::MAX_PAYLOAD];
+        let mut buf = Vec::new();
+        encode(
+            &Record::Message(MessageRecord {
+                channel: &channel,
+                id: 1,
+                produced_at: 2,
+                due: 3,
+                priority: 4,
+                attempts: 5,
+                dedup: Some((6, 7)),
+                dead: Some((8, &error)),
+                payload: &payload,
+            }),
+            &mut buf,
+        );
+        assert_eq!(buf.len() - FRAME_LEN, MAX_RECORD);
+        assert!(matches!(decode(&buf), Read::Record(..)));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod format;
 mod recovery;
 pub mod writer;
 
+pub use recovery::{Damage, Finding, check};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -40,10 +42,16 @@ pub struct Loc {
     pub len: u32,
 }
 
+/// The largest `segment_size`. A segment grows past it by one group commit at most (4 MiB of
+/// queued writes plus one append: a produce of at most `queue_core::limits::MAX_BATCH_BYTES`,
+/// or the relocated messages of a segment that is at most a quarter live), so every offset
+/// in it fits the 32-bit offsets of [`Loc`].
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
+
 /// Settings of the embedded store.
 #[derive(Clone)]
 pub struct FileOptions {
-    /// Roll to a new segment past this size (default 64 MiB).
+    /// Roll to a new segment past this size (default 64 MiB, at most [`MAX_SEGMENT_SIZE`]).
     pub segment_size: u64,
     /// The file calls; replace to inject failures.
     pub storage: Arc<dyn Storage>,
@@ -309,7 +317,8 @@ impl Engine<FileJournal> {
     ///
     /// # Errors
     /// [`QueueError::Io`] when the directory cannot be used or another process has it open;
-    /// [`QueueError::Corrupt`] for damage that is not a torn tail.
+    /// [`QueueError::Corrupt`] for damage that is not a torn tail;
+    /// [`QueueError::InvalidRequest`] for a `segment_size` over [`MAX_SEGMENT_SIZE`].
     pub fn open(
         dir: impl AsRef<Path>,
         clock: Arc<dyn Clock>,
@@ -334,6 +343,12 @@ impl Engine<FileJournal> {
                 )));
             }
             Err(fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        if options.segment_size > MAX_SEGMENT_SIZE {
+            return Err(QueueError::InvalidRequest(format!(
+                "segment_size of {} bytes exceeds the limit of {MAX_SEGMENT_SIZE} bytes (payload offsets are 32-bit)",
+                options.segment_size
+            )));
         }
         let storage = options.storage.clone();
         let segment_size = options.segment_size.max(4096);

@@ -1,13 +1,15 @@
 //! Recovery: replays every segment in order into the state the store had.
 //!
-//! Sealed segments were synced before the next one was created, so any damage in them is
-//! corruption and opening fails with the file and offset. In the active segment, damage is a
-//! torn tail when no later group commit made it past it: the segment is truncated there. If
-//! a complete commit record is followed by more records after the damage, the damaged bytes
-//! were synced before, and that is corruption too.
+//! A segment under its final name has a synced header (it is prepared and synced under a
+//! temporary name first), and sealed segments were synced before the next one was created,
+//! so a bad header, or any damage in a sealed segment, is corruption: opening fails with the
+//! file and offset. Records count once the commit record that ends their group commit is
+//! read. In the active segment, what follows the last commit record is a torn tail and is
+//! cut, unless a complete commit record followed by another record lies after the damage:
+//! then the damaged bytes were synced before, and that is corruption too.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use queue_core::QueueError;
 use queue_core::clock::Timestamp;
@@ -229,7 +231,8 @@ fn corrupt(path: &Path, offset: usize, what: &str) -> QueueError {
     QueueError::Corrupt(format!("{} at offset {offset}: {what}", path.display()))
 }
 
-/// Replays every segment in `dir`. Truncates a torn tail of the last segment.
+/// Replays every segment in `dir`. Cuts the torn tail of the last segment: the bytes after
+/// its last commit record, unless damage there is followed by a later commit.
 ///
 /// # Errors
 /// [`QueueError::Corrupt`] naming the file and offset of damage that is not a torn tail;
@@ -244,52 +247,131 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<State, QueueError> {
         let last = i + 1 == numbers.len();
         let path = segment_path(dir, n);
         let bytes = storage.read(&path)?;
-        if let Err(e) = format::check_header(&bytes, n) {
-            if last && bytes.iter().take(format::HEADER_LEN).all(|b| *b == 0) {
-                // Created but never synced whole: an empty segment.
-                rewrite_header(&path, n, storage)?;
-                state.segments.push((n, format::HEADER_LEN as u64));
-                continue;
-            }
-            return Err(corrupt(&path, 0, &e.to_string()));
+        let scan = scan_segment(&bytes, n, last, |record, at, payload_at| {
+            state.apply(record, n, at, payload_at);
+        })
+        .map_err(|d| corrupt(&path, d.offset, &d.what))?;
+        if let Some(tail) = scan.tail {
+            let cut = (tail.end - scan.end) as u64;
+            tracing::warn!(file = %path.display(), offset = scan.end, bytes = cut, reason = %tail.what, "cutting off a torn tail");
+            let f = storage.open(&path)?;
+            storage.write_at(&f, &vec![0u8; tail.end - scan.end], scan.end as u64)?;
+            storage.sync_data(&f)?;
+            state.truncated += cut;
         }
-        let mut at = format::HEADER_LEN;
-        while at < bytes.len() {
-            if bytes[at] == 0 && bytes[at..].iter().all(|b| *b == 0) {
-                // The zeroed rest of a preallocated segment.
-                break;
-            }
-            match format::decode(&bytes[at..]) {
-                Read::Record(record, len) => {
-                    let payload_at = match &record {
-                        Record::Message(m) => len - m.payload.len(),
-                        _ => 0,
-                    };
-                    state.apply(record, n, at as u64, payload_at);
-                    at += len;
-                }
-                Read::Incomplete | Read::Damaged(_) => {
-                    let what = match format::decode(&bytes[at..]) {
-                        Read::Damaged(w) => w,
-                        _ => "record cut short",
-                    };
-                    if !last || committed_after(&bytes, at) {
-                        return Err(corrupt(&path, at, what));
-                    }
-                    let end = bytes.iter().rposition(|b| *b != 0).map_or(at, |p| p + 1);
-                    let cut = (end - at) as u64;
-                    tracing::warn!(file = %path.display(), offset = at, bytes = cut, reason = what, "cutting off a torn tail");
-                    let f = storage.open(&path)?;
-                    storage.write_at(&f, &vec![0u8; end - at], at as u64)?;
-                    storage.sync_data(&f)?;
-                    state.truncated += cut;
-                    break;
-                }
-            }
-        }
-        state.segments.push((n, at as u64));
+        state.segments.push((n, scan.end as u64));
     }
     Ok(state)
+}
+
+/// Damage found in a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Its byte offset in the file.
+    pub offset: usize,
+    /// What is wrong.
+    pub what: String,
+}
+
+/// A torn tail to cut: the bytes from [`Scan::end`] to `end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    /// One past its last non-zero byte.
+    pub end: usize,
+    /// Why it is torn.
+    pub what: String,
+}
+
+/// Where a segment's committed records end, and its torn tail.
+#[derive(Debug)]
+pub struct Scan {
+    /// The end of the last commit record.
+    pub end: usize,
+    /// Bytes after the last commit that no later commit covers (last segment only).
+    pub tail: Option<Tail>,
+}
+
+/// Reads segment `n` and hands each committed record to `apply` with its offset and its
+/// payload's offset within the record. Records count once the commit record ending their
+/// group commit is read: `apply` sees a group commit whole or not at all. In the `last`
+/// segment, what follows the last commit record is a torn tail, unless
+/// a complete commit record followed by another record lies after the damage: then the
+/// damaged bytes were synced before.
+///
+/// # Errors
+/// The first damage that is not a torn tail.
+pub fn scan_segment<'a>(
+    bytes: &'a [u8],
+    n: u64,
+    last: bool,
+    mut apply: impl FnMut(Record<'a>, u64, usize),
+) -> Result<Scan, Damage> {
+    if let Err(e) = format::check_header(bytes, n) {
+        return Err(Damage {
+            offset: 0,
+            what: e.to_string(),
+        });
+    }
+    // The records of the group commit being read.
+    let mut pending = Vec::new();
+    let mut end = format::HEADER_LEN;
+    let mut at = format::HEADER_LEN;
+    let mut damage = None;
+    while at < bytes.len() {
+        if bytes[at] == 0 && bytes[at..].iter().all(|b| *b == 0) {
+            // The zeroed rest of a preallocated segment.
+            break;
+        }
+        match format::decode(&bytes[at..]) {
+            Read::Record(record, len) => {
+                let payload_at = match &record {
+                    Record::Message(m) => len - m.payload.len(),
+                    _ => 0,
+                };
+                let commit = matches!(record, Record::Commit { .. });
+                pending.push((record, at as u64, payload_at));
+                at += len;
+                if commit {
+                    for (record, at, payload_at) in pending.drain(..) {
+                        apply(record, at, payload_at);
+                    }
+                    end = at;
+                }
+            }
+            Read::Incomplete => {
+                damage = Some((at, "record cut short"));
+                break;
+            }
+            Read::Damaged(what) => {
+                damage = Some((at, what));
+                break;
+            }
+        }
+    }
+    let tail = match damage {
+        Some((offset, what)) if !last || committed_after(bytes, offset) => {
+            return Err(Damage {
+                offset,
+                what: what.to_string(),
+            });
+        }
+        Some((_, what)) => Some(what),
+        None if !pending.is_empty() => {
+            if !last {
+                return Err(Damage {
+                    offset: end,
+                    what: "records without a commit record in a sealed segment".into(),
+                });
+            }
+            Some("records without a commit record")
+        }
+        None => None,
+    };
+    let tail = tail.map(|what| Tail {
+        end: bytes.iter().rposition(|b| *b != 0).map_or(end, |p| p + 1),
+        what: what.to_string(),
+    });
+    Ok(Scan { end, tail })
 }
 
 /// Whether a complete commit record lies after `from` and is followed by another record:
@@ -314,13 +396,6 @@ fn committed_after(bytes: &[u8], from: usize) -> bool {
     false
 }
 
-fn rewrite_header(path: &Path, n: u64, storage: &dyn Storage) -> Result<(), QueueError> {
-    let f = storage.open(path)?;
-    storage.write_at(&f, &format::header(n), 0)?;
-    storage.sync_data(&f)?;
-    Ok(())
-}
-
 /// Removes segments that were being prepared when the store last closed.
 ///
 /// # Errors
@@ -332,4 +407,56 @@ pub fn remove_prepared(dir: &Path, storage: &dyn Storage) -> Result<(), QueueErr
         }
     }
     Ok(())
+}
+
+/// What [`check`] found in one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Damage that makes opening fail.
+    Damaged {
+        /// The segment file.
+        path: PathBuf,
+        /// The damage.
+        damage: Damage,
+    },
+    /// Bytes after the last commit of the newest segment, which opening cuts.
+    TornTail {
+        /// The segment file.
+        path: PathBuf,
+        /// Where the tail starts.
+        offset: usize,
+        /// Its length.
+        bytes: usize,
+        /// Why it is torn.
+        what: String,
+    },
+}
+
+/// Scans every segment in `dir` as opening would, writing nothing. Scanning a segment stops
+/// at its first damage, so each damaged segment is reported once.
+///
+/// # Errors
+/// I/O errors.
+pub fn check(dir: &Path) -> Result<Vec<Finding>, QueueError> {
+    let numbers = list_segments(dir, &super::writer::OsStorage)?;
+    let mut findings = Vec::new();
+    for (i, &n) in numbers.iter().enumerate() {
+        let path = segment_path(dir, n);
+        let bytes = std::fs::read(&path)?;
+        match scan_segment(&bytes, n, i + 1 == numbers.len(), |_, _, _| {}) {
+            Err(damage) => findings.push(Finding::Damaged { path, damage }),
+            Ok(Scan {
+                end,
+                tail: Some(tail),
+                ..
+            }) => findings.push(Finding::TornTail {
+                path,
+                offset: end,
+                bytes: tail.end - end,
+                what: tail.what,
+            }),
+            Ok(_) => {}
+        }
+    }
+    Ok(findings)
 }

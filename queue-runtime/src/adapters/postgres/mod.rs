@@ -611,6 +611,7 @@ impl Inner {
 
     /// The channel of `spec`, created or updated to these settings.
     pub async fn channel(&self, spec: &ChannelSpec) -> Result<ChannelRow, QueueError> {
+        spec.check()?;
         if let Some(row) = self.channels.read().get(spec.name.as_ref())
             && &row.spec == spec
         {
@@ -682,6 +683,7 @@ impl Inner {
         channel: &ChannelRow,
         batch: &[Outgoing],
     ) -> Result<(Vec<Receipt>, bool), QueueError> {
+        queue_core::limits::check_batch(batch)?;
         let dedupe = channel.spec.deduplicates();
         let mut first: HashMap<u64, usize> = HashMap::new();
         let mut slots = Vec::with_capacity(batch.len());
@@ -812,6 +814,7 @@ impl Inner {
 
     async fn settle(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
         self.check_open()?;
+        let outcome = queue_core::limits::limit_outcome(outcome);
         let stale = || QueueError::StaleLease { id: lease.id };
         let id = i64_of(lease.id.0);
         let token = i64_of(lease.token);

@@ -322,3 +322,42 @@ pub async fn produce(args: ProduceArgs) -> Result<()> {
     queue.close().await?;
     Ok(())
 }
+
+/// `queuectl check --data DIR`: one line per damaged segment and per torn tail; fails if any
+/// segment is damaged.
+pub fn check(dir: &std::path::Path) -> Result<()> {
+    use queue_runtime::adapters::file::Finding;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let findings = queue_runtime::adapters::file::check(dir)
+        .with_context(|| format!("cannot scan {}", dir.display()))?;
+    let mut damaged = 0;
+    for finding in &findings {
+        match finding {
+            Finding::Damaged { path, damage } => {
+                damaged += 1;
+                println!(
+                    "damaged: {} at offset {}: {}",
+                    path.display(),
+                    damage.offset,
+                    damage.what
+                );
+            }
+            Finding::TornTail {
+                path,
+                offset,
+                bytes,
+                what,
+            } => println!(
+                "torn tail (cut when opened): {} at offset {offset}, {bytes} bytes: {what}",
+                path.display()
+            ),
+        }
+    }
+    if damaged > 0 {
+        bail!("{damaged} damaged segment(s) in {}", dir.display());
+    }
+    println!("{}: no damage", dir.display());
+    Ok(())
+}

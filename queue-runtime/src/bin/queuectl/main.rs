@@ -36,6 +36,14 @@ enum Command {
     },
     /// Measure produce and consume throughput and end-to-end latency.
     Bench(bench::BenchArgs),
+    /// Scan an embedded store's segments without writing; print each damage with file and
+    /// offset and exit non-zero if there is any. A torn tail, which opening cuts, is listed
+    /// but is not damage.
+    Check {
+        /// The store directory (the path of a `file://` URL).
+        #[arg(long)]
+        data: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +89,7 @@ fn run() -> Result<()> {
                 Ok(())
             }
             Command::Bench(args) => bench::run(args).await,
+            Command::Check { data } => admin::check(&data),
         }
     })
 }

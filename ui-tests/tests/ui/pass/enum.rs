@@ -3,7 +3,7 @@
 use queue_core::{Channel, Message, channel, codec};
 use serde::{Deserialize, Serialize};
 
-#[channel("billing/events")]
+#[channel("billing/events:v2")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BillingEvent {
     Opened,
@@ -19,8 +19,8 @@ fn name_of<M: Message>() -> &'static str {
 }
 
 fn main() {
-    assert_eq!(BillingEventChannel::SPEC.name, "billing/events");
-    assert_eq!(name_of::<BillingEvent>(), "billing/events");
+    assert_eq!(BillingEventChannel::SPEC.name, "billing/events:v2");
+    assert_eq!(name_of::<BillingEvent>(), "billing/events:v2");
 
     for event in [
         BillingEvent::Opened,
