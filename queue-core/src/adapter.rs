@@ -218,6 +218,11 @@ pub trait Subscription: Send + Sync {
     fn stop(&self) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
+
+    /// Says that `next` will keep being called: the adapter may take deliveries ahead, up to
+    /// `max_parallel` held, while earlier ones are being settled. The consumer loop calls it;
+    /// a subscription polled by hand is only given what it asks for.
+    fn take_ahead(&self) {}
 }
 
 /// A queue backend. Object safe: [`Queue`](crate::Queue) holds it as `Arc<dyn Adapter>`.

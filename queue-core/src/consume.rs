@@ -296,6 +296,7 @@ pub async fn start_consumer(
 ) -> Result<ConsumerHandle, QueueError> {
     let max_parallel = max_parallel.max(1);
     let subscription = queue.adapter().subscribe(&spec, max_parallel).await?;
+    subscription.take_ahead();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     let looped = ConsumerLoop {

@@ -44,6 +44,8 @@ const TAKE_BATCH: u32 = 256;
 pub struct Cell<P> {
     state: Mutex<ChannelState<P>>,
     notify: Notify,
+    /// The inbox of each open subscription, to refill when a settle frees its capacity.
+    inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox<P>>>>>,
 }
 
 impl<P: Clone> Cell<P> {
@@ -155,6 +157,7 @@ impl<J: Journal> Engine<J> {
                 Arc::new(Cell {
                     state: Mutex::new(ChannelState::new(spec.clone())),
                     notify: Notify::new(),
+                    inboxes: Mutex::new(HashMap::new()),
                 })
             })
             .clone()
@@ -347,17 +350,20 @@ impl<J: Journal> Engine<J> {
         let cell = self.channel(spec);
         let consumer = self.next_consumer.fetch_add(1, Ordering::Relaxed);
         cell.lock().add_consumer(consumer, max_parallel);
+        let inbox = Arc::new(Mutex::new(Inbox {
+            ready: VecDeque::new(),
+            committing: 0,
+            failed: None,
+            stopped: false,
+            ahead: false,
+        }));
+        cell.inboxes.lock().insert(consumer, Arc::downgrade(&inbox));
         Ok(Box::new(EngineSubscription {
             engine: self.arc(),
             cell,
             channel: Arc::from(spec.name.as_ref()),
             consumer,
-            inbox: Arc::new(Mutex::new(Inbox {
-                ready: VecDeque::new(),
-                committing: 0,
-                failed: None,
-                stopped: false,
-            })),
+            inbox,
         }))
     }
 
@@ -472,6 +478,7 @@ impl<J: Journal> Engine<J> {
 
     /// Ends a subscription: what it holds is ready again, or dead when its attempts are used.
     fn unsubscribe(&self, cell: &Cell<J::Payload>, consumer: u64) {
+        cell.inboxes.lock().remove(&consumer);
         let now = self.now();
         let mut state = cell.lock();
         let changes = state.remove_consumer(consumer, now);
@@ -497,17 +504,37 @@ impl<J: Journal> Engine<J> {
             .existing_cell(&lease.channel)
             .ok_or(QueueError::StaleLease { id: lease.id })?;
         let now = self.now();
-        let ticket = {
+        // A release gives a message back: its subscription is not refilled for it.
+        let refill = outcome != Outcome::Release;
+        let (ticket, holder) = {
             let mut state = cell.lock();
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
+            let holder = state.holder_of(lease.id).filter(|_| refill);
             let (change, freed) =
                 state.settle(lease.id, lease.token, outcome, now, fastrand::f64())?;
             changes.push(change);
-            self.append_changes(&changes, freed.into_iter().collect())
+            (
+                self.append_changes(&changes, freed.into_iter().collect()),
+                holder,
+            )
         };
         cell.wake();
+        if let Some(consumer) = holder {
+            self.refill(&cell, consumer);
+        }
         ticket.wait().await.map(|_| ())
+    }
+
+    /// Takes ahead for a subscription whose capacity a settle freed, so that its next
+    /// deliveries are journaled with the settle (one commit) rather than after it.
+    fn refill(&self, cell: &Arc<Cell<J::Payload>>, consumer: u64) {
+        let inbox = cell.inboxes.lock().get(&consumer).and_then(Weak::upgrade);
+        if let Some(inbox) = inbox
+            && inbox.lock().takes_ahead()
+        {
+            self.take_into(cell, consumer, &inbox);
+        }
     }
 
     /// Extends a lease.
@@ -742,6 +769,14 @@ struct Inbox<P> {
     failed: Option<QueueError>,
     /// Set by [`Subscription::stop`]: deliveries arriving later are given back.
     stopped: bool,
+    /// Set by [`Subscription::take_ahead`]: a settle refills the subscription.
+    ahead: bool,
+}
+
+impl<P> Inbox<P> {
+    fn takes_ahead(&self) -> bool {
+        self.ahead && !self.stopped
+    }
 }
 
 struct EngineSubscription<J: Journal> {
@@ -806,6 +841,10 @@ impl<J: Journal> Subscription for EngineSubscription<J> {
             self.inbox.clone(),
         )
         .boxed()
+    }
+
+    fn take_ahead(&self) {
+        self.inbox.lock().ahead = true;
     }
 
     fn stop(&self) -> BoxFuture<'static, ()> {

@@ -401,6 +401,11 @@ impl<P: Clone> ChannelState<P> {
         Some(held)
     }
 
+    /// The subscription holding `id`, if it is leased.
+    pub fn holder_of(&self, id: MessageId) -> Option<u64> {
+        self.leased.get(&id).map(|h| h.consumer)
+    }
+
     fn holder(&self, id: MessageId, token: u64) -> Result<&Held<P>, QueueError> {
         match self.leased.get(&id) {
             Some(h) if h.token == token => Ok(h),
