@@ -375,51 +375,9 @@ impl<J: Journal> Engine<J> {
         consumer: u64,
         inbox: &Arc<Mutex<Inbox<J::Payload>>>,
     ) -> (bool, Option<Timestamp>) {
-        let now = self.now();
         let mut state = cell.lock();
-        let mut changes = Vec::new();
-        state.tick(now, &mut changes);
-        let mut taken = Vec::new();
-        // At most this subscription's fair share of what is ready, so that one subscription
-        // taking ahead does not hold back messages another could handle now.
-        let room = (state.capacity(consumer).min(TAKE_BATCH) as usize)
-            .min(state.ready_len().div_ceil(state.consumer_count().max(1)));
-        while taken.len() < room && state.has_ready() {
-            match state.take(consumer, self.next_token(), now, &mut changes) {
-                Some(held) => taken.push(held),
-                None => break,
-            }
-        }
+        let (took, requeued) = self.take_locked(&mut state, cell, consumer, inbox);
         let wakeup = state.next_wakeup();
-        if changes.is_empty() {
-            return (false, wakeup);
-        }
-        let requeued = changes.iter().any(|c| matches!(c, Change::Requeued { .. }));
-        let ticket = self.append_changes(&changes, Vec::new());
-        let took = !taken.is_empty();
-        if took {
-            inbox.lock().committing += taken.len();
-            let taken = Arc::new(Mutex::new(taken));
-            let later = taken.clone();
-            // Weak: a completion must not keep a store open that its owner has dropped.
-            let engine = self.me.clone();
-            let cell_later = cell.clone();
-            let inbox_later = inbox.clone();
-            let step = move |result: Result<_, QueueError>| {
-                let taken = std::mem::take(&mut *later.lock());
-                let mut state = cell_later.lock();
-                if let Some(engine) = engine.upgrade() {
-                    engine.deliver(&mut state, &inbox_later, taken, result.map(|_| ()));
-                }
-                drop(state);
-                cell_later.wake();
-            };
-            if let Some(result) = ticket.then_unless_ready(step) {
-                let taken = std::mem::take(&mut *taken.lock());
-                self.deliver(&mut state, inbox, taken, result.map(|_| ()));
-                cell.wake();
-            }
-        }
         drop(state);
         if requeued {
             cell.wake();
@@ -427,30 +385,73 @@ impl<J: Journal> Engine<J> {
         (took, wakeup)
     }
 
-    /// Puts deliveries whose journal append is durable into their subscription's inbox, or
-    /// gives them back unprocessed if it stopped taking meanwhile.
-    fn deliver(
+    /// Takes what `consumer` may take now (at most its fair share of what is ready, so that
+    /// one subscription taking ahead does not hold back messages another could handle now),
+    /// recording the deliveries in `changes`.
+    fn take_some(
         &self,
         state: &mut ChannelState<J::Payload>,
-        inbox: &Mutex<Inbox<J::Payload>>,
-        taken: Vec<Held<J::Payload>>,
-        result: Result<(), QueueError>,
-    ) {
-        let mut inbox = inbox.lock();
-        inbox.committing -= taken.len();
-        match result {
-            Ok(()) if inbox.stopped => {
-                drop(inbox);
-                self.release(state, &taken);
-            }
-            Ok(()) => inbox.ready.extend(taken),
-            Err(e) => {
-                // Not recorded, so not handed out: ready again with the attempt given back.
-                inbox.failed = Some(e);
-                drop(inbox);
-                self.release(state, &taken);
+        consumer: u64,
+        now: Timestamp,
+        changes: &mut Vec<Change>,
+    ) -> Vec<Held<J::Payload>> {
+        let room = (state.capacity(consumer).min(TAKE_BATCH) as usize)
+            .min(state.ready_len().div_ceil(state.consumer_count().max(1)));
+        let mut taken = Vec::new();
+        while taken.len() < room && state.has_ready() {
+            match state.take(consumer, self.next_token(), now, changes) {
+                Some(held) => taken.push(held),
+                None => break,
             }
         }
+        taken
+    }
+
+    /// [`Engine::take_into`] under the channel's lock. Returns whether anything was taken and
+    /// whether time requeued anything.
+    fn take_locked(
+        &self,
+        state: &mut ChannelState<J::Payload>,
+        cell: &Arc<Cell<J::Payload>>,
+        consumer: u64,
+        inbox: &Arc<Mutex<Inbox<J::Payload>>>,
+    ) -> (bool, bool) {
+        let now = self.now();
+        let mut changes = Vec::new();
+        state.tick(now, &mut changes);
+        let taken = self.take_some(state, consumer, now, &mut changes);
+        if changes.is_empty() {
+            return (false, false);
+        }
+        let requeued = changes.iter().any(|c| matches!(c, Change::Requeued { .. }));
+        let ticket = self.append_changes(&changes, Vec::new());
+        if taken.is_empty() {
+            return (false, requeued);
+        }
+        inbox.lock().committing += taken.len();
+        let taken = Arc::new(Mutex::new(taken));
+        let later = taken.clone();
+        // Weak: a completion must not keep a store open that its owner has dropped.
+        let engine = self.me.clone();
+        let cell_later = cell.clone();
+        let inbox_later = inbox.clone();
+        let step = move |result: Result<_, QueueError>| {
+            let taken = std::mem::take(&mut *later.lock());
+            let back = deliver(&inbox_later, taken, result.map(|_| ()));
+            if !back.is_empty()
+                && let Some(engine) = engine.upgrade()
+            {
+                engine.release(&mut cell_later.lock(), &back);
+            }
+            cell_later.wake();
+        };
+        if let Some(result) = ticket.then_unless_ready(step) {
+            let taken = std::mem::take(&mut *taken.lock());
+            let back = deliver(inbox, taken, result.map(|_| ()));
+            self.release(state, &back);
+            cell.wake();
+        }
+        (true, requeued)
     }
 
     /// Gives deliveries back unprocessed, without waiting for the journal.
@@ -506,35 +507,57 @@ impl<J: Journal> Engine<J> {
         let now = self.now();
         // A release gives a message back: its subscription is not refilled for it.
         let refill = outcome != Outcome::Release;
-        let (ticket, holder) = {
+        let (ticket, refilled) = {
             let mut state = cell.lock();
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
             let holder = state.holder_of(lease.id).filter(|_| refill);
             let (change, freed) =
                 state.settle(lease.id, lease.token, outcome, now, fastrand::f64())?;
+            // A subscription that takes ahead is refilled for the slot this frees, in the
+            // same journal append, before the settle: its deliveries are in its inbox by the
+            // time the settle is confirmed.
+            let inbox = holder.and_then(|c| {
+                let inbox = cell.inboxes.lock().get(&c).and_then(Weak::upgrade);
+                inbox.map(|i| (i, c))
+            });
+            let mut refilled = None;
+            if let Some((inbox, consumer)) = inbox
+                && inbox.lock().takes_ahead()
+            {
+                let taken = self.take_some(&mut state, consumer, now, &mut changes);
+                if !taken.is_empty() {
+                    inbox.lock().committing += taken.len();
+                    refilled = Some((inbox, taken));
+                }
+            }
             changes.push(change);
             (
                 self.append_changes(&changes, freed.into_iter().collect()),
-                holder,
+                refilled,
             )
         };
         cell.wake();
-        if let Some(consumer) = holder {
-            self.refill(&cell, consumer);
-        }
-        ticket.wait().await.map(|_| ())
-    }
-
-    /// Takes ahead for a subscription whose capacity a settle freed, so that its next
-    /// deliveries are journaled with the settle (one commit) rather than after it.
-    fn refill(&self, cell: &Arc<Cell<J::Payload>>, consumer: u64) {
-        let inbox = cell.inboxes.lock().get(&consumer).and_then(Weak::upgrade);
-        if let Some(inbox) = inbox
-            && inbox.lock().takes_ahead()
-        {
-            self.take_into(cell, consumer, &inbox);
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let engine = self.me.clone();
+        let cell_later = cell.clone();
+        ticket.then(move |result| {
+            if let Some((inbox, taken)) = refilled {
+                let back = deliver(
+                    &inbox,
+                    taken,
+                    result.as_ref().map(|_| ()).map_err(copy_error),
+                );
+                if !back.is_empty()
+                    && let Some(engine) = engine.upgrade()
+                {
+                    engine.release(&mut cell_later.lock(), &back);
+                }
+                cell_later.wake();
+            }
+            let _ = tx.send(result.map(|_| ()));
+        });
+        rx.await.unwrap_or(Err(QueueError::Closed))
     }
 
     /// Extends a lease.
@@ -689,6 +712,39 @@ impl<J: Journal> Engine<J> {
             cell.wake();
         }
         self.journal.close()
+    }
+}
+
+/// Puts deliveries whose journal append is durable into their subscription's inbox; returns
+/// those to give back instead: all of them if the subscription stopped taking meanwhile or
+/// the append failed (not recorded, so not handed out).
+fn deliver<P>(
+    inbox: &Mutex<Inbox<P>>,
+    taken: Vec<Held<P>>,
+    result: Result<(), QueueError>,
+) -> Vec<Held<P>> {
+    let mut inbox = inbox.lock();
+    inbox.committing -= taken.len();
+    match result {
+        Ok(()) if inbox.stopped => taken,
+        Ok(()) => {
+            inbox.ready.extend(taken);
+            Vec::new()
+        }
+        Err(e) => {
+            inbox.failed = Some(e);
+            taken
+        }
+    }
+}
+
+/// The same failure again, for a second party to report.
+fn copy_error(e: &QueueError) -> QueueError {
+    match e {
+        QueueError::Io(io) => QueueError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        QueueError::Poisoned(reason) => QueueError::Poisoned(reason.clone()),
+        QueueError::Closed => QueueError::Closed,
+        other => QueueError::Poisoned(other.to_string()),
     }
 }
 
