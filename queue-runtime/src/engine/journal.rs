@@ -158,22 +158,6 @@ impl<T: Send + 'static> Ticket<T> {
         }
     }
 
-    /// The result if it is there already, else the ticket back.
-    ///
-    /// # Errors
-    /// The ticket, when its result has not arrived.
-    pub fn take_ready(self) -> Result<Result<T, QueueError>, Ticket<T>> {
-        let mut slot = self.0.lock();
-        if matches!(*slot, Slot::Ready(_)) {
-            let Slot::Ready(result) = std::mem::replace(&mut *slot, Slot::Finished) else {
-                unreachable!("checked")
-            };
-            return Ok(result);
-        }
-        drop(slot);
-        Err(self)
-    }
-
     /// Waits for the result.
     ///
     /// # Errors

@@ -114,11 +114,6 @@ impl<J: Journal> Engine<J> {
         self.clock.now()
     }
 
-    /// The next message id to be handed out.
-    pub fn peek_next_id(&self) -> u64 {
-        self.next_id.load(Ordering::Acquire)
-    }
-
     fn next_id(&self) -> MessageId {
         MessageId(self.next_id.fetch_add(1, Ordering::AcqRel))
     }
