@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use queue_core::QueueError;
 use queue_core::clock::Clock;
 
-use crate::engine::{Engine, Event, Journal, Ticket};
+use crate::engine::{Engine, Event, Journal, Then, Unrun};
 
 /// A payload held in memory.
 pub type MemoryPayload = Arc<[u8]>;
@@ -22,18 +22,20 @@ pub struct MemoryJournal;
 impl Journal for MemoryJournal {
     type Payload = MemoryPayload;
 
-    fn append(
+    fn append<T: Then<MemoryPayload>>(
         &self,
         events: &[Event<'_>],
         _gone: Vec<MemoryPayload>,
-    ) -> Ticket<Vec<MemoryPayload>> {
-        Ticket::ready(Ok(events
+        then: T,
+    ) -> Unrun<T, MemoryPayload> {
+        let payloads = events
             .iter()
             .filter_map(|e| match e {
                 Event::Produced(p) => Some(Arc::from(p.payload)),
                 _ => None,
             })
-            .collect()))
+            .collect();
+        Some((then, Ok(payloads)))
     }
 
     fn read(&self, payload: &MemoryPayload) -> Result<Vec<u8>, QueueError> {

@@ -718,6 +718,8 @@ async fn pump(
         .subscribe(&spec, max)
         .await
         .map_err(|e| (e, false))?;
+    // Deliveries are pushed as long as the subscription has room, so a settle may refill it.
+    sub.take_ahead();
     send(
         out,
         &ServerFrame::Reply {

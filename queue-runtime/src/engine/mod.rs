@@ -27,9 +27,10 @@ use queue_core::{
     Adapter, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
     Outcome, Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
 };
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 
-pub use journal::{Completer, Event, Journal, Produced, Ticket};
+pub use journal::{Appended, Event, Journal, Produced, Then, Unrun, unwatched};
 pub use keys::KeyWindow;
 pub use state::{Change, ChannelState, Dead, Entry, Held};
 
@@ -206,15 +207,27 @@ impl<J: Journal> Engine<J> {
         let mut changes = Vec::new();
         state.tick(now, &mut changes);
         if !changes.is_empty() {
-            self.append_changes(&changes, Vec::new());
+            self.record(&changes, Vec::new());
             drop(state);
             cell.wake();
         }
     }
 
-    fn append_changes(&self, changes: &[Change], gone: Vec<J::Payload>) -> Ticket<Vec<J::Payload>> {
-        let events: Vec<Event<'_>> = changes.iter().map(Event::Changed).collect();
-        self.journal.append(&events, gone)
+    /// Journals `changes`; `then` runs once they are durable, or comes back unrun with the
+    /// result (see [`Journal::append`]).
+    fn append_changes<T: Then<J::Payload>>(
+        &self,
+        changes: &[Change],
+        gone: Vec<J::Payload>,
+        then: T,
+    ) -> Unrun<T, J::Payload> {
+        let events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
+        self.journal.append(&events, gone, then)
+    }
+
+    /// Journals `changes` that nobody waits for.
+    fn record(&self, changes: &[Change], gone: Vec<J::Payload>) {
+        self.append_changes(changes, gone, unwatched);
     }
 
     /// Stores a batch, with an optional caller's key (see [`KeyedProduce`]).
@@ -250,7 +263,7 @@ impl<J: Journal> Engine<J> {
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
             let mut receipts = Vec::with_capacity(batch.len());
-            let mut fresh = Vec::with_capacity(batch.len());
+            let mut fresh: SmallVec<[Fresh; 2]> = SmallVec::with_capacity(batch.len());
             let expires = due_at(now, spec.dedup_window);
             for (i, out) in batch.iter().enumerate() {
                 let dedup = out.dedup_key.filter(|_| spec.deduplicates());
@@ -276,11 +289,14 @@ impl<J: Journal> Engine<J> {
                     index: i,
                     id,
                     due: due_at(now, out.delay),
+                    priority: out.priority,
                     dedup,
                 });
             }
-            let keyed = key.map(|(k, window)| (k.to_string(), due_at(now, window)));
-            let mut events: Vec<Event<'_>> = changes.iter().map(Event::Changed).collect();
+            let keyed = key.map(|(k, window)| (k, due_at(now, window)));
+            // The key's record lists the receipts, which the step keeps too.
+            let keyed_receipts = keyed.map(|_| receipts.clone());
+            let mut events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
             for f in &fresh {
                 let out = &batch[f.index];
                 events.push(Event::Produced(Produced {
@@ -293,38 +309,26 @@ impl<J: Journal> Engine<J> {
                     payload: &out.payload,
                 }));
             }
-            if let Some((k, expires)) = &keyed {
+            if let (Some((k, expires)), Some(receipts)) = (keyed, &keyed_receipts) {
                 events.push(Event::Keyed {
                     key: k,
-                    expires: *expires,
-                    receipts: &receipts,
+                    expires,
+                    receipts,
                 });
             }
-            // Duplicates wait for a commit too: it follows their original's.
-            let ticket = self.journal.append(&events, Vec::new());
-            drop(events);
-            let done = Arc::new(Mutex::new(Some(ProduceDone {
+            let done = ProduceDone {
                 engine: self.me.clone(),
                 cell: cell.clone(),
-                fresh: fresh
-                    .into_iter()
-                    .map(|f| (f, batch[f.index].priority))
-                    .collect(),
+                fresh,
                 produced_at: now,
                 receipts,
-                keyed,
+                keyed: keyed.map(|(k, expires)| (k.to_string(), expires)),
                 reply: tx,
-            })));
-            let later = done.clone();
-            let step = move |result| {
-                if let Some(done) = later.lock().take() {
-                    let cell = done.cell.clone();
-                    done.finish(&mut cell.lock(), result);
-                }
             };
-            if let Some(result) = ticket.then_unless_ready(step)
-                && let Some(done) = done.lock().take()
-            {
+            // Duplicates wait for a commit too: it follows their original's.
+            let came_back = self.journal.append(&events, Vec::new(), done);
+            drop(events);
+            if let Some((done, result)) = came_back {
                 done.finish(&mut state, result);
             }
         }
@@ -392,7 +396,8 @@ impl<J: Journal> Engine<J> {
     ) -> Vec<Held<J::Payload>> {
         let room = (state.capacity(consumer).min(TAKE_BATCH) as usize)
             .min(state.ready_len().div_ceil(state.consumer_count().max(1)));
-        let mut taken = Vec::new();
+        let mut taken = Vec::with_capacity(room);
+        changes.reserve(room);
         while taken.len() < room && state.has_ready() {
             match state.take(consumer, self.next_token(), now, changes) {
                 Some(held) => taken.push(held),
@@ -419,30 +424,19 @@ impl<J: Journal> Engine<J> {
             return (false, false);
         }
         let requeued = changes.iter().any(|c| matches!(c, Change::Requeued { .. }));
-        let ticket = self.append_changes(&changes, Vec::new());
         if taken.is_empty() {
+            self.record(&changes, Vec::new());
             return (false, requeued);
         }
         inbox.lock().committing += taken.len();
-        let taken = Arc::new(Mutex::new(taken));
-        let later = taken.clone();
-        // Weak: a completion must not keep a store open that its owner has dropped.
-        let engine = self.me.clone();
-        let cell_later = cell.clone();
-        let inbox_later = inbox.clone();
-        let step = move |result: Result<_, QueueError>| {
-            let taken = std::mem::take(&mut *later.lock());
-            let back = deliver(&inbox_later, taken, result.map(|_| ()));
-            if !back.is_empty()
-                && let Some(engine) = engine.upgrade()
-            {
-                engine.release(&mut cell_later.lock(), &back);
-            }
-            cell_later.wake();
+        let done = Taken {
+            engine: self.me.clone(),
+            cell: cell.clone(),
+            inbox: inbox.clone(),
+            taken,
         };
-        if let Some(result) = ticket.then_unless_ready(step) {
-            let taken = std::mem::take(&mut *taken.lock());
-            let back = deliver(inbox, taken, result.map(|_| ()));
+        if let Some((done, result)) = self.append_changes(&changes, Vec::new(), done) {
+            let back = deliver(inbox, done.taken, result.map(|_| ()));
             self.release(state, &back);
             cell.wake();
         }
@@ -468,7 +462,7 @@ impl<J: Journal> Engine<J> {
             })
             .collect();
         if !changes.is_empty() {
-            self.append_changes(&changes, Vec::new());
+            self.record(&changes, Vec::new());
         }
     }
 
@@ -479,7 +473,7 @@ impl<J: Journal> Engine<J> {
         let mut state = cell.lock();
         let changes = state.remove_consumer(consumer, now);
         if !changes.is_empty() {
-            self.append_changes(&changes, Vec::new());
+            self.record(&changes, Vec::new());
         }
         drop(state);
         cell.wake();
@@ -502,7 +496,8 @@ impl<J: Journal> Engine<J> {
         let now = self.now();
         // A release gives a message back: its subscription is not refilled for it.
         let refill = outcome != Outcome::Release;
-        let (ticket, refilled) = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let came_back = {
             let mut state = cell.lock();
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
@@ -523,35 +518,26 @@ impl<J: Journal> Engine<J> {
                 let taken = self.take_some(&mut state, consumer, now, &mut changes);
                 if !taken.is_empty() {
                     inbox.lock().committing += taken.len();
-                    refilled = Some((inbox, taken));
+                    refilled = Some(Taken {
+                        engine: self.me.clone(),
+                        cell: cell.clone(),
+                        inbox,
+                        taken,
+                    });
                 }
             }
             changes.push(change);
-            (
-                self.append_changes(&changes, freed.into_iter().collect()),
+            let settled = Settled {
                 refilled,
-            )
+                reply: tx,
+            };
+            self.append_changes(&changes, freed.into_iter().collect(), settled)
         };
         cell.wake();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let engine = self.me.clone();
-        let cell_later = cell.clone();
-        ticket.then(move |result| {
-            if let Some((inbox, taken)) = refilled {
-                let back = deliver(
-                    &inbox,
-                    taken,
-                    result.as_ref().map(|_| ()).map_err(copy_error),
-                );
-                if !back.is_empty()
-                    && let Some(engine) = engine.upgrade()
-                {
-                    engine.release(&mut cell_later.lock(), &back);
-                }
-                cell_later.wake();
-            }
-            let _ = tx.send(result.map(|_| ()));
-        });
+        // Done at once: applied here, with the channel's lock released.
+        if let Some((settled, result)) = came_back {
+            settled.then(result);
+        }
         rx.await.unwrap_or(Err(QueueError::Closed))
     }
 
@@ -569,7 +555,7 @@ impl<J: Journal> Engine<J> {
         let mut changes = Vec::new();
         state.tick(now, &mut changes);
         if !changes.is_empty() {
-            self.append_changes(&changes, Vec::new());
+            self.record(&changes, Vec::new());
         }
         state.extend(lease.id, lease.token, by, now)
     }
@@ -662,13 +648,20 @@ impl<J: Journal> Engine<J> {
         let Some(cell) = self.existing_cell(channel) else {
             return Ok(0);
         };
-        let (ticket, n) = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (came_back, n) = {
             let mut state = cell.lock();
             let changes = state.redrive(ids);
-            (self.append_changes(&changes, Vec::new()), changes.len())
+            let reply = move |r: Appended<J::Payload>| {
+                let _ = tx.send(r);
+            };
+            (
+                self.append_changes(&changes, Vec::new(), reply),
+                changes.len(),
+            )
         };
         cell.wake();
-        ticket.wait().await?;
+        durable(came_back, rx).await?;
         Ok(n as u64)
     }
 
@@ -688,12 +681,16 @@ impl<J: Journal> Engine<J> {
         let Some(cell) = self.existing_cell(channel) else {
             return Ok(0);
         };
-        let (ticket, n) = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (came_back, n) = {
             let mut state = cell.lock();
             let (changes, gone) = state.purge_dead(ids);
-            (self.append_changes(&changes, gone), changes.len())
+            let reply = move |r: Appended<J::Payload>| {
+                let _ = tx.send(r);
+            };
+            (self.append_changes(&changes, gone, reply), changes.len())
         };
-        ticket.wait().await?;
+        durable(came_back, rx).await?;
         Ok(n as u64)
     }
 
@@ -707,6 +704,50 @@ impl<J: Journal> Engine<J> {
             cell.wake();
         }
         self.journal.close()
+    }
+}
+
+/// Deliveries taken for a subscription, waiting for their journal append.
+struct Taken<J: Journal> {
+    /// Weak: a completion must not keep a store open that its owner has dropped.
+    engine: Weak<Engine<J>>,
+    cell: Arc<Cell<J::Payload>>,
+    inbox: Arc<Mutex<Inbox<J::Payload>>>,
+    taken: Vec<Held<J::Payload>>,
+}
+
+impl<J: Journal> Taken<J> {
+    /// Delivers what was taken once the append is durable; gives it back if it failed or the
+    /// subscription stopped meanwhile.
+    fn land(self, result: Result<(), QueueError>) {
+        let back = deliver(&self.inbox, self.taken, result);
+        if !back.is_empty()
+            && let Some(engine) = self.engine.upgrade()
+        {
+            engine.release(&mut self.cell.lock(), &back);
+        }
+        self.cell.wake();
+    }
+}
+
+impl<J: Journal> Then<J::Payload> for Taken<J> {
+    fn then(self, result: Appended<J::Payload>) {
+        self.land(result.map(|_| ()));
+    }
+}
+
+/// A settle waiting for its journal append, with the deliveries that refill its subscription.
+struct Settled<J: Journal> {
+    refilled: Option<Taken<J>>,
+    reply: tokio::sync::oneshot::Sender<Result<(), QueueError>>,
+}
+
+impl<J: Journal> Then<J::Payload> for Settled<J> {
+    fn then(self, result: Appended<J::Payload>) {
+        if let Some(refilled) = self.refilled {
+            refilled.land(result.as_ref().map(|_| ()).map_err(copy_error));
+        }
+        let _ = self.reply.send(result.map(|_| ()));
     }
 }
 
@@ -733,6 +774,17 @@ fn deliver<P>(
     }
 }
 
+/// Waits until an append is durable: its result came back at once, or arrives on `rx`.
+async fn durable<T, P>(
+    came_back: Unrun<T, P>,
+    rx: tokio::sync::oneshot::Receiver<Appended<P>>,
+) -> Result<(), QueueError> {
+    match came_back {
+        Some((_, result)) => result.map(|_| ()),
+        None => rx.await.unwrap_or(Err(QueueError::Closed)).map(|_| ()),
+    }
+}
+
 /// The same failure again, for a second party to report.
 fn copy_error(e: &QueueError) -> QueueError {
     match e {
@@ -749,6 +801,7 @@ struct Fresh {
     index: usize,
     id: MessageId,
     due: Timestamp,
+    priority: u8,
     dedup: Option<u64>,
 }
 
@@ -757,7 +810,7 @@ struct ProduceDone<J: Journal> {
     /// Weak: a completion must not keep a store open that its owner has dropped.
     engine: Weak<Engine<J>>,
     cell: Arc<Cell<J::Payload>>,
-    fresh: Vec<(Fresh, u8)>,
+    fresh: SmallVec<[Fresh; 2]>,
     produced_at: Timestamp,
     receipts: Vec<Receipt>,
     keyed: Option<(String, Timestamp)>,
@@ -765,11 +818,7 @@ struct ProduceDone<J: Journal> {
 }
 
 impl<J: Journal> ProduceDone<J> {
-    fn finish(
-        self,
-        state: &mut ChannelState<J::Payload>,
-        result: Result<Vec<J::Payload>, QueueError>,
-    ) {
+    fn finish(self, state: &mut ChannelState<J::Payload>, result: Appended<J::Payload>) {
         match result {
             Ok(payloads) => {
                 let Some(engine) = self.engine.upgrade() else {
@@ -779,12 +828,12 @@ impl<J: Journal> ProduceDone<J> {
                 };
                 // Readiness against the clock now; produce and due times as journaled.
                 let now = engine.now();
-                for ((f, priority), payload) in self.fresh.into_iter().zip(payloads) {
+                for (f, payload) in self.fresh.into_iter().zip(payloads) {
                     let entry = Entry {
                         id: f.id,
                         payload,
                         attempts: 0,
-                        priority,
+                        priority: f.priority,
                         produced_at: self.produced_at,
                     };
                     state.insert(entry, f.due, now);
@@ -799,7 +848,7 @@ impl<J: Journal> ProduceDone<J> {
                 let _ = self.reply.send(Ok(self.receipts));
             }
             Err(e) => {
-                for (f, _) in &self.fresh {
+                for f in &self.fresh {
                     if let Some(key) = f.dedup {
                         state.forget(key, f.id);
                     }
@@ -807,6 +856,13 @@ impl<J: Journal> ProduceDone<J> {
                 let _ = self.reply.send(Err(e));
             }
         }
+    }
+}
+
+impl<J: Journal> Then<J::Payload> for ProduceDone<J> {
+    fn then(self, result: Appended<J::Payload>) {
+        let cell = self.cell.clone();
+        self.finish(&mut cell.lock(), result);
     }
 }
 

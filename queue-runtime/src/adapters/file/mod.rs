@@ -24,12 +24,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use queue_core::clock::Clock;
 use queue_core::{MessageId, QueueError, Receipt};
+use smallvec::SmallVec;
 
 use self::format::{MessageRecord, Record};
 use self::writer::{
     Class, OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path,
 };
-use crate::engine::{Change, Engine, Entry, Event, Journal, Ticket};
+use crate::engine::{Change, Engine, Entry, Event, Journal, Then, Unrun};
 
 /// Where a payload is: segment, byte offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +163,7 @@ fn encode_change(change: &Change, buf: &mut Vec<u8>) {
 impl Journal for FileJournal {
     type Payload = Loc;
 
-    fn append(&self, events: &[Event<'_>], gone: Vec<Loc>) -> Ticket<Vec<Loc>> {
+    fn append<T: Then<Loc>>(&self, events: &[Event<'_>], gone: Vec<Loc>, then: T) -> Unrun<T, Loc> {
         let size: usize = events
             .iter()
             .map(|e| match e {
@@ -172,7 +173,7 @@ impl Journal for FileJournal {
             .sum();
         let mut buf = Vec::with_capacity(size);
         // Per produced message: where its payload starts in `buf`, and its length.
-        let mut payloads: Vec<(usize, u32)> = Vec::new();
+        let mut payloads: SmallVec<[(usize, u32); 4]> = SmallVec::new();
         let mut homes: Vec<KeyHome> = Vec::new();
         for event in events {
             match event {
@@ -219,7 +220,6 @@ impl Journal for FileJournal {
                 Event::Changed(change) => encode_change(change, &mut buf),
             }
         }
-        let (ticket, completer) = Ticket::pending();
         let shared = self.shared.clone();
         let key_homes = self.key_homes.clone();
         let class = if payloads.is_empty() {
@@ -255,10 +255,10 @@ impl Journal for FileJournal {
                         })
                         .collect()
                 });
-                completer.complete(result);
+                then.then(result);
             }),
         );
-        ticket
+        None
     }
 
     fn read(&self, loc: &Loc) -> Result<Vec<u8>, QueueError> {

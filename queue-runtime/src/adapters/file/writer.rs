@@ -239,7 +239,9 @@ pub struct Placed {
     pub offset: u64,
 }
 
-/// What runs once a submitted write is durable (or failed), on the store's completion thread.
+/// What runs once a submitted write is durable (or failed): for a [`Class::Growth`] write
+/// that succeeded, on the writer's thread as soon as the commit is synced; otherwise on the
+/// store's completion thread, in commit order.
 pub type Done = Box<dyn FnOnce(Result<Placed, QueueError>) + Send>;
 
 type Completions = Vec<(Result<Placed, QueueError>, Done)>;
@@ -374,7 +376,7 @@ impl Writer {
     /// When the thread cannot be started.
     pub fn start(config: WriterConfig, shared: Arc<Shared>) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
-        // Completions run on a thread of their own, in commit order, so that the writer
+        // Other completions run on a thread of their own, in commit order, so that the writer
         // starts the next write while the last batch's callers are answered.
         let (done_tx, done_rx) = mpsc::channel::<Completions>();
         std::thread::Builder::new()
@@ -397,8 +399,8 @@ impl Writer {
         })
     }
 
-    /// Queues encoded records; `done` runs on the writer's thread once they are durable or
-    /// have failed. Records submitted earlier are written earlier. `messages` counts the
+    /// Queues encoded records; `done` runs once they are durable or have failed (where:
+    /// see [`Done`]). Records submitted earlier are written earlier. `messages` counts the
     /// message records among them, which the writer adds to the segment's usage as it
     /// writes them.
     pub fn submit_then(&self, bytes: Vec<u8>, messages: u64, class: Class, done: Done) {
@@ -577,7 +579,7 @@ fn run(
     let mut next = Next::None;
     let reserve = reserve(c.segment_size);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut batch: Vec<(usize, Option<Done>)> = Vec::new();
+    let mut batch: Vec<(usize, Class, Option<Done>)> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut size = jobs[0].bytes.len();
@@ -639,7 +641,7 @@ fn run(
         batch.clear();
         let mut messages = 0;
         for job in jobs {
-            batch.push((buf.len(), job.done));
+            batch.push((buf.len(), job.class, job.done));
             buf.extend_from_slice(&job.bytes);
             messages += job.messages;
         }
@@ -663,7 +665,7 @@ fn run(
                 tracing::warn!(error = %reason, "batch refused: the disk is full");
                 let failed: Completions = batch
                     .drain(..)
-                    .filter_map(|(_, done)| done.map(|d| (Err(full_error(&reason)), d)))
+                    .filter_map(|(_, _, done)| done.map(|d| (Err(full_error(&reason)), d)))
                     .collect();
                 let _ = completions.send(failed);
                 continue;
@@ -687,17 +689,24 @@ fn run(
                     u.written += messages;
                     u.live += messages;
                 }
-                let answered: Completions = batch
-                    .drain(..)
-                    .filter_map(|(at, done)| {
-                        let placed = Placed {
-                            segment: c.segment,
-                            offset: base + at as u64,
-                        };
-                        done.map(|d| (Ok(placed), d))
-                    })
-                    .collect();
-                let _ = completions.send(answered);
+                // New messages are made visible here, before the commit's other completions
+                // are handed on: a step that only inserts and answers costs less than a
+                // hand-off to another thread.
+                let mut answered: Completions = Vec::new();
+                for (at, class, done) in batch.drain(..) {
+                    let placed = Placed {
+                        segment: c.segment,
+                        offset: base + at as u64,
+                    };
+                    match done {
+                        Some(d) if class == Class::Growth => d(Ok(placed)),
+                        Some(d) => answered.push((Ok(placed), d)),
+                        None => {}
+                    }
+                }
+                if !answered.is_empty() {
+                    let _ = completions.send(answered);
+                }
             }
             Err(e) => {
                 shared.poison(format!(
@@ -711,7 +720,7 @@ fn run(
                 };
                 let failed: Completions = batch
                     .drain(..)
-                    .filter_map(|(_, done)| {
+                    .filter_map(|(_, _, done)| {
                         done.map(|d| (Err(QueueError::Poisoned(reason.clone())), d))
                     })
                     .collect();
