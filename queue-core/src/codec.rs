@@ -27,7 +27,7 @@ struct Envelope<T> {
 /// `i64::MAX`, a map with non-string keys), [`QueueError::PayloadTooLarge`] above
 /// [`MAX_PAYLOAD`].
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, QueueError> {
-    let bytes = bson::serialize_to_vec(&EnvelopeRef { v: message })
+    let bytes = with_scratch(|buf| bson::serialize_to_buffer(&EnvelopeRef { v: message }, buf))
         .map_err(|e| QueueError::Encode(e.to_string()))?;
     if bytes.len() > MAX_PAYLOAD {
         return Err(QueueError::PayloadTooLarge {
@@ -36,6 +36,30 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, QueueError> {
         });
     }
     Ok(bytes)
+}
+
+/// Runs `write` on this thread's scratch buffer and returns a copy of what it wrote: one
+/// allocation of the exact size, instead of a buffer grown step by step.
+pub fn with_scratch<E>(write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<Vec<u8>, E> {
+    /// A scratch buffer larger than this after use is not kept.
+    const KEEP: usize = 64 * 1024;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        // A serializer that encodes another message while it runs gets a buffer of its own.
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            let mut own = Vec::new();
+            write(&mut own)?;
+            return Ok(own);
+        };
+        buf.clear();
+        let result = write(&mut buf).map(|()| buf.to_vec());
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        result
+    })
 }
 
 /// Decodes a payload produced by [`encode`].
@@ -70,6 +94,37 @@ pub fn decode_value(payload: &[u8]) -> Result<bson::Bson, QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Encodes its inner message while it is itself being encoded.
+    struct Nested(u64);
+
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let inner = encode(&self.0).map_err(serde::ser::Error::custom)?;
+            s.serialize_bytes(&inner)
+        }
+    }
+
+    #[test]
+    fn an_encoder_may_encode_while_it_encodes_and_big_messages_round_trip() {
+        let outer = encode(&Nested(42)).unwrap();
+        let inner: serde_bytes_like::Bytes = decode(&outer).unwrap();
+        assert_eq!(decode::<u64>(&inner.0).unwrap(), 42);
+        let big = "한".repeat(100_000);
+        assert_eq!(decode::<String>(&encode(&big).unwrap()).unwrap(), big);
+        assert_eq!(decode::<u64>(&encode(&7_u64).unwrap()).unwrap(), 7);
+    }
+
+    mod serde_bytes_like {
+        /// A BSON binary read back as bytes.
+        pub struct Bytes(pub Vec<u8>);
+
+        impl<'de> serde::Deserialize<'de> for Bytes {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok(Bytes(bson::Binary::deserialize(d)?.bytes))
+            }
+        }
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct User {

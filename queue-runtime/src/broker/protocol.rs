@@ -180,9 +180,10 @@ impl From<WireLease> for Lease {
     }
 }
 
-/// How a delivery ends, on the wire.
+/// How a delivery ends, on the wire: `{ "outcome": "retry", "after_ms": .., "error": .. }`.
+/// Read as one flat document, so decoding a batch of settles buffers nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[serde(tag = "outcome", rename_all = "snake_case", try_from = "FlatOutcome")]
 pub enum WireOutcome {
     Ack,
     Retry {
@@ -193,6 +194,40 @@ pub enum WireOutcome {
         error: String,
     },
     Release,
+}
+
+/// [`WireOutcome`]'s fields as they arrive.
+#[derive(Deserialize)]
+struct FlatOutcome {
+    outcome: String,
+    #[serde(default)]
+    after_ms: Option<i64>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl TryFrom<FlatOutcome> for WireOutcome {
+    type Error = String;
+
+    fn try_from(f: FlatOutcome) -> Result<Self, String> {
+        let error = |o: &str| {
+            f.error
+                .clone()
+                .ok_or_else(|| format!("`{o}` needs an `error`"))
+        };
+        Ok(match f.outcome.as_str() {
+            "ack" => WireOutcome::Ack,
+            "retry" => WireOutcome::Retry {
+                after_ms: f.after_ms,
+                error: error("retry")?,
+            },
+            "dead_letter" => WireOutcome::DeadLetter {
+                error: error("dead_letter")?,
+            },
+            "release" => WireOutcome::Release,
+            other => return Err(format!("unknown outcome `{other}`")),
+        })
+    }
 }
 
 impl From<Outcome> for WireOutcome {
@@ -716,7 +751,7 @@ pub enum ServerFrame {
 /// # Errors
 /// When the value cannot be BSON.
 pub fn encode<T: Serialize>(frame: &T) -> Result<Bytes, QueueError> {
-    bson::serialize_to_vec(frame)
+    queue_core::codec::with_scratch(|buf| bson::serialize_to_buffer(frame, buf))
         .map(Bytes::from)
         .map_err(|e| QueueError::Protocol(format!("cannot encode frame: {e}")))
 }
@@ -728,6 +763,139 @@ pub fn encode<T: Serialize>(frame: &T) -> Result<Bytes, QueueError> {
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, QueueError> {
     bson::deserialize_from_slice(bytes)
         .map_err(|e| QueueError::Protocol(format!("malformed frame: {e}")))
+}
+
+/// The tag of a tagged frame (or of its `inner` document), read without decoding the rest.
+fn tag<'a>(bytes: &'a [u8], inner: Option<&str>, key: &str) -> Option<&'a str> {
+    let doc = bson::RawDocument::from_bytes(bytes).ok()?;
+    let doc = match inner {
+        Some(field) => doc.get_document(field).ok()?,
+        None => doc,
+    };
+    doc.get_str(key).ok()
+}
+
+impl ClientFrame {
+    /// Decodes a request. The frequent ones (produce, settle, extend) are read as plain
+    /// documents, without serde's buffering of tagged enums; the rest through [`decode`].
+    ///
+    /// # Errors
+    /// A protocol error naming what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<ClientFrame, QueueError> {
+        #[derive(Deserialize)]
+        struct Produce {
+            id: i64,
+            spec: WireSpec,
+            messages: Vec<WireOutgoing>,
+            key: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Settle {
+            id: i64,
+            lease: WireLease,
+            outcome: WireOutcome,
+        }
+        #[derive(Deserialize)]
+        struct SettleMany {
+            id: i64,
+            settles: Vec<WireSettle>,
+        }
+        #[derive(Deserialize)]
+        struct Extend {
+            id: i64,
+            lease: WireLease,
+            by_ms: i64,
+        }
+        let frame = |id, request| ClientFrame { id, request };
+        match tag(bytes, None, "op") {
+            Some("produce") => decode::<Produce>(bytes).map(|f| {
+                let request = Request::Produce {
+                    spec: f.spec,
+                    messages: f.messages,
+                    key: f.key,
+                };
+                frame(f.id, request)
+            }),
+            Some("settle_many") => decode::<SettleMany>(bytes)
+                .map(|f| frame(f.id, Request::SettleMany { settles: f.settles })),
+            Some("settle") => decode::<Settle>(bytes).map(|f| {
+                let request = Request::Settle {
+                    lease: f.lease,
+                    outcome: f.outcome,
+                };
+                frame(f.id, request)
+            }),
+            Some("extend") => decode::<Extend>(bytes).map(|f| {
+                let request = Request::Extend {
+                    lease: f.lease,
+                    by_ms: f.by_ms,
+                };
+                frame(f.id, request)
+            }),
+            _ => decode(bytes),
+        }
+    }
+}
+
+impl ServerFrame {
+    /// Decodes a server frame. Deliveries and the frequent replies (receipts, settled,
+    /// done, extended) are read as plain documents, without serde's buffering of tagged
+    /// enums; the rest through [`decode`].
+    ///
+    /// # Errors
+    /// A protocol error naming what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<ServerFrame, QueueError> {
+        #[derive(Deserialize)]
+        struct Delivery {
+            sub: i64,
+            delivery: WireDelivery,
+        }
+        #[derive(Deserialize)]
+        struct Answer<R> {
+            id: i64,
+            reply: R,
+        }
+        #[derive(Deserialize)]
+        struct Receipts {
+            receipts: Vec<(i64, bool)>,
+        }
+        #[derive(Deserialize)]
+        struct Settled {
+            errors: Vec<Option<WireError>>,
+        }
+        #[derive(Deserialize)]
+        struct Extended {
+            lease_ms: i64,
+        }
+        #[derive(Deserialize)]
+        struct Id {
+            id: i64,
+        }
+        let reply = |id, reply| ServerFrame::Reply { id, reply };
+        match tag(bytes, None, "kind") {
+            Some("delivery") => decode::<Delivery>(bytes).map(|f| ServerFrame::Delivery {
+                sub: f.sub,
+                delivery: f.delivery,
+            }),
+            Some("reply") => match tag(bytes, Some("reply"), "reply") {
+                Some("receipts") => decode::<Answer<Receipts>>(bytes).map(|f| {
+                    let receipts = f.reply.receipts;
+                    reply(f.id, Reply::Receipts { receipts })
+                }),
+                Some("settled") => decode::<Answer<Settled>>(bytes).map(|f| {
+                    let errors = f.reply.errors;
+                    reply(f.id, Reply::Settled { errors })
+                }),
+                Some("extended") => decode::<Answer<Extended>>(bytes).map(|f| {
+                    let lease_ms = f.reply.lease_ms;
+                    reply(f.id, Reply::Extended { lease_ms })
+                }),
+                Some("done") => decode::<Id>(bytes).map(|f| reply(f.id, Reply::Done)),
+                _ => decode(bytes),
+            },
+            _ => decode(bytes),
+        }
+    }
 }
 
 /// Receipts on the wire.
@@ -838,6 +1006,132 @@ mod tests {
     }
 
     #[test]
+    fn the_plain_decoders_read_what_the_tagged_ones_read() {
+        let lease = WireLease {
+            channel: "jobs/a".into(),
+            id: 7,
+            token: -3,
+        };
+        let outcomes = [
+            WireOutcome::Ack,
+            WireOutcome::Retry {
+                after_ms: Some(250),
+                error: "boom".into(),
+            },
+            WireOutcome::Retry {
+                after_ms: None,
+                error: "again".into(),
+            },
+            WireOutcome::DeadLetter {
+                error: "poison".into(),
+            },
+            WireOutcome::Release,
+        ];
+        let mut requests = vec![
+            Request::Produce {
+                spec: WireSpec::from(&ChannelSpec::new("jobs/a")),
+                messages: vec![WireOutgoing {
+                    payload: Blob(vec![1, 2, 3]),
+                    dedup_key: Some(-9),
+                    delay_ms: 5,
+                    priority: 4,
+                }],
+                key: Some("k1".into()),
+            },
+            Request::SettleMany {
+                settles: outcomes
+                    .iter()
+                    .map(|o| WireSettle {
+                        lease: lease.clone(),
+                        outcome: o.clone(),
+                    })
+                    .collect(),
+            },
+            Request::Extend {
+                lease: lease.clone(),
+                by_ms: 30_000,
+            },
+            Request::Stats,
+        ];
+        requests.extend(outcomes.iter().map(|o| Request::Settle {
+            lease: lease.clone(),
+            outcome: o.clone(),
+        }));
+        for (id, request) in requests.into_iter().enumerate() {
+            let frame = ClientFrame {
+                id: id as i64,
+                request,
+            };
+            let bytes = encode(&frame).unwrap();
+            assert_eq!(ClientFrame::decode(&bytes).unwrap(), frame);
+            assert_eq!(decode::<ClientFrame>(&bytes).unwrap(), frame);
+        }
+
+        let replies = [
+            Reply::Receipts {
+                receipts: vec![(1, false), (2, true)],
+            },
+            Reply::Settled {
+                errors: vec![None, Some(WireError::from(&QueueError::Closed))],
+            },
+            Reply::Extended { lease_ms: 1_500 },
+            Reply::Done,
+            Reply::Pong,
+        ];
+        let mut frames: Vec<ServerFrame> = replies
+            .into_iter()
+            .enumerate()
+            .map(|(id, reply)| ServerFrame::Reply {
+                id: id as i64,
+                reply,
+            })
+            .collect();
+        frames.push(ServerFrame::Delivery {
+            sub: 3,
+            delivery: WireDelivery {
+                lease,
+                payload: Blob(vec![9; 40]),
+                attempt: 2,
+                priority: 1,
+                produced_at: 123,
+                lease_ms: 30_000,
+            },
+        });
+        for frame in frames {
+            let bytes = encode(&frame).unwrap();
+            assert_eq!(ServerFrame::decode(&bytes).unwrap(), frame);
+            assert_eq!(decode::<ServerFrame>(&bytes).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn a_settle_without_its_error_or_with_an_unknown_outcome_is_refused() {
+        let lease = bson::doc! { "channel": "c", "id": 1_i64, "token": 1_i64 };
+        for outcome in [
+            bson::doc! { "outcome": "retry" },
+            bson::doc! { "outcome": "dead_letter" },
+            bson::doc! { "outcome": "explode" },
+        ] {
+            let settle = bson::doc! {
+                "id": 1_i64, "op": "settle", "lease": lease.clone(), "outcome": outcome.clone()
+            };
+            let bytes = bson::serialize_to_vec(&settle).unwrap();
+            assert!(matches!(
+                ClientFrame::decode(&bytes),
+                Err(QueueError::Protocol(_))
+            ));
+            let mut one = bson::doc! { "lease": lease.clone() };
+            one.extend(outcome);
+            let many = bson::doc! { "id": 2_i64, "op": "settle_many", "settles": [one] };
+            let bytes = bson::serialize_to_vec(&many).unwrap();
+            assert!(matches!(
+                ClientFrame::decode(&bytes),
+                Err(QueueError::Protocol(_))
+            ));
+        }
+    }
+
+    #[test]
     fn garbage_and_unknown_ops_are_protocol_errors() {
         assert!(matches!(
             decode::<ClientFrame>(b"\x05\x00\x00\x00\x00"),
@@ -845,6 +1139,14 @@ mod tests {
         ));
         assert!(matches!(
             decode::<ClientFrame>(b"nonsense"),
+            Err(QueueError::Protocol(_))
+        ));
+        assert!(matches!(
+            ClientFrame::decode(b"nonsense"),
+            Err(QueueError::Protocol(_))
+        ));
+        assert!(matches!(
+            ServerFrame::decode(b"\x05\x00\x00\x00\x00"),
             Err(QueueError::Protocol(_))
         ));
         let unknown = bson::doc! { "id": 1_i64, "op": "explode" };

@@ -775,8 +775,7 @@ fn decode_frame(frame: Result<bytes::BytesMut, std::io::Error>) -> Result<Client
             ConnError::Io(e)
         }
     })?;
-    protocol::decode::<ClientFrame>(&bytes)
-        .map_err(|e| ConnError::Protocol(code::BAD_FRAME, e.to_string()))
+    ClientFrame::decode(&bytes).map_err(|e| ConnError::Protocol(code::BAD_FRAME, e.to_string()))
 }
 
 fn error_reply(id: i64, e: &QueueError) -> ServerFrame {

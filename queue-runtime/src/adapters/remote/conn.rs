@@ -439,7 +439,7 @@ async fn read_frames(
         };
         let Some(Ok(bytes)) = frame else { break };
         conn.heard_now();
-        let Ok(frame) = protocol::decode::<ServerFrame>(&bytes) else {
+        let Ok(frame) = ServerFrame::decode(&bytes) else {
             tracing::warn!("malformed frame from the broker; reconnecting");
             break;
         };
