@@ -264,6 +264,23 @@ pub trait Adapter: Send + Sync + 'static {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
 
+    /// Settles several leases; each succeeds or fails on its own, and the results come in
+    /// order. A store may apply them together, to share its commits.
+    ///
+    /// # Cancel safety
+    /// As [`Adapter::settle`], for each.
+    fn settle_many(
+        &self,
+        settles: Vec<(Lease, Outcome)>,
+    ) -> BoxFuture<'_, Vec<Result<(), QueueError>>> {
+        Box::pin(async move {
+            let each = settles
+                .iter()
+                .map(|(lease, outcome)| self.settle(lease, outcome.clone()));
+            futures_util::future::join_all(each).await
+        })
+    }
+
     /// Moves a lease's deadline to `by` from now and returns the new deadline.
     ///
     /// # Cancel safety

@@ -929,20 +929,33 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
         }
         Request::SettleMany { settles } => {
             // Settled together, so that they share the store's group commits.
-            let settled = settles.into_iter().map(|s| async move {
+            let mut results: Vec<Option<Result<(), QueueError>>> = Vec::new();
+            let mut batch = Vec::new();
+            for s in settles {
                 let lease: Lease = s.lease.into();
-                owned(&lease)?;
-                let settled = a.settle(&lease, s.outcome.into()).await;
-                if matches!(settled, Ok(()) | Err(QueueError::StaleLease { .. })) {
-                    leases.forget(&lease);
+                match owned(&lease) {
+                    Ok(()) => {
+                        results.push(None);
+                        batch.push((lease, s.outcome.into()));
+                    }
+                    Err(e) => results.push(Some(Err(e))),
                 }
-                settled
-            });
-            let errors = futures_util::future::join_all(settled)
-                .await
+            }
+            let leases_settled: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
+            let mut settled = a.settle_many(batch).await.into_iter();
+            for lease in &leases_settled {
+                let r = settled.next().unwrap_or(Err(QueueError::Closed));
+                if matches!(r, Ok(()) | Err(QueueError::StaleLease { .. })) {
+                    leases.forget(lease);
+                }
+                if let Some(slot) = results.iter_mut().find(|r| r.is_none()) {
+                    *slot = Some(r);
+                }
+            }
+            let errors = results
                 .into_iter()
                 .map(|r| {
-                    r.err().map(|e| {
+                    r.unwrap_or(Err(QueueError::Closed)).err().map(|e| {
                         broker.check(&e);
                         WireError::from(&e)
                     })

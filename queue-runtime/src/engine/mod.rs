@@ -489,36 +489,131 @@ impl<J: Journal> Engine<J> {
     /// future is polled again.
     async fn settle_lease(&self, lease: &Lease, outcome: Outcome) -> Result<(), QueueError> {
         self.check_open()?;
-        let outcome = limits::limit_outcome(outcome);
         let cell = self
             .existing_cell(&lease.channel)
             .ok_or(QueueError::StaleLease { id: lease.id })?;
+        let (mut applied, durable) = self.settle_on(&cell, [(lease, outcome)]);
+        applied.pop().unwrap_or(Err(QueueError::Closed))?;
+        match durable {
+            Some(rx) => rx.await.unwrap_or(Err(QueueError::Closed)),
+            None => Ok(()),
+        }
+    }
+
+    /// Settles several leases, each on its own: the settles of one channel under one lock,
+    /// in one journal append.
+    ///
+    /// # Cancel safety
+    /// As [`Engine::settle_lease`], for each.
+    async fn settle_batch(&self, settles: Vec<(Lease, Outcome)>) -> Vec<Result<(), QueueError>> {
+        if let Err(e) = self.check_open() {
+            return settles.iter().map(|_| Err(copy_error(&e))).collect();
+        }
+        let (leases, outcomes): (Vec<Lease>, Vec<Outcome>) = settles.into_iter().unzip();
+        let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
+        let mut results: Vec<Result<(), QueueError>> = leases.iter().map(|_| Ok(())).collect();
+        // Indices by channel, in order of first appearance.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, lease) in leases.iter().enumerate() {
+            match groups.iter_mut().find(|(c, _)| *c == lease.channel) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((&lease.channel, vec![i])),
+            }
+        }
+        let mut waits = Vec::new();
+        for (channel, members) in &groups {
+            let Some(cell) = self.existing_cell(channel) else {
+                for &i in members {
+                    results[i] = Err(QueueError::StaleLease { id: leases[i].id });
+                }
+                continue;
+            };
+            let items = members
+                .iter()
+                .map(|&i| (&leases[i], outcomes[i].take().expect("each settle once")));
+            let (applied, durable) = self.settle_on(&cell, items);
+            for (&i, r) in members.iter().zip(applied) {
+                results[i] = r;
+            }
+            if let Some(rx) = durable {
+                waits.push((members, rx));
+            }
+        }
+        for (members, rx) in waits {
+            if let Err(e) = rx.await.unwrap_or(Err(QueueError::Closed)) {
+                for &i in members {
+                    if results[i].is_ok() {
+                        results[i] = Err(copy_error(&e));
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Settles leases of one channel under its lock, in one journal append. Returns each
+    /// settle's result as applied (a stale lease fails here) and, when anything was
+    /// settled, what completes once the append is durable.
+    fn settle_on<'l>(
+        &self,
+        cell: &Arc<Cell<J::Payload>>,
+        settles: impl IntoIterator<Item = (&'l Lease, Outcome)>,
+    ) -> (
+        SmallVec<[Result<(), QueueError>; 1]>,
+        Option<tokio::sync::oneshot::Receiver<Result<(), QueueError>>>,
+    ) {
         let now = self.now();
-        // A release gives a message back: its subscription is not refilled for it.
-        let refill = outcome != Outcome::Release;
+        let mut applied = SmallVec::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let came_back = {
             let mut state = cell.lock();
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
-            let holder = state.holder_of(lease.id).filter(|_| refill);
-            let (change, freed) =
-                state.settle(lease.id, lease.token, outcome, now, fastrand::f64())?;
-            // A subscription that takes ahead is refilled for the slot this frees, in the
-            // same journal append, before the settle: its deliveries are in its inbox by the
-            // time the settle is confirmed.
-            let inbox = holder.and_then(|c| {
-                let inbox = cell.inboxes.lock().get(&c).and_then(Weak::upgrade);
-                inbox.map(|i| (i, c))
-            });
-            let mut refilled = None;
-            if let Some((inbox, consumer)) = inbox
-                && inbox.lock().takes_ahead()
-            {
+            let mut settled: SmallVec<[Change; 1]> = SmallVec::new();
+            let mut gone = Vec::new();
+            // The subscriptions whose slots were freed. A release gives a message back: its
+            // subscription is not refilled for it.
+            let mut holders: SmallVec<[u64; 1]> = SmallVec::new();
+            for (lease, outcome) in settles {
+                let outcome = limits::limit_outcome(outcome);
+                let holder = state
+                    .holder_of(lease.id)
+                    .filter(|_| outcome != Outcome::Release);
+                match state.settle(lease.id, lease.token, outcome, now, fastrand::f64()) {
+                    Ok((change, freed)) => {
+                        settled.push(change);
+                        gone.extend(freed);
+                        if let Some(h) = holder
+                            && !holders.contains(&h)
+                        {
+                            holders.push(h);
+                        }
+                        applied.push(Ok(()));
+                    }
+                    Err(e) => applied.push(Err(e)),
+                }
+            }
+            if settled.is_empty() {
+                if !changes.is_empty() {
+                    self.record(&changes, Vec::new());
+                }
+                return (applied, None);
+            }
+            // A subscription that takes ahead is refilled for the slots this frees, in the
+            // same journal append: its deliveries are in its inbox by the time the settles
+            // are confirmed.
+            let mut refilled = SmallVec::new();
+            for consumer in holders {
+                let Some(inbox) = cell.inboxes.lock().get(&consumer).and_then(Weak::upgrade) else {
+                    continue;
+                };
+                if !inbox.lock().takes_ahead() {
+                    continue;
+                }
                 let taken = self.take_some(&mut state, consumer, now, &mut changes);
                 if !taken.is_empty() {
                     inbox.lock().committing += taken.len();
-                    refilled = Some(Taken {
+                    refilled.push(Taken {
                         engine: self.me.clone(),
                         cell: cell.clone(),
                         inbox,
@@ -526,19 +621,19 @@ impl<J: Journal> Engine<J> {
                     });
                 }
             }
-            changes.push(change);
+            changes.extend(settled);
             let settled = Settled {
                 refilled,
                 reply: tx,
             };
-            self.append_changes(&changes, freed.into_iter().collect(), settled)
+            self.append_changes(&changes, gone, settled)
         };
         cell.wake();
         // Done at once: applied here, with the channel's lock released.
         if let Some((settled, result)) = came_back {
             settled.then(result);
         }
-        rx.await.unwrap_or(Err(QueueError::Closed))
+        (applied, Some(rx))
     }
 
     /// Extends a lease.
@@ -738,13 +833,13 @@ impl<J: Journal> Then<J::Payload> for Taken<J> {
 
 /// A settle waiting for its journal append, with the deliveries that refill its subscription.
 struct Settled<J: Journal> {
-    refilled: Option<Taken<J>>,
+    refilled: SmallVec<[Taken<J>; 1]>,
     reply: tokio::sync::oneshot::Sender<Result<(), QueueError>>,
 }
 
 impl<J: Journal> Then<J::Payload> for Settled<J> {
     fn then(self, result: Appended<J::Payload>) {
-        if let Some(refilled) = self.refilled {
+        for refilled in self.refilled {
             refilled.land(result.as_ref().map(|_| ()).map_err(copy_error));
         }
         let _ = self.reply.send(result.map(|_| ()));
@@ -998,6 +1093,13 @@ impl<J: Journal> Adapter for Engine<J> {
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Engine::settle_lease(self, lease, outcome).boxed()
+    }
+
+    fn settle_many(
+        &self,
+        settles: Vec<(Lease, Outcome)>,
+    ) -> BoxFuture<'_, Vec<Result<(), QueueError>>> {
+        Engine::settle_batch(self, settles).boxed()
     }
 
     fn extend<'a>(

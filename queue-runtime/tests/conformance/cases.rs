@@ -507,6 +507,50 @@ pub async fn release_gives_a_message_back_without_counting_the_attempt(h: &Harne
     );
 }
 
+pub async fn settle_many_settles_each_on_its_own(h: &Harness) {
+    produce_jobs(h, 0..4).await;
+    let sub = subscribe(h, 4).await;
+    let mut d = Vec::new();
+    for _ in 0..4 {
+        d.push(next(&*sub).await);
+    }
+    settle_with(h, &d[3], Outcome::Ack).await.unwrap();
+    let mut unknown = d[0].lease.clone();
+    unknown.channel = "conf/never-seen".into();
+    let results = h
+        .queue
+        .adapter()
+        .settle_many(vec![
+            (d[0].lease.clone(), Outcome::Ack),
+            (d[3].lease.clone(), Outcome::Ack),
+            (unknown, Outcome::Ack),
+            (d[1].lease.clone(), retry("again")),
+            (
+                d[2].lease.clone(),
+                Outcome::DeadLetter { error: "no".into() },
+            ),
+        ])
+        .await;
+    assert_eq!(results.len(), 5);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(QueueError::StaleLease { .. })),
+        "settled already: {:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(QueueError::StaleLease { .. })),
+        "{:?}",
+        results[2]
+    );
+    assert!(results[3].is_ok() && results[4].is_ok(), "{results:?}");
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.in_flight, s.delayed, s.dead), (0, 1, 1));
+    h.advance(2 * SECOND).await;
+    let again = next(&*sub).await;
+    assert_eq!((job(&again), again.attempt), (1, 2));
+}
+
 pub async fn a_dropped_subscription_releases_its_messages_at_once(h: &Harness) {
     produce_jobs(h, 0..2).await;
     let a = subscribe(h, 2).await;

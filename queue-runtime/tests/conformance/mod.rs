@@ -125,6 +125,7 @@ macro_rules! conformance_suite {
             redrive_of_chosen_ids_leaves_the_others,
             purge_deletes_dead_letters,
             release_gives_a_message_back_without_counting_the_attempt,
+            settle_many_settles_each_on_its_own,
             a_dropped_subscription_releases_its_messages_at_once,
             a_subscription_dropped_on_the_last_attempt_dead_letters_the_message,
             exactly_once_drops_a_duplicate_inside_the_window,
