@@ -558,10 +558,7 @@ impl<J: Journal> Engine<J> {
         &self,
         cell: &Arc<Cell<J::Payload>>,
         settles: impl IntoIterator<Item = (&'l Lease, Outcome)>,
-    ) -> (
-        SmallVec<[Result<(), QueueError>; 1]>,
-        Option<tokio::sync::oneshot::Receiver<Result<(), QueueError>>>,
-    ) {
+    ) -> (SmallVec<[Result<(), QueueError>; 1]>, Option<Durable>) {
         let now = self.now();
         let mut applied = SmallVec::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -830,6 +827,9 @@ impl<J: Journal> Then<J::Payload> for Taken<J> {
         self.land(result.map(|_| ()));
     }
 }
+
+/// Completes once a journal append is durable.
+type Durable = tokio::sync::oneshot::Receiver<Result<(), QueueError>>;
 
 /// A settle waiting for its journal append, with the deliveries that refill its subscription.
 struct Settled<J: Journal> {
