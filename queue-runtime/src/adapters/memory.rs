@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use queue_core::QueueError;
 use queue_core::clock::Clock;
 
-use crate::engine::{Engine, Event, Journal, Then, Unrun};
+use crate::engine::{Engine, Event, Gone, Journal, Then, Unrun};
 
 /// A payload held in memory.
 pub type MemoryPayload = Arc<[u8]>;
@@ -25,7 +25,7 @@ impl Journal for MemoryJournal {
     fn append<T: Then<MemoryPayload>>(
         &self,
         events: &[Event<'_>],
-        _gone: Vec<MemoryPayload>,
+        _gone: Gone<MemoryPayload>,
         then: T,
     ) -> Unrun<T, MemoryPayload> {
         let payloads = events

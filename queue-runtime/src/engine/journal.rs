@@ -8,6 +8,7 @@
 
 use queue_core::clock::Timestamp;
 use queue_core::{QueueError, Receipt};
+use smallvec::SmallVec;
 
 use super::state::Change;
 
@@ -51,6 +52,9 @@ pub enum Event<'a> {
 /// How an append ended: one payload handle per [`Event::Produced`], in order, once durable.
 pub type Appended<P> = Result<Vec<P>, QueueError>;
 
+/// Payloads of messages an append removes (most settle one).
+pub type Gone<P> = SmallVec<[P; 1]>;
+
 /// A step a journal done at once hands back unrun, with how the append ended.
 pub type Unrun<T, P> = Option<(T, Appended<P>)>;
 
@@ -80,7 +84,7 @@ pub trait Journal: Send + Sync + Sized + 'static {
     fn append<T: Then<Self::Payload>>(
         &self,
         events: &[Event<'_>],
-        gone: Vec<Self::Payload>,
+        gone: Gone<Self::Payload>,
         then: T,
     ) -> Unrun<T, Self::Payload>;
 

@@ -30,7 +30,7 @@ use queue_core::{
 use smallvec::SmallVec;
 use tokio::sync::Notify;
 
-pub use journal::{Appended, Event, Journal, Produced, Then, Unrun, unwatched};
+pub use journal::{Appended, Event, Gone, Journal, Produced, Then, Unrun, unwatched};
 pub use keys::KeyWindow;
 pub use state::{Change, ChannelState, Dead, Entry, Held};
 
@@ -207,7 +207,7 @@ impl<J: Journal> Engine<J> {
         let mut changes = Vec::new();
         state.tick(now, &mut changes);
         if !changes.is_empty() {
-            self.record(&changes, Vec::new());
+            self.record(&changes, Gone::new());
             drop(state);
             cell.wake();
         }
@@ -218,7 +218,7 @@ impl<J: Journal> Engine<J> {
     fn append_changes<T: Then<J::Payload>>(
         &self,
         changes: &[Change],
-        gone: Vec<J::Payload>,
+        gone: Gone<J::Payload>,
         then: T,
     ) -> Unrun<T, J::Payload> {
         let events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
@@ -226,7 +226,7 @@ impl<J: Journal> Engine<J> {
     }
 
     /// Journals `changes` that nobody waits for.
-    fn record(&self, changes: &[Change], gone: Vec<J::Payload>) {
+    fn record(&self, changes: &[Change], gone: Gone<J::Payload>) {
         self.append_changes(changes, gone, unwatched);
     }
 
@@ -326,7 +326,7 @@ impl<J: Journal> Engine<J> {
                 reply: tx,
             };
             // Duplicates wait for a commit too: it follows their original's.
-            let came_back = self.journal.append(&events, Vec::new(), done);
+            let came_back = self.journal.append(&events, Gone::new(), done);
             drop(events);
             if let Some((done, result)) = came_back {
                 done.finish(&mut state, result);
@@ -393,10 +393,10 @@ impl<J: Journal> Engine<J> {
         consumer: u64,
         now: Timestamp,
         changes: &mut Vec<Change>,
-    ) -> Vec<Held<J::Payload>> {
+    ) -> Taking<J::Payload> {
         let room = (state.capacity(consumer).min(TAKE_BATCH) as usize)
             .min(state.ready_len().div_ceil(state.consumer_count().max(1)));
-        let mut taken = Vec::with_capacity(room);
+        let mut taken = Taking::with_capacity(room);
         changes.reserve(room);
         while taken.len() < room && state.has_ready() {
             match state.take(consumer, self.next_token(), now, changes) {
@@ -425,7 +425,7 @@ impl<J: Journal> Engine<J> {
         }
         let requeued = changes.iter().any(|c| matches!(c, Change::Requeued { .. }));
         if taken.is_empty() {
-            self.record(&changes, Vec::new());
+            self.record(&changes, Gone::new());
             return (false, requeued);
         }
         inbox.lock().committing += taken.len();
@@ -435,7 +435,7 @@ impl<J: Journal> Engine<J> {
             inbox: inbox.clone(),
             taken,
         };
-        if let Some((done, result)) = self.append_changes(&changes, Vec::new(), done) {
+        if let Some((done, result)) = self.append_changes(&changes, Gone::new(), done) {
             let back = deliver(inbox, done.taken, result.map(|_| ()));
             self.release(state, &back);
             cell.wake();
@@ -462,7 +462,7 @@ impl<J: Journal> Engine<J> {
             })
             .collect();
         if !changes.is_empty() {
-            self.record(&changes, Vec::new());
+            self.record(&changes, Gone::new());
         }
     }
 
@@ -473,7 +473,7 @@ impl<J: Journal> Engine<J> {
         let mut state = cell.lock();
         let changes = state.remove_consumer(consumer, now);
         if !changes.is_empty() {
-            self.record(&changes, Vec::new());
+            self.record(&changes, Gone::new());
         }
         drop(state);
         cell.wake();
@@ -567,7 +567,7 @@ impl<J: Journal> Engine<J> {
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
             let mut settled: SmallVec<[Change; 1]> = SmallVec::new();
-            let mut gone = Vec::new();
+            let mut gone = Gone::new();
             // The subscriptions whose slots were freed. A release gives a message back: its
             // subscription is not refilled for it.
             let mut holders: SmallVec<[u64; 1]> = SmallVec::new();
@@ -592,7 +592,7 @@ impl<J: Journal> Engine<J> {
             }
             if settled.is_empty() {
                 if !changes.is_empty() {
-                    self.record(&changes, Vec::new());
+                    self.record(&changes, Gone::new());
                 }
                 return (applied, None);
             }
@@ -647,7 +647,7 @@ impl<J: Journal> Engine<J> {
         let mut changes = Vec::new();
         state.tick(now, &mut changes);
         if !changes.is_empty() {
-            self.record(&changes, Vec::new());
+            self.record(&changes, Gone::new());
         }
         state.extend(lease.id, lease.token, by, now)
     }
@@ -748,7 +748,7 @@ impl<J: Journal> Engine<J> {
                 let _ = tx.send(r);
             };
             (
-                self.append_changes(&changes, Vec::new(), reply),
+                self.append_changes(&changes, Gone::new(), reply),
                 changes.len(),
             )
         };
@@ -780,7 +780,10 @@ impl<J: Journal> Engine<J> {
             let reply = move |r: Appended<J::Payload>| {
                 let _ = tx.send(r);
             };
-            (self.append_changes(&changes, gone, reply), changes.len())
+            (
+                self.append_changes(&changes, Gone::from_vec(gone), reply),
+                changes.len(),
+            )
         };
         durable(came_back, rx).await?;
         Ok(n as u64)
@@ -799,13 +802,16 @@ impl<J: Journal> Engine<J> {
     }
 }
 
+/// Deliveries taken in one go (a settle usually frees one slot).
+type Taking<P> = SmallVec<[Held<P>; 1]>;
+
 /// Deliveries taken for a subscription, waiting for their journal append.
 struct Taken<J: Journal> {
     /// Weak: a completion must not keep a store open that its owner has dropped.
     engine: Weak<Engine<J>>,
     cell: Arc<Cell<J::Payload>>,
     inbox: Arc<Mutex<Inbox<J::Payload>>>,
-    taken: Vec<Held<J::Payload>>,
+    taken: Taking<J::Payload>,
 }
 
 impl<J: Journal> Taken<J> {
@@ -851,16 +857,16 @@ impl<J: Journal> Then<J::Payload> for Settled<J> {
 /// the append failed (not recorded, so not handed out).
 fn deliver<P>(
     inbox: &Mutex<Inbox<P>>,
-    taken: Vec<Held<P>>,
+    taken: Taking<P>,
     result: Result<(), QueueError>,
-) -> Vec<Held<P>> {
+) -> Taking<P> {
     let mut inbox = inbox.lock();
     inbox.committing -= taken.len();
     match result {
         Ok(()) if inbox.stopped => taken,
         Ok(()) => {
             inbox.ready.extend(taken);
-            Vec::new()
+            Taking::new()
         }
         Err(e) => {
             inbox.failed = Some(e);

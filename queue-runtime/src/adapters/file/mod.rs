@@ -30,7 +30,7 @@ use self::format::{MessageRecord, Record};
 use self::writer::{
     Class, OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path,
 };
-use crate::engine::{Change, Engine, Entry, Event, Journal, Then, Unrun};
+use crate::engine::{Change, Engine, Entry, Event, Gone, Journal, Then, Unrun};
 
 /// Where a payload is: segment, byte offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,12 @@ fn encode_change(change: &Change, buf: &mut Vec<u8>) {
 impl Journal for FileJournal {
     type Payload = Loc;
 
-    fn append<T: Then<Loc>>(&self, events: &[Event<'_>], gone: Vec<Loc>, then: T) -> Unrun<T, Loc> {
+    fn append<T: Then<Loc>>(
+        &self,
+        events: &[Event<'_>],
+        gone: Gone<Loc>,
+        then: T,
+    ) -> Unrun<T, Loc> {
         let size: usize = events
             .iter()
             .map(|e| match e {
