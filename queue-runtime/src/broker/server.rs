@@ -922,40 +922,39 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
             owned(&lease)?;
             let settled = a.settle(&lease, outcome.into()).await;
             if matches!(settled, Ok(()) | Err(QueueError::StaleLease { .. })) {
-                leases.forget(&lease);
+                leases.forget(lease.id, lease.token);
             }
             settled?;
             Reply::Done
         }
         Request::SettleMany { settles } => {
             // Settled together, so that they share the store's group commits.
-            let mut results: Vec<Option<Result<(), QueueError>>> = Vec::new();
+            let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(settles.len());
+            // Per settle passed on: its place in `results`, its message and token.
+            let mut passed = Vec::new();
             let mut batch = Vec::new();
             for s in settles {
                 let lease: Lease = s.lease.into();
                 match owned(&lease) {
                     Ok(()) => {
-                        results.push(None);
+                        passed.push((results.len(), lease.id, lease.token));
+                        results.push(Ok(()));
                         batch.push((lease, s.outcome.into()));
                     }
-                    Err(e) => results.push(Some(Err(e))),
+                    Err(e) => results.push(Err(e)),
                 }
             }
-            let leases_settled: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
-            let mut settled = a.settle_many(batch).await.into_iter();
-            for lease in &leases_settled {
-                let r = settled.next().unwrap_or(Err(QueueError::Closed));
+            let settled = a.settle_many(batch).await;
+            for ((at, id, token), r) in passed.into_iter().zip(settled) {
                 if matches!(r, Ok(()) | Err(QueueError::StaleLease { .. })) {
-                    leases.forget(lease);
+                    leases.forget(id, token);
                 }
-                if let Some(slot) = results.iter_mut().find(|r| r.is_none()) {
-                    *slot = Some(r);
-                }
+                results[at] = r;
             }
             let errors = results
                 .into_iter()
                 .map(|r| {
-                    r.unwrap_or(Err(QueueError::Closed)).err().map(|e| {
+                    r.err().map(|e| {
                         broker.check(&e);
                         WireError::from(&e)
                     })

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
-use queue_core::Lease;
+use queue_core::{Lease, MessageId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
@@ -302,9 +302,9 @@ impl Leases {
         }
     }
 
-    /// The lease is settled or gone.
-    pub fn forget(&self, lease: &Lease) {
-        self.held.lock().leases.remove(&(lease.id.0, lease.token));
+    /// The lease of `id` with `token` is settled or gone.
+    pub fn forget(&self, id: MessageId, token: u64) {
+        self.held.lock().leases.remove(&(id.0, token));
     }
 
     /// How many leases are recorded.

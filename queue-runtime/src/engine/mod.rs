@@ -736,25 +736,8 @@ impl<J: Journal> Engine<J> {
         channel: &str,
         ids: Option<&[MessageId]>,
     ) -> Result<u64, QueueError> {
-        self.check_open()?;
-        let Some(cell) = self.existing_cell(channel) else {
-            return Ok(0);
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (came_back, n) = {
-            let mut state = cell.lock();
-            let changes = state.redrive(ids);
-            let reply = move |r: Appended<J::Payload>| {
-                let _ = tx.send(r);
-            };
-            (
-                self.append_changes(&changes, Gone::new(), reply),
-                changes.len(),
-            )
-        };
-        cell.wake();
-        durable(came_back, rx).await?;
-        Ok(n as u64)
+        self.change_dead(channel, |state| (state.redrive(ids), Gone::new()))
+            .await
     }
 
     /// Deletes dead letters; 0 for a channel never seen.
@@ -769,6 +752,21 @@ impl<J: Journal> Engine<J> {
         channel: &str,
         ids: Option<&[MessageId]>,
     ) -> Result<u64, QueueError> {
+        self.change_dead(channel, |state| {
+            let (changes, gone) = state.purge_dead(ids);
+            (changes, Gone::from_vec(gone))
+        })
+        .await
+    }
+
+    /// Applies `change` to a channel's dead letters under its lock, journals what changed and
+    /// waits until it is durable; returns how many messages changed, 0 for a channel never
+    /// seen.
+    async fn change_dead(
+        &self,
+        channel: &str,
+        change: impl FnOnce(&mut ChannelState<J::Payload>) -> (Vec<Change>, Gone<J::Payload>),
+    ) -> Result<u64, QueueError> {
         self.check_open()?;
         let Some(cell) = self.existing_cell(channel) else {
             return Ok(0);
@@ -776,16 +774,17 @@ impl<J: Journal> Engine<J> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (came_back, n) = {
             let mut state = cell.lock();
-            let (changes, gone) = state.purge_dead(ids);
+            let (changes, gone) = change(&mut state);
             let reply = move |r: Appended<J::Payload>| {
                 let _ = tx.send(r);
             };
-            (
-                self.append_changes(&changes, Gone::from_vec(gone), reply),
-                changes.len(),
-            )
+            (self.append_changes(&changes, gone, reply), changes.len())
         };
-        durable(came_back, rx).await?;
+        cell.wake();
+        match came_back {
+            Some((_, result)) => result?,
+            None => rx.await.unwrap_or(Err(QueueError::Closed))?,
+        };
         Ok(n as u64)
     }
 
@@ -872,17 +871,6 @@ fn deliver<P>(
             inbox.failed = Some(e);
             taken
         }
-    }
-}
-
-/// Waits until an append is durable: its result came back at once, or arrives on `rx`.
-async fn durable<T, P>(
-    came_back: Unrun<T, P>,
-    rx: tokio::sync::oneshot::Receiver<Appended<P>>,
-) -> Result<(), QueueError> {
-    match came_back {
-        Some((_, result)) => result.map(|_| ()),
-        None => rx.await.unwrap_or(Err(QueueError::Closed)).map(|_| ()),
     }
 }
 

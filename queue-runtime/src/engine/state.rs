@@ -198,21 +198,9 @@ impl<P: Clone> ChannelState<P> {
             };
             self.counters.lease_expiries += 1;
             self.release_slot(held.consumer);
-            let attempts = held.entry.attempts;
-            if attempts >= self.spec.max_attempts {
-                let error = format!(
-                    "lease expired on attempt {attempts} of {}",
-                    self.spec.max_attempts
-                );
-                changes.push(self.bury(held.entry, error, now));
-            } else {
-                changes.push(Change::Requeued {
-                    id,
-                    attempts,
-                    due: now,
-                });
-                self.push_ready_front(held.entry);
-            }
+            changes.push(self.give_back(held.entry, now, |attempts, max| {
+                format!("lease expired on attempt {attempts} of {max}")
+            }));
         }
         while let Some((&(due, _), _)) = self.delayed.first_key_value() {
             if due > now {
@@ -300,6 +288,28 @@ impl<P: Clone> ChannelState<P> {
         }
         self.ready_len -= 1;
         Some(entry)
+    }
+
+    /// A message whose holder is gone without settling it: first in line again, or dead
+    /// with `why(attempts, max_attempts)` once its attempts are used.
+    fn give_back(
+        &mut self,
+        entry: Entry<P>,
+        now: Timestamp,
+        why: impl FnOnce(u32, u32) -> String,
+    ) -> Change {
+        let attempts = entry.attempts;
+        if attempts >= self.spec.max_attempts {
+            let error = why(attempts, self.spec.max_attempts);
+            return self.bury(entry, error, now);
+        }
+        let id = entry.id;
+        self.push_ready_front(entry);
+        Change::Requeued {
+            id,
+            attempts,
+            due: now,
+        }
     }
 
     fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) -> Change {
@@ -500,18 +510,7 @@ impl<P: Clone> ChannelState<P> {
         for (_, id) in ids {
             let held = self.leased.remove(&id).expect("listed above");
             self.deadlines.remove(&(held.deadline, id));
-            let attempts = held.entry.attempts;
-            if attempts >= self.spec.max_attempts {
-                let error = lost_text(attempts, self.spec.max_attempts);
-                changes.push(self.bury(held.entry, error, now));
-            } else {
-                changes.push(Change::Requeued {
-                    id,
-                    attempts,
-                    due: now,
-                });
-                self.push_ready_front(held.entry);
-            }
+            changes.push(self.give_back(held.entry, now, lost_text));
         }
         changes
     }
