@@ -87,8 +87,8 @@ struct Args {
     /// Metrics answer only `Authorization: Bearer TOKEN` with the broker's token.
     #[arg(long, requires = "metrics")]
     metrics_token: bool,
-    /// Threads serving connections (the log writer has its own).
-    #[arg(long, default_value_t = 1)]
+    /// Threads serving connections, 0 for one per core (the log writer has its own).
+    #[arg(long, default_value_t = 0)]
     threads: usize,
 }
 
@@ -110,9 +110,18 @@ fn main() -> Result<()> {
             args.listen
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match args.threads {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(run(args))
 }
 
