@@ -341,6 +341,13 @@ pub trait Adapter: Send + Sync + 'static {
         ids: Option<&'a [MessageId]>,
     ) -> BoxFuture<'a, Result<u64, QueueError>>;
 
+    /// Deletes the pending messages of a channel, ready and delayed; messages in flight
+    /// finish as usual. Returns how many (0 for a channel the store has never seen).
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the change is either made or not.
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>>;
+
     /// Flushes and closes the store. Later calls fail with [`QueueError::Closed`].
     ///
     /// # Cancel safety

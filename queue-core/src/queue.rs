@@ -232,6 +232,18 @@ impl Queue {
         self.inner.adapter.purge_dead(channel, ids).await
     }
 
+    /// Deletes the pending messages of a channel, ready and delayed; messages in flight
+    /// finish as usual. Dead letters stay: [`Queue::purge_dead`] deletes those.
+    ///
+    /// # Errors
+    /// The adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
+    pub async fn purge(&self, channel: &str) -> Result<u64, QueueError> {
+        self.inner.adapter.purge(channel).await
+    }
+
     /// Flushes and closes the store behind this queue, for every clone of the handle.
     ///
     /// # Errors

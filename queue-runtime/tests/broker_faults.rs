@@ -162,6 +162,10 @@ impl Adapter for Faulty {
         self.inner.purge_dead(channel, ids)
     }
 
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+        self.inner.purge(channel)
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         self.inner.close()
     }

@@ -187,6 +187,72 @@ async fn a_restart_keeps_messages_dedup_windows_delays_attempts_and_dead_letters
 }
 
 #[tokio::test]
+async fn a_purge_of_pending_messages_holds_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let (adapter, queue) = open(dir.path(), &clock);
+    for n in 0..3 {
+        Order::produce(&queue, Order { n }).await.unwrap();
+    }
+    Order::producer(&queue)
+        .delay(Duration::from_secs(60))
+        .produce(Order { n: 3 })
+        .await
+        .unwrap();
+    let held = take(&queue, &OrderChannel::SPEC).await;
+    assert_eq!(queue.purge(ORDERS).await.unwrap(), 3);
+    queue.close().await.unwrap();
+    drop((adapter, queue));
+    clock.advance(Duration::from_secs(120));
+
+    // The message that was in flight comes back (its worker is gone); nothing purged does.
+    let (_adapter, queue) = open(dir.path(), &clock);
+    let s = stats(&queue, ORDERS).await;
+    assert_eq!((s.ready, s.delayed, s.in_flight), (1, 0, 0));
+    let d = take(&queue, &OrderChannel::SPEC).await;
+    assert_eq!(d.lease.id, held.lease.id);
+}
+
+#[tokio::test]
+async fn queuectl_purge_asks_for_yes_then_deletes_pending_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        for n in 0..2 {
+            Order::produce(&queue, Order { n }).await.unwrap();
+        }
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let url = format!("file://{}", dir.path().display());
+    let purge = |yes: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"));
+        cmd.args(["purge", ORDERS, "--url", &url]);
+        if yes {
+            cmd.arg("--yes");
+        }
+        cmd.output().unwrap()
+    };
+    let refused = purge(false);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("pass --yes"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let done = purge(true);
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{out}");
+    assert!(
+        out.contains("purged 2 pending message(s) from store/orders"),
+        "{out}"
+    );
+    let (_adapter, queue) = open(dir.path(), &clock);
+    assert_eq!(stats(&queue, ORDERS).await.ready, 0);
+}
+
+#[tokio::test]
 async fn a_second_open_of_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

@@ -506,6 +506,8 @@ pub enum Request {
         channel: String,
         ids: Option<Vec<i64>>,
     },
+    /// Deletes the pending messages (ready and delayed) of a channel.
+    PurgePending { channel: String },
     /// Liveness: answered with `pong`. A client sends it when the connection is quiet.
     Ping,
 }

@@ -1041,6 +1041,12 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
                 count: count as i64,
             }
         }
+        Request::PurgePending { channel } => {
+            let count = a.purge(&channel).await.or_else(never_seen(0))?;
+            Reply::Count {
+                count: count as i64,
+            }
+        }
         Request::Ping => Reply::Pong,
         Request::Hello { .. } => {
             return Err(QueueError::Protocol("`hello` was already sent".into()));

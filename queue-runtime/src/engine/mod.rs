@@ -736,7 +736,7 @@ impl<J: Journal> Engine<J> {
         channel: &str,
         ids: Option<&[MessageId]>,
     ) -> Result<u64, QueueError> {
-        self.change_dead(channel, |state| (state.redrive(ids), Gone::new()))
+        self.change_stored(channel, |state| (state.redrive(ids), Gone::new()))
             .await
     }
 
@@ -752,17 +752,32 @@ impl<J: Journal> Engine<J> {
         channel: &str,
         ids: Option<&[MessageId]>,
     ) -> Result<u64, QueueError> {
-        self.change_dead(channel, |state| {
+        self.change_stored(channel, |state| {
             let (changes, gone) = state.purge_dead(ids);
             (changes, Gone::from_vec(gone))
         })
         .await
     }
 
-    /// Applies `change` to a channel's dead letters under its lock, journals what changed and
-    /// waits until it is durable; returns how many messages changed, 0 for a channel never
-    /// seen.
-    async fn change_dead(
+    /// Deletes the pending messages of a channel; 0 for a channel never seen.
+    ///
+    /// # Errors
+    /// The journal's write errors.
+    ///
+    /// # Cancel safety
+    /// Applied when the call is made; durable whether or not the future is polled again.
+    async fn purge_now(&self, channel: &str) -> Result<u64, QueueError> {
+        self.change_stored(channel, |state| {
+            let (changes, gone) = state.purge_pending();
+            (changes, Gone::from_vec(gone))
+        })
+        .await
+    }
+
+    /// Applies `change` to a channel's stored messages under its lock, journals what changed
+    /// and waits until it is durable; returns how many messages changed, 0 for a channel
+    /// never seen.
+    async fn change_stored(
         &self,
         channel: &str,
         change: impl FnOnce(&mut ChannelState<J::Payload>) -> (Vec<Change>, Gone<J::Payload>),
@@ -1142,6 +1157,10 @@ impl<J: Journal> Adapter for Engine<J> {
         ids: Option<&'a [MessageId]>,
     ) -> BoxFuture<'a, Result<u64, QueueError>> {
         Engine::purge_dead_now(self, channel, ids).boxed()
+    }
+
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+        Engine::purge_now(self, channel).boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {

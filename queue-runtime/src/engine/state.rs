@@ -113,7 +113,7 @@ pub enum Change {
         /// The message.
         id: MessageId,
     },
-    /// A dead letter was deleted.
+    /// A dead letter or a pending message was deleted.
     Purged {
         /// The message.
         id: MessageId,
@@ -544,6 +544,18 @@ impl<P: Clone> ChannelState<P> {
         };
         gone.into_iter()
             .map(|d| (Change::Purged { id: d.entry.id }, d.entry.payload))
+            .unzip()
+    }
+
+    /// Deletes the messages waiting for delivery, ready and delayed; returns the changes and
+    /// the payloads now gone. Messages in flight stay.
+    pub fn purge_pending(&mut self) -> (Vec<Change>, Vec<P>) {
+        let ready = std::mem::take(&mut self.ready).into_values().flatten();
+        let delayed = std::mem::take(&mut self.delayed).into_values();
+        self.ready_len = 0;
+        ready
+            .chain(delayed)
+            .map(|e| (Change::Purged { id: e.id }, e.payload))
             .unzip()
     }
 

@@ -494,6 +494,34 @@ pub async fn purge_deletes_dead_letters(h: &Harness) {
     assert_eq!((s.dead, s.ready, s.in_flight), (0, 0, 0));
 }
 
+pub async fn purge_deletes_pending_messages_and_leaves_those_in_flight(h: &Harness) {
+    produce_jobs(h, 0..3).await;
+    Job::producer(&h.queue)
+        .delay(Duration::from_secs(5))
+        .produce(Job { n: 3 })
+        .await
+        .unwrap();
+    let sub = subscribe(h, 1).await;
+    let held = next(&*sub).await;
+    assert_eq!(job(&held), 0);
+    assert_eq!(h.queue.purge(JOBS).await.unwrap(), 3);
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.ready, s.delayed, s.in_flight), (0, 0, 1));
+    // The held message finishes as usual; nothing purged arrives, due or not.
+    settle_with(h, &held, Outcome::Ack).await.unwrap();
+    let pending = still_waiting(sub.next()).await;
+    h.advance(Duration::from_secs(6)).await;
+    let pending = still_waiting(pending).await;
+    // The channel goes on: a message produced after the purge is delivered.
+    produce_jobs(h, 4..5).await;
+    let d = within("a message produced after the purge", pending)
+        .await
+        .unwrap();
+    assert_eq!(job(&d), 4);
+    assert_eq!(h.queue.purge("conformance/never-seen").await.unwrap(), 0);
+    assert_eq!(h.queue.purge(JOBS).await.unwrap(), 0);
+}
+
 pub async fn release_gives_a_message_back_without_counting_the_attempt(h: &Harness) {
     produce_jobs(h, 0..2).await;
     let sub = subscribe(h, 1).await;

@@ -1112,6 +1112,22 @@ impl Inner {
             .map_err(|e| db_error("purging dead letters", e))
     }
 
+    async fn purge(&self, name: &str) -> Result<u64, QueueError> {
+        self.check_open()?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Ok(0);
+        };
+        let client = self.connection().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.purge_pending)
+            .await
+            .map_err(|e| db_error("preparing", e))?;
+        client
+            .execute(&stmt, &[&channel.id])
+            .await
+            .map_err(|e| db_error("purging pending messages", e))
+    }
+
     fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -1209,6 +1225,10 @@ impl Adapter for PostgresAdapter {
         ids: Option<&'a [MessageId]>,
     ) -> BoxFuture<'a, Result<u64, QueueError>> {
         self.inner.purge_dead(channel, ids).boxed()
+    }
+
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+        self.inner.purge(channel).boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {

@@ -278,6 +278,7 @@ pub(crate) struct Sql {
     pub dead_letters: String,
     pub redrive: String,
     pub purge: String,
+    pub purge_pending: String,
     pub expire_dedup: String,
     pub forget_subscriptions: String,
     pub dead_tuples: String,
@@ -634,6 +635,8 @@ impl Sql {
                 "DELETE FROM {s}.dead_letters
                  WHERE channel = $1 AND ($2::int8[] IS NULL OR id = ANY($2::int8[]))"
             ),
+            // $1 channel: ready and delayed, not leased.
+            purge_pending: format!("DELETE FROM {s}.messages WHERE channel = $1 AND state IN (0, 1)"),
             // $now.
             expire_dedup: format!("DELETE FROM {s}.dedup WHERE expires <= $now"),
             forget_subscriptions: format!(

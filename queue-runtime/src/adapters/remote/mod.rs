@@ -488,6 +488,16 @@ impl Adapter for RemoteAdapter {
         .boxed()
     }
 
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+        async move {
+            let request = Request::PurgePending {
+                channel: channel.into(),
+            };
+            self.inner.count(request).await
+        }
+        .boxed()
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         async move {
             self.inner.closed.store(true, Ordering::Release);

@@ -58,6 +58,18 @@ pub struct PeekArgs {
     pub limit: usize,
 }
 
+/// Options of `queuectl purge`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The channel.
+    pub channel: String,
+    /// Required: every ready and delayed message of the channel is deleted.
+    #[arg(long)]
+    pub yes: bool,
+}
+
 /// `queuectl dlq …`.
 #[derive(Debug, Subcommand)]
 pub enum Dlq {
@@ -287,6 +299,18 @@ pub async fn dlq(command: Dlq) -> Result<()> {
             queue.close().await?;
         }
     }
+    Ok(())
+}
+
+pub async fn purge(args: PurgeArgs) -> Result<()> {
+    let channel = &args.channel;
+    if !args.yes {
+        bail!("purging deletes every pending message of `{channel}`: pass --yes");
+    }
+    let queue = args.target.open().await?;
+    let n = queue.purge(channel).await?;
+    println!("purged {n} pending message(s) from {channel}");
+    queue.close().await?;
     Ok(())
 }
 

@@ -22,6 +22,8 @@ enum Command {
     Watch(admin::WatchArgs),
     /// Show pending messages of a channel, decoded from BSON to JSON, without taking them.
     Peek(admin::PeekArgs),
+    /// Delete a channel's pending messages, ready and delayed (in-flight ones finish).
+    Purge(admin::PurgeArgs),
     /// List, redrive or purge a channel's dead letters.
     #[command(subcommand)]
     Dlq(admin::Dlq),
@@ -73,6 +75,7 @@ fn run() -> Result<()> {
             Command::Stats(args) => admin::stats(args).await,
             Command::Watch(args) => admin::watch(args).await,
             Command::Peek(args) => admin::peek(args).await,
+            Command::Purge(args) => admin::purge(args).await,
             Command::Dlq(command) => admin::dlq(command).await,
             Command::Produce(args) => admin::produce(args).await,
             #[cfg(feature = "postgres")]
