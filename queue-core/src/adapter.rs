@@ -149,6 +149,8 @@ pub struct ChannelStats {
     pub lease_expiries: u64,
     /// Subscriptions open now.
     pub consumers: u64,
+    /// Paused: nothing is delivered until it is resumed.
+    pub paused: bool,
 }
 
 /// A message in a dead-letter queue.
@@ -347,6 +349,20 @@ pub trait Adapter: Send + Sync + 'static {
     /// # Cancel safety
     /// Dropped before it completes, the change is either made or not.
     fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>>;
+
+    /// Pauses a channel (`paused`) or resumes it, durably: while paused nothing is
+    /// delivered; producers keep producing and deliveries in flight finish.
+    ///
+    /// # Errors
+    /// [`QueueError::InvalidRequest`] for a channel the store has never seen.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the change is either made or not.
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
 
     /// Flushes and closes the store. Later calls fail with [`QueueError::Closed`].
     ///

@@ -244,6 +244,30 @@ impl Queue {
         self.inner.adapter.purge(channel).await
     }
 
+    /// Pauses a channel, durably (across restarts): nothing is delivered until
+    /// [`Queue::resume`]; producers keep producing and deliveries in flight finish.
+    ///
+    /// # Errors
+    /// [`QueueError::InvalidRequest`] for a channel the store has never seen; the adapter's
+    /// errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
+    pub async fn pause(&self, channel: &str) -> Result<(), QueueError> {
+        self.inner.adapter.set_paused(channel, true).await
+    }
+
+    /// Resumes a paused channel: deliveries start again.
+    ///
+    /// # Errors
+    /// As [`Queue::pause`].
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
+    pub async fn resume(&self, channel: &str) -> Result<(), QueueError> {
+        self.inner.adapter.set_paused(channel, false).await
+    }
+
     /// Flushes and closes the store behind this queue, for every clone of the handle.
     ///
     /// # Errors

@@ -166,6 +166,14 @@ impl Adapter for Faulty {
         self.inner.purge(channel)
     }
 
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.inner.set_paused(channel, paused)
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         self.inner.close()
     }

@@ -214,6 +214,89 @@ async fn a_purge_of_pending_messages_holds_across_a_restart() {
 }
 
 #[tokio::test]
+async fn a_pause_holds_across_restarts_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        Order::produce(&queue, Order { n: 1 }).await.unwrap();
+        queue.pause(ORDERS).await.unwrap();
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        let s = stats(&queue, ORDERS).await;
+        assert_eq!((s.ready, s.paused), (1, true));
+        let sub = queue
+            .adapter()
+            .subscribe(&OrderChannel::SPEC, 1)
+            .await
+            .unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(150), sub.next()).await;
+        assert!(waiting.is_err(), "a paused channel delivered {waiting:?}");
+        queue.resume(ORDERS).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a delivery after resume")
+            .unwrap();
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+        sub.stop().await;
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let (_adapter, queue) = open(dir.path(), &clock);
+    assert!(!stats(&queue, ORDERS).await.paused);
+}
+
+#[tokio::test]
+async fn a_pause_that_cannot_be_made_durable_fails_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let storage = Arc::new(FailingSync::default());
+    let opts = FileOptions {
+        storage: storage.clone(),
+        ..options(1 << 20)
+    };
+    let (_adapter, queue) = open_with(dir.path(), &clock, opts);
+    Order::produce(&queue, Order { n: 1 }).await.unwrap();
+    storage.fail.store(true, Ordering::SeqCst);
+    let err = queue.pause(ORDERS).await.unwrap_err();
+    assert!(err.to_string().contains("injected fsync failure"), "{err}");
+    storage.fail.store(false, Ordering::SeqCst);
+    assert!(!stats(&queue, ORDERS).await.paused);
+    assert!(!dir.path().join("paused").exists());
+}
+
+#[tokio::test]
+async fn a_damaged_record_of_paused_channels_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        Order::produce(&queue, Order { n: 1 }).await.unwrap();
+        queue.pause(ORDERS).await.unwrap();
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let path = dir.path().join("paused");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = FileAdapter::open(dir.path(), Arc::new(clock), options(1 << 20)).unwrap_err();
+    assert!(matches!(err, QueueError::Corrupt(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn queuectl_purge_asks_for_yes_then_deletes_pending_messages() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

@@ -400,6 +400,8 @@ pub struct WireStats {
     pub dead_lettered: i64,
     pub lease_expiries: i64,
     pub consumers: i64,
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl From<ChannelStats> for WireStats {
@@ -418,6 +420,7 @@ impl From<ChannelStats> for WireStats {
             dead_lettered: w(s.dead_lettered),
             lease_expiries: w(s.lease_expiries),
             consumers: w(s.consumers),
+            paused: s.paused,
         }
     }
 }
@@ -438,6 +441,7 @@ impl From<WireStats> for ChannelStats {
             dead_lettered: c(s.dead_lettered),
             lease_expiries: c(s.lease_expiries),
             consumers: c(s.consumers),
+            paused: s.paused,
         }
     }
 }
@@ -508,6 +512,8 @@ pub enum Request {
     },
     /// Deletes the pending messages (ready and delayed) of a channel.
     PurgePending { channel: String },
+    /// Pauses a channel (`paused`) or resumes it.
+    PauseChannel { channel: String, paused: bool },
     /// Liveness: answered with `pong`. A client sends it when the connection is quiet.
     Ping,
 }

@@ -1047,6 +1047,10 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
                 count: count as i64,
             }
         }
+        Request::PauseChannel { channel, paused } => {
+            a.set_paused(&channel, paused).await?;
+            Reply::Done
+        }
         Request::Ping => Reply::Pong,
         Request::Hello { .. } => {
             return Err(QueueError::Protocol("`hello` was already sent".into()));

@@ -94,6 +94,15 @@ pub trait Journal: Send + Sync + Sized + 'static {
     /// I/O errors, or [`QueueError::Corrupt`] when the payload is gone.
     fn read(&self, payload: &Self::Payload) -> Result<Vec<u8>, QueueError>;
 
+    /// Records the names of the paused channels, replacing what was recorded; durable when
+    /// it returns. Called with the engine's pause lock held, so calls do not overlap.
+    ///
+    /// # Errors
+    /// The write's errors; the recorded set is then the old one.
+    fn save_paused(&self, _paused: &[String]) -> Result<(), QueueError> {
+        Ok(())
+    }
+
     /// Fails once the journal refuses writes.
     ///
     /// # Errors

@@ -71,6 +71,8 @@ pub struct Engine<J: Journal> {
     clock: Arc<dyn Clock>,
     /// Keys of idempotent produces within their window, with the receipts they were given.
     keys: Mutex<KeyWindow<String, Vec<Receipt>>>,
+    /// Held while the paused channels are changed and recorded.
+    pausing: Mutex<()>,
     journal: J,
     me: Weak<Engine<J>>,
 }
@@ -100,6 +102,7 @@ impl<J: Journal> Engine<J> {
             closed: AtomicBool::new(false),
             clock,
             keys: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
+            pausing: Mutex::new(()),
             journal,
             me: me.clone(),
         })
@@ -759,6 +762,43 @@ impl<J: Journal> Engine<J> {
         .await
     }
 
+    /// Pauses or resumes a channel and records the paused set in the journal. A recording
+    /// that fails leaves the channel as it was.
+    ///
+    /// # Errors
+    /// [`QueueError::InvalidRequest`] for a channel never seen; the journal's write errors.
+    pub fn set_paused_now(&self, channel: &str, paused: bool) -> Result<(), QueueError> {
+        self.check_open()?;
+        let Some(cell) = self.existing_cell(channel) else {
+            return Err(QueueError::InvalidRequest(format!(
+                "no channel `{channel}` in this store"
+            )));
+        };
+        let _pausing = self.pausing.lock();
+        if cell.lock().paused() == paused {
+            return Ok(());
+        }
+        let mut names: Vec<String> = self
+            .all()
+            .iter()
+            .filter(|c| !Arc::ptr_eq(c, &cell) && c.lock().paused())
+            .map(|c| c.lock().spec().name.to_string())
+            .collect();
+        if paused {
+            names.push(channel.to_string());
+            names.sort();
+        }
+        self.journal.save_paused(&names)?;
+        cell.lock().set_paused(paused);
+        cell.wake();
+        Ok(())
+    }
+
+    /// Marks a channel paused as recovered from the journal.
+    pub fn restore_paused(&self, channel: &str) {
+        self.channel_named(channel).lock().set_paused(true);
+    }
+
     /// Deletes the pending messages of a channel; 0 for a channel never seen.
     ///
     /// # Errors
@@ -1161,6 +1201,15 @@ impl<J: Journal> Adapter for Engine<J> {
 
     fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
         Engine::purge_now(self, channel).boxed()
+    }
+
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = Engine::set_paused_now(self, channel, paused);
+        async move { result }.boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {

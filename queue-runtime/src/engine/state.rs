@@ -154,6 +154,7 @@ pub struct ChannelState<P> {
     dedup: KeyWindow<u64, MessageId>,
     consumers: HashMap<u64, ConsumerSlot>,
     counters: Counters,
+    paused: bool,
 }
 
 impl<P: Clone> ChannelState<P> {
@@ -170,12 +171,23 @@ impl<P: Clone> ChannelState<P> {
             dedup: KeyWindow::new(usize::MAX),
             consumers: HashMap::new(),
             counters: Counters::default(),
+            paused: false,
         }
     }
 
     /// The channel's settings.
     pub fn spec(&self) -> &ChannelSpec {
         &self.spec
+    }
+
+    /// Whether the channel is paused.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Pauses the channel (nothing is taken) or resumes it.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
     }
 
     /// Adopts newer settings (the latest declaration a producer or consumer brings).
@@ -380,7 +392,7 @@ impl<P: Clone> ChannelState<P> {
         now: Timestamp,
         changes: &mut Vec<Change>,
     ) -> Option<Held<P>> {
-        if self.capacity(consumer) == 0 {
+        if self.paused || self.capacity(consumer) == 0 {
             return None;
         }
         let mut entry = loop {
@@ -652,6 +664,7 @@ impl<P: Clone> ChannelState<P> {
             dead_lettered: c.dead_lettered,
             lease_expiries: c.lease_expiries,
             consumers: self.consumers.len() as u64,
+            paused: self.paused,
         }
     }
 

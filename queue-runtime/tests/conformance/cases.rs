@@ -522,6 +522,35 @@ pub async fn purge_deletes_pending_messages_and_leaves_those_in_flight(h: &Harne
     assert_eq!(h.queue.purge(JOBS).await.unwrap(), 0);
 }
 
+pub async fn a_paused_channel_delivers_nothing_until_resumed(h: &Harness) {
+    produce_jobs(h, 0..2).await;
+    let sub = subscribe(h, 1).await;
+    let held = next(&*sub).await;
+    assert_eq!(job(&held), 0);
+    h.queue.pause(JOBS).await.unwrap();
+    h.queue.pause(JOBS).await.unwrap();
+    assert!(h.stats(JOBS).await.paused);
+    // Producers go on; the delivery in flight finishes.
+    produce_jobs(h, 2..3).await;
+    settle_with(h, &held, Outcome::Ack).await.unwrap();
+    let other = subscribe(h, 2).await;
+    let pending = still_waiting(sub.next()).await;
+    drop(still_waiting(other.next()).await);
+    other.stop().await;
+    h.advance(Duration::from_secs(60)).await;
+    let pending = still_waiting(pending).await;
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.ready, s.in_flight, s.paused), (2, 0, true));
+    h.queue.resume(JOBS).await.unwrap();
+    let d = within("a delivery after resume", pending).await.unwrap();
+    assert_eq!(job(&d), 1);
+    settle_with(h, &d, Outcome::Ack).await.unwrap();
+    assert_eq!(job(&next(&*sub).await), 2);
+    assert!(!h.stats(JOBS).await.paused);
+    let err = h.queue.pause("conformance/never-seen").await.unwrap_err();
+    assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+}
+
 pub async fn release_gives_a_message_back_without_counting_the_attempt(h: &Harness) {
     produce_jobs(h, 0..2).await;
     let sub = subscribe(h, 1).await;

@@ -125,6 +125,7 @@ macro_rules! conformance_suite {
             redrive_of_chosen_ids_leaves_the_others,
             purge_deletes_dead_letters,
             purge_deletes_pending_messages_and_leaves_those_in_flight,
+            a_paused_channel_delivers_nothing_until_resumed,
             release_gives_a_message_back_without_counting_the_attempt,
             settle_many_settles_each_on_its_own,
             a_dropped_subscription_releases_its_messages_at_once,

@@ -9,6 +9,7 @@
 //! The file format, commit protocol and recovery are written up in `docs/design.md`.
 
 pub mod format;
+mod paused;
 mod recovery;
 pub mod writer;
 
@@ -289,6 +290,11 @@ impl Journal for FileJournal {
         self.shared.check()
     }
 
+    fn save_paused(&self, names: &[String]) -> Result<(), QueueError> {
+        self.shared.check()?;
+        paused::save(&self.dir, &*self.storage, names)
+    }
+
     fn close(&self) -> Result<(), QueueError> {
         self.writer.shutdown();
         // Another process may open the directory now.
@@ -427,6 +433,7 @@ impl Engine<FileJournal> {
             truncated: state.truncated,
             segments: state.segments.len().max(1) as u64,
         };
+        let storage_for_paused = storage.clone();
         let journal = FileJournal {
             dir: dir.clone(),
             segment_size,
@@ -469,6 +476,9 @@ impl Engine<FileJournal> {
             cells[d.channel]
                 .lock()
                 .remember(d.key, MessageId(d.id), d.expires, now);
+        }
+        for name in paused::load(&dir, &*storage_for_paused)? {
+            engine.restore_paused(&name);
         }
         for (key, p) in state.produced {
             let receipts = p

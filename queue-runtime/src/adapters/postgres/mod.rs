@@ -997,6 +997,7 @@ impl Inner {
                 dead_lettered: n(r, 9),
                 lease_expiries: n(r, 10),
                 consumers: n(r, 11),
+                paused: r.get(12),
             })
             .collect())
     }
@@ -1110,6 +1111,28 @@ impl Inner {
             .execute(&stmt, &[&channel.id, &ids])
             .await
             .map_err(|e| db_error("purging dead letters", e))
+    }
+
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), QueueError> {
+        self.check_open()?;
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Err(QueueError::InvalidRequest(format!(
+                "no channel `{name}` in this store"
+            )));
+        };
+        let client = self.connection().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.set_paused)
+            .await
+            .map_err(|e| db_error("preparing", e))?;
+        client
+            .execute(&stmt, &[&channel.id, &paused])
+            .await
+            .map_err(|e| db_error("pausing a channel", e))?;
+        if !paused {
+            self.wake(name);
+        }
+        Ok(())
     }
 
     async fn purge(&self, name: &str) -> Result<u64, QueueError> {
@@ -1229,6 +1252,14 @@ impl Adapter for PostgresAdapter {
 
     fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
         self.inner.purge(channel).boxed()
+    }
+
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.inner.set_paused(channel, paused).boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {

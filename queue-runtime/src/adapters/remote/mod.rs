@@ -498,6 +498,24 @@ impl Adapter for RemoteAdapter {
         .boxed()
     }
 
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        async move {
+            let request = Request::PauseChannel {
+                channel: channel.into(),
+                paused,
+            };
+            match self.inner.call(request, true).await? {
+                Reply::Done => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+        .boxed()
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         async move {
             self.inner.closed.store(true, Ordering::Release);

@@ -58,6 +58,15 @@ pub struct PeekArgs {
     pub limit: usize,
 }
 
+/// Options of `queuectl pause` and `queuectl resume`.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The channel.
+    pub channel: String,
+}
+
 /// Options of `queuectl purge`.
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
@@ -142,8 +151,17 @@ fn ids(ids: &[u64]) -> Option<Vec<MessageId>> {
 
 fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> String {
     let mut out = format!(
-        "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6}",
-        "CHANNEL", "READY", "DELAYED", "IN FLIGHT", "DEAD", "PRODUCED", "ACKED", "RETRIED", "CONS"
+        "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6}",
+        "CHANNEL",
+        "READY",
+        "DELAYED",
+        "IN FLIGHT",
+        "DEAD",
+        "PRODUCED",
+        "ACKED",
+        "RETRIED",
+        "CONS",
+        "STATE"
     );
     if rates.is_some() {
         out.push_str(&format!(" {:>10} {:>10}", "IN/s", "ACKED/s"));
@@ -151,7 +169,7 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
     out.push('\n');
     for s in stats {
         out.push_str(&format!(
-            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6}",
+            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6}",
             s.channel,
             s.ready,
             s.delayed,
@@ -160,7 +178,8 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
             s.produced,
             s.acked,
             s.retried,
-            s.consumers
+            s.consumers,
+            if s.paused { "paused" } else { "active" }
         ));
         if let Some((before, dt)) = rates {
             let prev = before.iter().find(|b| b.channel == s.channel);
@@ -299,6 +318,20 @@ pub async fn dlq(command: Dlq) -> Result<()> {
             queue.close().await?;
         }
     }
+    Ok(())
+}
+
+pub async fn set_paused(args: PauseArgs, paused: bool) -> Result<()> {
+    let queue = args.target.open().await?;
+    let channel = &args.channel;
+    if paused {
+        queue.pause(channel).await?;
+        println!("paused {channel}: nothing is delivered until it is resumed");
+    } else {
+        queue.resume(channel).await?;
+        println!("resumed {channel}");
+    }
+    queue.close().await?;
     Ok(())
 }
 

@@ -22,6 +22,11 @@ enum Command {
     Watch(admin::WatchArgs),
     /// Show pending messages of a channel, decoded from BSON to JSON, without taking them.
     Peek(admin::PeekArgs),
+    /// Pause a channel, durably: nothing is delivered until it is resumed; producers keep
+    /// producing and deliveries in flight finish.
+    Pause(admin::PauseArgs),
+    /// Resume a paused channel.
+    Resume(admin::PauseArgs),
     /// Delete a channel's pending messages, ready and delayed (in-flight ones finish).
     Purge(admin::PurgeArgs),
     /// List, redrive or purge a channel's dead letters.
@@ -76,6 +81,8 @@ fn run() -> Result<()> {
             Command::Watch(args) => admin::watch(args).await,
             Command::Peek(args) => admin::peek(args).await,
             Command::Purge(args) => admin::purge(args).await,
+            Command::Pause(args) => admin::set_paused(args, true).await,
+            Command::Resume(args) => admin::set_paused(args, false).await,
             Command::Dlq(command) => admin::dlq(command).await,
             Command::Produce(args) => admin::produce(args).await,
             #[cfg(feature = "postgres")]
