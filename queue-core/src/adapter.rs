@@ -153,6 +153,17 @@ pub struct ChannelStats {
     pub paused: bool,
 }
 
+/// Where a cancelled message was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cancelled {
+    /// Ready or delayed: it will not be delivered.
+    Pending,
+    /// Delivered and not settled: its handler may still be running; it learns through
+    /// [`Delivery::cancelled`](crate::Delivery::cancelled), and its settle is refused.
+    InFlight,
+}
+
 /// A message in a dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -349,6 +360,22 @@ pub trait Adapter: Send + Sync + 'static {
     /// # Cancel safety
     /// Dropped before it completes, the change is either made or not.
     fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>>;
+
+    /// Cancels a message that is pending (ready or delayed) or in flight: it is deleted, and
+    /// the settle and lease extensions of a delivery holding it are refused with
+    /// [`QueueError::Cancelled`].
+    ///
+    /// # Errors
+    /// [`QueueError::UnknownMessage`] when the channel holds no such pending or in-flight
+    /// message (never produced, settled already, or a dead letter).
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the change is either made or not.
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Cancelled, QueueError>>;
 
     /// Pauses a channel (`paused`) or resumes it, durably: while paused nothing is
     /// delivered; producers keep producing and deliveries in flight finish.

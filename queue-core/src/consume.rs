@@ -17,7 +17,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_channel::oneshot;
-use futures_util::future::{BoxFuture, Either, FutureExt, poll_fn, select};
+use futures_util::future::{BoxFuture, Either, FutureExt, Shared, poll_fn, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
@@ -64,6 +64,9 @@ pub struct HandlerContext {
     pub queue: Queue,
     /// Set once the handler has settled the delivery itself.
     pub settled: Arc<AtomicBool>,
+    /// Resolves with `Ok` once the store refuses the lease as cancelled; with `Err` when the
+    /// delivery ends without that.
+    pub cancelled: Shared<oneshot::Receiver<()>>,
 }
 
 /// The first parameter of a consumer: a channel message type, or [`Delivery`] of one.
@@ -98,6 +101,7 @@ impl<T: Message> ConsumerInput for Delivery<T> {
             &cx.raw,
             cx.queue.clone(),
             cx.settled.clone(),
+            cx.cancelled.clone(),
         ))
     }
 }
@@ -486,12 +490,14 @@ impl ConsumerLoop {
         async move {
             let lease = raw.lease.clone();
             let deadline = raw.deadline;
+            let (cancel, cancelled) = oneshot::channel();
             let cx = HandlerContext {
                 raw,
                 queue: queue.clone(),
                 settled: Arc::new(AtomicBool::new(false)),
+                cancelled: cancelled.shared(),
             };
-            let keeper = keep_lease(queue.clone(), lease.clone(), spec.lease, deadline);
+            let keeper = keep_lease(queue.clone(), lease.clone(), spec.lease, deadline, cancel);
             let started = std::time::Instant::now();
             let result = match select(Box::pin(handler.call(&cx)), Box::pin(keeper)).await {
                 Either::Left((r, _)) => r,
@@ -532,14 +538,26 @@ impl ConsumerLoop {
 }
 
 /// Extends a lease while its handler runs: each time a third of the lease has passed. Ends
-/// (leaving the handler running) when an extension is refused.
-async fn keep_lease(queue: Queue, lease: Lease, period: Duration, mut deadline: Timestamp) {
+/// (leaving the handler running) when an extension is refused; fires `cancel` when it is
+/// refused because the message was cancelled.
+async fn keep_lease(
+    queue: Queue,
+    lease: Lease,
+    period: Duration,
+    mut deadline: Timestamp,
+    cancel: oneshot::Sender<()>,
+) {
     let period_ms = millis(period).max(3);
     loop {
         let at = deadline.saturating_sub(period_ms * 2 / 3);
         queue.clock().sleep_until(at).await;
         match queue.adapter().extend(&lease, period).await {
             Ok(d) => deadline = d,
+            Err(QueueError::Cancelled { .. }) => {
+                tracing::info!("message cancelled while its handler runs");
+                let _ = cancel.send(());
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "lease extension refused; the message may go to another consumer");
                 return;

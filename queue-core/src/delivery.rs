@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_channel::oneshot;
+use futures_util::future::Shared;
+
 use crate::adapter::{Lease, MessageId, Outcome, RawDelivery};
 use crate::clock::Timestamp;
 use crate::error::QueueError;
@@ -24,6 +27,7 @@ pub struct Delivery<T> {
     produced_at: Timestamp,
     queue: Queue,
     settled: Arc<AtomicBool>,
+    cancelled: Shared<oneshot::Receiver<()>>,
 }
 
 impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
@@ -42,6 +46,7 @@ impl<T: Message> Delivery<T> {
         raw: &RawDelivery,
         queue: Queue,
         settled: Arc<AtomicBool>,
+        cancelled: Shared<oneshot::Receiver<()>>,
     ) -> Self {
         Delivery {
             message,
@@ -51,6 +56,20 @@ impl<T: Message> Delivery<T> {
             produced_at: raw.produced_at,
             queue,
             settled,
+            cancelled,
+        }
+    }
+
+    /// Resolves once the message is cancelled ([`Queue::cancel`]) while this handler runs,
+    /// and never otherwise. Best effort: the worker learns it when it next extends the lease,
+    /// within a third of the channel's lease. Race it against the work to stop early; the
+    /// settle of a cancelled delivery is refused with [`QueueError::Cancelled`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn cancelled(&self) {
+        if self.cancelled.clone().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 

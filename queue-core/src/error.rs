@@ -29,6 +29,13 @@ pub enum QueueError {
         /// The message the lease was for.
         id: MessageId,
     },
+    /// The message was cancelled (`Queue::cancel`) while it was delivered: its settle and
+    /// lease extensions are refused.
+    #[error("message {id} was cancelled")]
+    Cancelled {
+        /// The message.
+        id: MessageId,
+    },
     /// No channel of that name is known to the queue.
     #[error("unknown channel `{0}`")]
     UnknownChannel(String),
@@ -97,6 +104,7 @@ impl QueueError {
             QueueError::Decode(_) => "decode",
             QueueError::PayloadTooLarge { .. } => "payload_too_large",
             QueueError::StaleLease { .. } => "stale_lease",
+            QueueError::Cancelled { .. } => "cancelled",
             QueueError::UnknownChannel(_) => "unknown_channel",
             QueueError::UnknownMessage { .. } => "unknown_message",
             QueueError::InvalidRequest(_) => "invalid",

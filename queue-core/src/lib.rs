@@ -54,8 +54,8 @@ pub mod registry;
 mod spec;
 
 pub use adapter::{
-    Adapter, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState, Outcome,
-    Outgoing, RawDelivery, Receipt, StoredMessage, Subscription,
+    Adapter, Cancelled, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
+    Outcome, Outgoing, RawDelivery, Receipt, StoredMessage, Subscription,
 };
 pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::adapter::{
-    Adapter, ChannelStats, DeadLetter, MessageId, Outgoing, Receipt, StoredMessage,
+    Adapter, Cancelled, ChannelStats, DeadLetter, MessageId, Outgoing, Receipt, StoredMessage,
 };
 use crate::clock::Clock;
 use crate::codec;
@@ -242,6 +242,20 @@ impl Queue {
     /// Once polled, the change is made whether or not the future is polled again.
     pub async fn purge(&self, channel: &str) -> Result<u64, QueueError> {
         self.inner.adapter.purge(channel).await
+    }
+
+    /// Cancels a pending or in-flight message of a channel: it is deleted; a handler running
+    /// it learns through [`Delivery::cancelled`](crate::Delivery::cancelled), best effort,
+    /// and its settle is refused with [`QueueError::Cancelled`].
+    ///
+    /// # Errors
+    /// [`QueueError::UnknownMessage`] when there is no such pending or in-flight message;
+    /// the adapter's errors.
+    ///
+    /// # Cancel safety
+    /// Once polled, the change is made whether or not the future is polled again.
+    pub async fn cancel(&self, channel: &str, id: MessageId) -> Result<Cancelled, QueueError> {
+        self.inner.adapter.cancel(channel, id).await
     }
 
     /// Pauses a channel, durably (across restarts): nothing is delivered until

@@ -174,6 +174,14 @@ impl Adapter for Faulty {
         self.inner.set_paused(channel, paused)
     }
 
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: queue_core::MessageId,
+    ) -> BoxFuture<'a, Result<queue_core::Cancelled, QueueError>> {
+        self.inner.cancel(channel, id)
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         self.inner.close()
     }

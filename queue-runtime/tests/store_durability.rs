@@ -336,6 +336,43 @@ async fn queuectl_purge_asks_for_yes_then_deletes_pending_messages() {
 }
 
 #[tokio::test]
+async fn queuectl_cancel_deletes_one_message_and_names_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let id = {
+        let (adapter, queue) = open(dir.path(), &clock);
+        let receipt = Order::produce(&queue, Order { n: 1 }).await.unwrap();
+        Order::produce(&queue, Order { n: 2 }).await.unwrap();
+        queue.close().await.unwrap();
+        drop(adapter);
+        receipt.id
+    };
+    let url = format!("file://{}", dir.path().display());
+    let cancel = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"))
+            .args(["cancel", ORDERS, &id.0.to_string(), "--url", &url])
+            .output()
+            .unwrap()
+    };
+    let done = cancel();
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("cancelled message {id} of store/orders")),
+        "{out}"
+    );
+    let again = cancel();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains(&format!("no message {id} in `store/orders`")),
+        "{err}"
+    );
+    let (_adapter, queue) = open(dir.path(), &clock);
+    assert_eq!(stats(&queue, ORDERS).await.ready, 1);
+}
+
+#[tokio::test]
 async fn a_second_open_of_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

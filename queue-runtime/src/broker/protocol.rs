@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use queue_core::{
-    ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome, Outgoing,
-    Processing, QueueError, RawDelivery, Receipt, StoredMessage,
+    Cancelled, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
+    Outgoing, Processing, QueueError, RawDelivery, Receipt, StoredMessage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -514,6 +514,8 @@ pub enum Request {
     PurgePending { channel: String },
     /// Pauses a channel (`paused`) or resumes it.
     PauseChannel { channel: String, paused: bool },
+    /// Cancels a pending or in-flight message.
+    Cancel { channel: String, message: i64 },
     /// Liveness: answered with `pong`. A client sends it when the connection is quiet.
     Ping,
 }
@@ -574,7 +576,7 @@ impl From<&QueueError> for WireError {
                 max: Some(*max as i64),
                 ..WireError::new(e.code(), e.to_string())
             },
-            QueueError::StaleLease { id } => WireError {
+            QueueError::StaleLease { id } | QueueError::Cancelled { id } => WireError {
                 id: Some(id.0 as i64),
                 ..WireError::new(e.code(), e.to_string())
             },
@@ -621,6 +623,7 @@ impl WireError {
                 max: n(self.max),
             },
             code::STALE_LEASE => QueueError::StaleLease { id },
+            "cancelled" => QueueError::Cancelled { id },
             code::UNKNOWN_CHANNEL => {
                 QueueError::UnknownChannel(self.channel.unwrap_or(self.message))
             }
@@ -709,6 +712,10 @@ pub enum Reply {
     },
     Count {
         count: i64,
+    },
+    /// Where a cancelled message was: `pending` or `in_flight`.
+    Cancelled {
+        was: Cancelled,
     },
     Pong,
     /// One entry per settle of a `settle_many`, in order: null for done, or the error.

@@ -1047,6 +1047,10 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
                 count: count as i64,
             }
         }
+        Request::Cancel { channel, message } => {
+            let was = a.cancel(&channel, MessageId(message.max(0) as u64)).await?;
+            Reply::Cancelled { was }
+        }
         Request::PauseChannel { channel, paused } => {
             a.set_paused(&channel, paused).await?;
             Reply::Done

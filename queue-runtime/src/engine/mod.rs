@@ -24,8 +24,8 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::limits;
 use queue_core::{
-    Adapter, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
-    Outcome, Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
+    Adapter, Cancelled, ChannelSpec, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId,
+    MessageState, Outcome, Outgoing, QueueError, RawDelivery, Receipt, StoredMessage, Subscription,
 };
 use smallvec::SmallVec;
 use tokio::sync::Notify;
@@ -762,6 +762,34 @@ impl<J: Journal> Engine<J> {
         .await
     }
 
+    /// Cancels a pending or in-flight message and waits until the deletion is durable.
+    ///
+    /// # Errors
+    /// [`QueueError::UnknownMessage`], also for a channel never seen; the journal's write
+    /// errors.
+    ///
+    /// # Cancel safety
+    /// Applied when the call is made; durable whether or not the future is polled again.
+    async fn cancel_now(&self, channel: &str, id: MessageId) -> Result<Cancelled, QueueError> {
+        self.check_open()?;
+        let unknown = || QueueError::UnknownMessage {
+            channel: channel.to_string(),
+            id,
+        };
+        let cell = self.existing_cell(channel).ok_or_else(unknown)?;
+        self.tick(&cell);
+        let mut was = Cancelled::Pending;
+        self.change_stored(channel, |state| match state.cancel(id, self.now()) {
+            Ok((change, payload, where_)) => {
+                was = where_;
+                (vec![change], Gone::from_vec(vec![payload]))
+            }
+            Err(_) => (Vec::new(), Gone::new()),
+        })
+        .await
+        .and_then(|n| if n == 0 { Err(unknown()) } else { Ok(was) })
+    }
+
     /// Pauses or resumes a channel and records the paused set in the journal. A recording
     /// that fails leaves the channel as it was.
     ///
@@ -1201,6 +1229,14 @@ impl<J: Journal> Adapter for Engine<J> {
 
     fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
         Engine::purge_now(self, channel).boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Cancelled, QueueError>> {
+        Engine::cancel_now(self, channel, id).boxed()
     }
 
     fn set_paused<'a>(

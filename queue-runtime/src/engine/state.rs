@@ -14,7 +14,9 @@ use super::keys::KeyWindow;
 use std::time::Duration;
 
 use queue_core::clock::{Timestamp, millis};
-use queue_core::{ChannelSpec, ChannelStats, MessageId, MessageState, Outcome, QueueError};
+use queue_core::{
+    Cancelled, ChannelSpec, ChannelStats, MessageId, MessageState, Outcome, QueueError,
+};
 
 /// A stored message as the engine tracks it; `P` is where its payload lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +122,10 @@ pub enum Change {
     },
 }
 
+/// The most cancelled leases a channel remembers; past it the oldest are forgotten and their
+/// settles are refused as stale instead.
+const MAX_CANCELLED: usize = 100_000;
+
 /// Why a message whose holder went away without settling is not handed out again.
 pub fn lost_text(attempts: u32, max_attempts: u32) -> String {
     format!("worker lost on attempt {attempts} of {max_attempts}")
@@ -155,6 +161,8 @@ pub struct ChannelState<P> {
     consumers: HashMap<u64, ConsumerSlot>,
     counters: Counters,
     paused: bool,
+    /// Leases of cancelled messages, until their deadlines.
+    cancelled: KeyWindow<(MessageId, u64), ()>,
 }
 
 impl<P: Clone> ChannelState<P> {
@@ -172,6 +180,7 @@ impl<P: Clone> ChannelState<P> {
             consumers: HashMap::new(),
             counters: Counters::default(),
             paused: false,
+            cancelled: KeyWindow::new(MAX_CANCELLED),
         }
     }
 
@@ -222,6 +231,7 @@ impl<P: Clone> ChannelState<P> {
             self.push_ready_back(entry);
         }
         self.dedup.expire(now);
+        self.cancelled.expire(now);
     }
 
     /// The earliest time a lease lapses or a delayed message becomes due.
@@ -431,8 +441,57 @@ impl<P: Clone> ChannelState<P> {
     fn holder(&self, id: MessageId, token: u64) -> Result<&Held<P>, QueueError> {
         match self.leased.get(&id) {
             Some(h) if h.token == token => Ok(h),
+            // Time already forgot the cancelled leases past their deadline (`tick`).
+            _ if self.cancelled.get(&(id, token), 0).is_some() => Err(QueueError::Cancelled { id }),
             _ => Err(QueueError::StaleLease { id }),
         }
+    }
+
+    /// Deletes a pending or in-flight message. A lease on it is remembered until its
+    /// deadline, so that its settle and extensions are refused as cancelled. Returns the
+    /// change, the payload now gone, and where the message was.
+    ///
+    /// # Errors
+    /// [`QueueError::UnknownMessage`] when no pending or in-flight message has this id.
+    pub fn cancel(
+        &mut self,
+        id: MessageId,
+        now: Timestamp,
+    ) -> Result<(Change, P, Cancelled), QueueError> {
+        if let Some(held) = self.leased.remove(&id) {
+            self.deadlines.remove(&(held.deadline, id));
+            self.release_slot(held.consumer);
+            let until = held.deadline.max(now.saturating_add(1));
+            self.cancelled.insert((id, held.token), (), until, now);
+            return Ok((
+                Change::Purged { id },
+                held.entry.payload,
+                Cancelled::InFlight,
+            ));
+        }
+        let mut found = None;
+        for (priority, queue) in &mut self.ready {
+            if let Some(at) = queue.iter().position(|e| e.id == id) {
+                found = Some((*priority, queue.remove(at).expect("found")));
+                break;
+            }
+        }
+        if let Some((priority, entry)) = found {
+            if self.ready.get(&priority).is_some_and(VecDeque::is_empty) {
+                self.ready.remove(&priority);
+            }
+            self.ready_len -= 1;
+            return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
+        }
+        let due = self.delayed.keys().find(|(_, d)| *d == id).copied();
+        if let Some(key) = due {
+            let entry = self.delayed.remove(&key).expect("found");
+            return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
+        }
+        Err(QueueError::UnknownMessage {
+            channel: self.spec.name.to_string(),
+            id,
+        })
     }
 
     /// Moves a lease's deadline to `now + by`.

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use queue_core::clock::Clock as _;
 use queue_core::{
-    Channel, ChannelSpec, Delivery, MessageState, Outcome, Outgoing, QueueError, channel, codec,
+    Cancelled, Channel, ChannelSpec, Delivery, MessageState, Outcome, Outgoing, QueueError,
+    channel, codec,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -549,6 +550,87 @@ pub async fn a_paused_channel_delivers_nothing_until_resumed(h: &Harness) {
     assert!(!h.stats(JOBS).await.paused);
     let err = h.queue.pause("conformance/never-seen").await.unwrap_err();
     assert!(matches!(err, QueueError::InvalidRequest(_)), "{err:?}");
+}
+
+pub async fn cancel_deletes_pending_messages_and_refuses_the_settle_of_one_in_flight(h: &Harness) {
+    let receipts = produce_jobs(h, 0..2).await;
+    let delayed = Job::producer(&h.queue)
+        .delay(Duration::from_secs(5))
+        .produce(Job { n: 2 })
+        .await
+        .unwrap();
+    let sub = subscribe(h, 1).await;
+    let held = next(&*sub).await;
+    assert_eq!(held.lease.id, receipts[0].id);
+    let cancel = |id| h.queue.cancel(JOBS, id);
+    assert_eq!(cancel(receipts[1].id).await.unwrap(), Cancelled::Pending);
+    assert_eq!(cancel(delayed.id).await.unwrap(), Cancelled::Pending);
+    assert_eq!(cancel(held.lease.id).await.unwrap(), Cancelled::InFlight);
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.ready, s.delayed, s.in_flight), (0, 0, 0));
+    let refused = settle_with(h, &held, Outcome::Ack).await.unwrap_err();
+    assert!(
+        matches!(refused, QueueError::Cancelled { id } if id == held.lease.id),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.to_string(),
+        format!("message {} was cancelled", held.lease.id)
+    );
+    let refused = h
+        .queue
+        .adapter()
+        .extend(&held.lease, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, QueueError::Cancelled { .. }),
+        "{refused:?}"
+    );
+    for (channel, id) in [
+        (JOBS, receipts[1].id),
+        ("conformance/never-seen", receipts[1].id),
+    ] {
+        let err = h.queue.cancel(channel, id).await.unwrap_err();
+        assert!(matches!(err, QueueError::UnknownMessage { .. }), "{err:?}");
+    }
+    // Nothing cancelled arrives, due or not; the freed slot takes new work.
+    let pending = still_waiting(sub.next()).await;
+    h.advance(Duration::from_secs(6)).await;
+    let pending = still_waiting(pending).await;
+    produce_jobs(h, 3..4).await;
+    let d = within("a message produced after the cancels", pending)
+        .await
+        .unwrap();
+    assert_eq!(job(&d), 3);
+    assert_eq!(h.stats(JOBS).await.acked, 0);
+}
+
+pub async fn a_running_handler_learns_its_message_was_cancelled(h: &Harness) {
+    let (tx, mut rx) = recorder();
+    let _consumer = Job::consumer(&h.queue)
+        .deliveries(move |d: Delivery<Job>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(("started", d.id())).unwrap();
+                d.cancelled().await;
+                tx.send(("cancelled", d.id())).unwrap();
+                Ok::<(), &str>(())
+            }
+        })
+        .await
+        .unwrap();
+    let receipt = Job::produce(&h.queue, Job { n: 1 }).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("started", receipt.id));
+    assert_eq!(
+        h.queue.cancel(JOBS, receipt.id).await.unwrap(),
+        Cancelled::InFlight
+    );
+    // The worker learns it when it next extends the lease, a third of the lease on.
+    h.advance(Duration::from_secs(4)).await;
+    assert_eq!(recv(&mut rx).await, ("cancelled", receipt.id));
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.acked, s.ready, s.in_flight), (0, 0, 0));
 }
 
 pub async fn release_gives_a_message_back_without_counting_the_attempt(h: &Harness) {

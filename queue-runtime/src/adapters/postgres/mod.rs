@@ -95,8 +95,8 @@ use futures_util::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::{
-    Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
-    Outgoing, Processing, QueueError, Receipt, StoredMessage, Subscription,
+    Adapter, Cancelled, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState,
+    Outcome, Outgoing, Processing, QueueError, Receipt, StoredMessage, Subscription,
 };
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_postgres::Client;
@@ -1113,6 +1113,53 @@ impl Inner {
             .map_err(|e| db_error("purging dead letters", e))
     }
 
+    /// Why a lease no longer holds: [`QueueError::Cancelled`] when its message was
+    /// cancelled while it held it, else [`QueueError::StaleLease`].
+    async fn stale(&self, lease: &Lease) -> QueueError {
+        let stale = QueueError::StaleLease { id: lease.id };
+        let Ok(client) = self.connection().await else {
+            return stale;
+        };
+        let Ok(stmt) = client.prepare_cached(&self.sql.was_cancelled).await else {
+            return stale;
+        };
+        match client
+            .query_opt(&stmt, &[&i64_of(lease.id.0), &i64_of(lease.token)])
+            .await
+        {
+            Ok(Some(_)) => QueueError::Cancelled { id: lease.id },
+            _ => stale,
+        }
+    }
+
+    async fn cancel(&self, name: &str, id: MessageId) -> Result<Cancelled, QueueError> {
+        self.check_open()?;
+        let unknown = || QueueError::UnknownMessage {
+            channel: name.to_string(),
+            id,
+        };
+        let Some(channel) = self.existing_channel(name).await? else {
+            return Err(unknown());
+        };
+        let client = self.connection().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.cancel)
+            .await
+            .map_err(|e| db_error("preparing", e))?;
+        let row = client
+            .query_opt(&stmt, &[&channel.id, &i64_of(id.0), &self.now()])
+            .await
+            .map_err(|e| db_error("cancelling a message", e))?
+            .ok_or_else(unknown)?;
+        let state: i16 = row.get(0);
+        if state == 2 {
+            self.wake(name);
+            Ok(Cancelled::InFlight)
+        } else {
+            Ok(Cancelled::Pending)
+        }
+    }
+
     async fn set_paused(&self, name: &str, paused: bool) -> Result<(), QueueError> {
         self.check_open()?;
         let Some(channel) = self.existing_channel(name).await? else {
@@ -1203,7 +1250,13 @@ impl Adapter for PostgresAdapter {
         lease: &'a Lease,
         outcome: Outcome,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
-        self.inner.settle(lease, outcome).boxed()
+        async move {
+            match self.inner.settle(lease, outcome).await {
+                Err(QueueError::StaleLease { .. }) => Err(self.inner.stale(lease).await),
+                other => other,
+            }
+        }
+        .boxed()
     }
 
     fn extend<'a>(
@@ -1211,7 +1264,13 @@ impl Adapter for PostgresAdapter {
         lease: &'a Lease,
         by: Duration,
     ) -> BoxFuture<'a, Result<Timestamp, QueueError>> {
-        self.inner.extend(lease, by).boxed()
+        async move {
+            match self.inner.extend(lease, by).await {
+                Err(QueueError::StaleLease { .. }) => Err(self.inner.stale(lease).await),
+                other => other,
+            }
+        }
+        .boxed()
     }
 
     fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>> {
@@ -1260,6 +1319,14 @@ impl Adapter for PostgresAdapter {
         paused: bool,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         self.inner.set_paused(channel, paused).boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Cancelled, QueueError>> {
+        self.inner.cancel(channel, id).boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {

@@ -122,9 +122,17 @@ CREATE TABLE {s}.subscriptions (
     },
     Migration {
         version: 2,
-        description: "channels can be paused",
+        description: "channels can be paused; leases of cancelled messages",
         sql: r#"
 ALTER TABLE {s}.channels ADD COLUMN paused BOOLEAN NOT NULL DEFAULT false;
+
+CREATE TABLE {s}.cancelled (
+    id    BIGINT NOT NULL,
+    token BIGINT NOT NULL,
+    until BIGINT NOT NULL,
+    PRIMARY KEY (id, token)
+);
+CREATE INDEX cancelled_until ON {s}.cancelled (until);
 "#,
     },
 ];
@@ -289,6 +297,8 @@ pub(crate) struct Sql {
     pub purge: String,
     pub purge_pending: String,
     pub set_paused: String,
+    pub cancel: String,
+    pub was_cancelled: String,
     pub expire_dedup: String,
     pub forget_subscriptions: String,
     pub dead_tuples: String,
@@ -646,6 +656,24 @@ impl Sql {
                 "DELETE FROM {s}.dead_letters
                  WHERE channel = $1 AND ($2::int8[] IS NULL OR id = ANY($2::int8[]))"
             ),
+            // $1 channel, $2 id, $now: a pending or leased message deleted; a lease on it is
+            // kept until its deadline (and stale ones are dropped) so that its settle is
+            // refused as cancelled. Returns the state it was in.
+            cancel: format!(
+                "WITH gone AS (
+                     DELETE FROM {s}.messages
+                     WHERE channel = $1 AND id = $2 AND state IN (0, 1, 2)
+                     RETURNING state, token, deadline
+                 ),
+                 expired AS (DELETE FROM {s}.cancelled WHERE until <= $now),
+                 kept AS (
+                     INSERT INTO {s}.cancelled (id, token, until)
+                     SELECT $2, token, greatest(deadline, $now + 1) FROM gone WHERE state = 2
+                 )
+                 SELECT state FROM gone"
+            ),
+            // $1 id, $2 token.
+            was_cancelled: format!("SELECT 1 FROM {s}.cancelled WHERE id = $1 AND token = $2"),
             // $1 channel, $2 paused.
             set_paused: format!("UPDATE {s}.channels SET paused = $2 WHERE id = $1"),
             // $1 channel: ready and delayed, not leased.
@@ -683,6 +711,7 @@ impl Sql {
             &mut self.release_consumer,
             &mut self.extend,
             &mut self.redrive,
+            &mut self.cancel,
         ] {
             *text = number(text);
         }

@@ -34,7 +34,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use queue_core::clock::{Clock, Timestamp};
 use queue_core::{
-    Adapter, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, Outcome, Outgoing,
+    Adapter, Cancelled, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, Outcome, Outgoing,
     QueueError, Receipt, StoredMessage, Subscription,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -494,6 +494,25 @@ impl Adapter for RemoteAdapter {
                 channel: channel.into(),
             };
             self.inner.count(request).await
+        }
+        .boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Cancelled, QueueError>> {
+        async move {
+            let request = Request::Cancel {
+                channel: channel.into(),
+                message: i64::try_from(id.0).unwrap_or(i64::MAX),
+            };
+            // Not retried: a second cancel after a lost reply finds nothing.
+            match self.inner.call(request, false).await? {
+                Reply::Cancelled { was } => Ok(was),
+                other => Err(unexpected(&other)),
+            }
         }
         .boxed()
     }

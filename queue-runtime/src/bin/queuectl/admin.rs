@@ -67,6 +67,17 @@ pub struct PauseArgs {
     pub channel: String,
 }
 
+/// Options of `queuectl cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The channel.
+    pub channel: String,
+    /// The message id.
+    pub id: u64,
+}
+
 /// Options of `queuectl purge`.
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
@@ -330,6 +341,19 @@ pub async fn set_paused(args: PauseArgs, paused: bool) -> Result<()> {
     } else {
         queue.resume(channel).await?;
         println!("resumed {channel}");
+    }
+    queue.close().await?;
+    Ok(())
+}
+
+pub async fn cancel(args: CancelArgs) -> Result<()> {
+    let queue = args.target.open().await?;
+    let (channel, id) = (&args.channel, args.id);
+    match queue.cancel(channel, queue_core::MessageId(id)).await? {
+        queue_core::Cancelled::Pending => println!("cancelled message {id} of {channel}"),
+        queue_core::Cancelled::InFlight => println!(
+            "cancelled message {id} of {channel}; it was in flight: its handler is told and its settle is refused"
+        ),
     }
     queue.close().await?;
     Ok(())

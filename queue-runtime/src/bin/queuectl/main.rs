@@ -27,6 +27,9 @@ enum Command {
     Pause(admin::PauseArgs),
     /// Resume a paused channel.
     Resume(admin::PauseArgs),
+    /// Cancel a pending or in-flight message: it is deleted; a handler running it is told
+    /// (best effort) and its settle is refused.
+    Cancel(admin::CancelArgs),
     /// Delete a channel's pending messages, ready and delayed (in-flight ones finish).
     Purge(admin::PurgeArgs),
     /// List, redrive or purge a channel's dead letters.
@@ -81,6 +84,7 @@ fn run() -> Result<()> {
             Command::Watch(args) => admin::watch(args).await,
             Command::Peek(args) => admin::peek(args).await,
             Command::Purge(args) => admin::purge(args).await,
+            Command::Cancel(args) => admin::cancel(args).await,
             Command::Pause(args) => admin::set_paused(args, true).await,
             Command::Resume(args) => admin::set_paused(args, false).await,
             Command::Dlq(command) => admin::dlq(command).await,
