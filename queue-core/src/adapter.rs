@@ -120,6 +120,12 @@ pub enum Outcome {
     /// Give the message back unprocessed: it is ready again at once and the attempt does not
     /// count. Used on graceful shutdown.
     Release,
+    /// Deliver again after `after`, and this attempt does not count (a handler told to come
+    /// back later, say by an HTTP 429's `Retry-After`).
+    Snooze {
+        /// The delay before the next delivery.
+        after: Duration,
+    },
 }
 
 /// Counters and depths of one channel.

@@ -157,6 +157,20 @@ impl<T: Message> Delivery<T> {
         .await
     }
 
+    /// Puts the message back to be delivered again after `delay`, without counting this
+    /// attempt: for a handler told to come back later (an HTTP 429's `Retry-After`). Not a
+    /// failure: nothing is recorded as an error, and `max_attempts` is not used up.
+    ///
+    /// # Errors
+    /// [`QueueError::StaleLease`] when the lease was lost or the delivery was settled.
+    ///
+    /// # Cancel safety
+    /// Dropped before it completes, the outcome is either applied or not; if not, the lease
+    /// lapses and the message is delivered again.
+    pub async fn snooze(self, delay: Duration) -> Result<(), QueueError> {
+        self.settle(Outcome::Snooze { after: delay }).await
+    }
+
     /// Moves the message to the dead-letter queue now, with `reason` as its error.
     ///
     /// # Errors

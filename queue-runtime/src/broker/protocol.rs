@@ -194,6 +194,9 @@ pub enum WireOutcome {
         error: String,
     },
     Release,
+    Snooze {
+        after_ms: i64,
+    },
 }
 
 /// [`WireOutcome`]'s fields as they arrive.
@@ -225,6 +228,9 @@ impl TryFrom<FlatOutcome> for WireOutcome {
                 error: error("dead_letter")?,
             },
             "release" => WireOutcome::Release,
+            "snooze" => WireOutcome::Snooze {
+                after_ms: f.after_ms.ok_or("`snooze` needs an `after_ms`")?,
+            },
             other => return Err(format!("unknown outcome `{other}`")),
         })
     }
@@ -240,6 +246,9 @@ impl From<Outcome> for WireOutcome {
             },
             Outcome::DeadLetter { error } => WireOutcome::DeadLetter { error },
             Outcome::Release => WireOutcome::Release,
+            Outcome::Snooze { after } => WireOutcome::Snooze {
+                after_ms: ms(after),
+            },
         }
     }
 }
@@ -254,6 +263,9 @@ impl From<WireOutcome> for Outcome {
             },
             WireOutcome::DeadLetter { error } => Outcome::DeadLetter { error },
             WireOutcome::Release => Outcome::Release,
+            WireOutcome::Snooze { after_ms } => Outcome::Snooze {
+                after: dur(after_ms),
+            },
         }
     }
 }

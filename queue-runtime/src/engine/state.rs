@@ -561,6 +561,13 @@ impl<P: Clone> ChannelState<P> {
                     due: now,
                 }
             }
+            Outcome::Snooze { after } => {
+                entry.attempts = entry.attempts.saturating_sub(1);
+                let attempts = entry.attempts;
+                let due = now.saturating_add(millis(after));
+                self.place(entry, due, now);
+                Change::Requeued { id, attempts, due }
+            }
         };
         Ok((change, None))
     }

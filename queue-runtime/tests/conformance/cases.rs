@@ -633,6 +633,27 @@ pub async fn a_running_handler_learns_its_message_was_cancelled(h: &Harness) {
     assert_eq!((s.acked, s.ready, s.in_flight), (0, 0, 0));
 }
 
+pub async fn snooze_delivers_again_later_without_counting_the_attempt(h: &Harness) {
+    produce_jobs(h, 0..1).await;
+    let sub = subscribe(h, 1).await;
+    // More snoozes than `max_attempts` (3): none counts, so it is never dead-lettered.
+    for _ in 0..5 {
+        let d = next(&*sub).await;
+        assert_eq!((job(&d), d.attempt), (0, 1));
+        let after = Duration::from_secs(30);
+        settle_with(h, &d, Outcome::Snooze { after }).await.unwrap();
+        let s = h.stats(JOBS).await;
+        assert_eq!((s.delayed, s.retried, s.dead), (1, 0, 0));
+        let pending = still_waiting(sub.next()).await;
+        h.advance(Duration::from_millis(29_999)).await;
+        drop(still_waiting(pending).await);
+        h.advance(Duration::from_millis(1)).await;
+    }
+    let d = next(&*sub).await;
+    assert_eq!(d.attempt, 1);
+    settle_with(h, &d, Outcome::Ack).await.unwrap();
+}
+
 pub async fn release_gives_a_message_back_without_counting_the_attempt(h: &Harness) {
     produce_jobs(h, 0..2).await;
     let sub = subscribe(h, 1).await;

@@ -128,6 +128,7 @@ macro_rules! conformance_suite {
             a_paused_channel_delivers_nothing_until_resumed,
             cancel_deletes_pending_messages_and_refuses_the_settle_of_one_in_flight,
             a_running_handler_learns_its_message_was_cancelled,
+            snooze_delivers_again_later_without_counting_the_attempt,
             release_gives_a_message_back_without_counting_the_attempt,
             settle_many_settles_each_on_its_own,
             a_dropped_subscription_releases_its_messages_at_once,

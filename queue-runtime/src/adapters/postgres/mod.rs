@@ -881,6 +881,19 @@ impl Inner {
                     .ok_or_else(stale)?;
                 false
             }
+            Outcome::Snooze { after } => {
+                let client = self.connection().await?;
+                let stmt = client
+                    .prepare_cached(&self.sql.snooze)
+                    .await
+                    .map_err(|e| db_error("preparing", e))?;
+                client
+                    .query_opt(&stmt, &[&id, &token, &i64_of(millis(after)), &self.now()])
+                    .await
+                    .map_err(|e| db_error("snoozing", e))?
+                    .ok_or_else(stale)?;
+                true
+            }
             Outcome::Release => {
                 let client = self.connection().await?;
                 let stmt = client

@@ -297,6 +297,7 @@ pub(crate) struct Sql {
     pub purge: String,
     pub purge_pending: String,
     pub set_paused: String,
+    pub snooze: String,
     pub cancel: String,
     pub was_cancelled: String,
     pub expire_dedup: String,
@@ -535,6 +536,14 @@ impl Sql {
                  WHERE id = $1 AND token = $2 AND state = 2 AND deadline > $now
                  RETURNING channel"
             ),
+            // $1 id, $2 token, $3 after (ms), $now: delayed, this attempt not counted.
+            snooze: format!(
+                "UPDATE {s}.messages
+                 SET state = 1, token = NULL, consumer = NULL, deadline = NULL,
+                     attempts = greatest(attempts - 1, 0), rank = $now + $3
+                 WHERE id = $1 AND token = $2 AND state = 2 AND deadline > $now
+                 RETURNING channel"
+            ),
             // $1 id, $2 token, $3 by (ms), $now.
             extend: format!(
                 "UPDATE {s}.messages SET deadline = $now + $3
@@ -712,6 +721,7 @@ impl Sql {
             &mut self.extend,
             &mut self.redrive,
             &mut self.cancel,
+            &mut self.snooze,
         ] {
             *text = number(text);
         }
