@@ -33,6 +33,11 @@ impl Errors {
     pub(crate) fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
     }
+
+    /// How many errors were pushed.
+    pub(crate) fn count(&self) -> usize {
+        self.0.as_ref().map_or(0, |e| e.into_iter().count())
+    }
 }
 
 /// One comma-separated argument of an attribute.

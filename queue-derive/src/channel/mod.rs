@@ -14,7 +14,13 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         Err(e) => return with_errors(item, &e),
     };
     match validate::validate(parsed) {
-        Ok(valid) => expand::expand(&valid),
-        Err(e) => with_errors(item, &e),
+        (Some(valid), Ok(())) => expand::expand(&valid),
+        (Some(valid), Err(e)) => {
+            let mut out = expand::expand(&valid);
+            out.extend(e.to_compile_error());
+            out
+        }
+        (None, Err(e)) => with_errors(item, &e),
+        (None, Ok(())) => unreachable!("an item that cannot expand is an error"),
     }
 }

@@ -35,16 +35,17 @@ pub(super) struct Valid {
     pub(super) backoff: Option<Duration>,
 }
 
-pub(super) fn validate(p: Parsed) -> syn::Result<Valid> {
+/// The channel to expand and the errors found. With errors, the channel is still expanded
+/// when its item is a usable type (a placeholder name and the options that were understood),
+/// as serde does, so that one mistake is one error rather than one more at every use site.
+pub(super) fn validate(p: Parsed) -> (Option<Valid>, syn::Result<()>) {
     let mut errors = Errors::default();
     let (name, options) = split_name(p.name, p.options);
     let name = check_name(name, p.attr_span, &mut errors);
     let target = check_item(&p.item, &mut errors);
     let opts = check_options(&options, &mut errors);
-    errors.finish()?;
-    let (ident, vis) = target.expect("checked");
-    Ok(Valid {
-        name: name.expect("checked"),
+    let valid = target.map(|(ident, vis)| Valid {
+        name: name.unwrap_or_else(|| PLACEHOLDER_NAME.to_string()),
         ident,
         vis,
         item: p.item,
@@ -53,8 +54,12 @@ pub(super) fn validate(p: Parsed) -> syn::Result<Valid> {
         lease: opts.lease,
         max_attempts: opts.max_attempts,
         backoff: opts.backoff,
-    })
+    });
+    (valid, errors.finish())
 }
+
+/// The name a channel is expanded with when its own name was refused.
+const PLACEHOLDER_NAME: &str = "invalid-channel-name";
 
 /// Where the channel name is, once options written before it are recognised as options.
 enum Name {
@@ -283,6 +288,7 @@ fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
     let mut seen: Vec<(String, Span)> = Vec::new();
     let mut processing: Option<(Ident, Span)> = None;
     let mut dedup_span = None;
+    let before = errors.count();
     for opt in opts {
         let (key, value) = match opt {
             Opt::Flag(k) => (k, None),
@@ -355,8 +361,11 @@ fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
             _ => unreachable!("every option is matched above"),
         }
     }
+    // Checks across options only when each option was understood: `exactly_onse` with
+    // `dedup` is one typo, not also a `dedup` without `exactly_once`.
     if let Some(span) = dedup_span
         && !out.exactly_once
+        && errors.count() == before
     {
         errors.push(
             span,
