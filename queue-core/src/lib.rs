@@ -52,6 +52,7 @@ pub mod limits;
 mod queue;
 pub mod registry;
 mod spec;
+pub mod texts;
 
 pub use adapter::{
     Adapter, Cancelled, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,

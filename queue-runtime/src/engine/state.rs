@@ -14,6 +14,7 @@ use super::keys::KeyWindow;
 use std::time::Duration;
 
 use queue_core::clock::{Timestamp, millis};
+use queue_core::texts;
 use queue_core::{
     Cancelled, ChannelSpec, ChannelStats, MessageId, MessageState, Outcome, QueueError,
 };
@@ -128,7 +129,7 @@ const MAX_CANCELLED: usize = 100_000;
 
 /// Why a message whose holder went away without settling is not handed out again.
 pub fn lost_text(attempts: u32, max_attempts: u32) -> String {
-    format!("worker lost on attempt {attempts} of {max_attempts}")
+    texts::WORKER_LOST.format(attempts, max_attempts)
 }
 
 #[derive(Debug, Default, Clone)]
@@ -220,7 +221,7 @@ impl<P: Clone> ChannelState<P> {
             self.counters.lease_expiries += 1;
             self.release_slot(held.consumer);
             changes.push(self.give_back(held.entry, now, |attempts, max| {
-                format!("lease expired on attempt {attempts} of {max}")
+                texts::LEASE_EXPIRED.format(attempts, max)
             }));
         }
         while let Some((&(due, _), _)) = self.delayed.first_key_value() {
@@ -539,8 +540,8 @@ impl<P: Clone> ChannelState<P> {
             }
             Outcome::Retry { after, error } => {
                 if attempts >= self.spec.max_attempts {
-                    let error =
-                        format!("{error} (attempt {attempts} of {})", self.spec.max_attempts);
+                    let used = texts::ATTEMPTS_USED.format(attempts, self.spec.max_attempts);
+                    let error = format!("{error}{used}");
                     self.bury(entry, error, now)
                 } else {
                     self.counters.retried += 1;

@@ -21,7 +21,7 @@
 
 use tokio_postgres::Client;
 
-use queue_core::QueueError;
+use queue_core::{QueueError, texts};
 
 /// A schema migration: its version, what it does, and its SQL (`{s}` is the schema).
 #[derive(Debug)]
@@ -415,7 +415,7 @@ impl Sql {
                         coalesce((SELECT array_agg(token) FROM lapsed), '{{}}') AS lapsed",
                 bury_lapsed = bury(
                     "dead",
-                    "'lease expired on attempt ' || attempts || ' of ' || max_attempts"
+                    &texts::LEASE_EXPIRED.sql("attempts", "max_attempts")
                 ),
             ),
             // $1 channel, $2 how many, $3 consumer, $4 lease (ms), $now.
@@ -509,7 +509,10 @@ impl Sql {
                  SELECT channel, (SELECT count(*) FROM dead) > 0 FROM m",
                 bury_retry = bury(
                     "dead",
-                    "$6::text || ' (attempt ' || attempts || ' of ' || $3::int4 || ')'"
+                    &format!(
+                        "$6::text || {}",
+                        texts::ATTEMPTS_USED.sql("attempts", "$3::int4")
+                    )
                 ),
             ),
             // $1 id, $2 token, $3 error, $now.
@@ -584,7 +587,7 @@ impl Sql {
                  SELECT id FROM requeued UNION ALL SELECT id FROM dead",
                 bury_lost = bury(
                     "dead",
-                    "'worker lost on attempt ' || attempts || ' of ' || max_attempts"
+                    &texts::WORKER_LOST.sql("attempts", "max_attempts")
                 ),
             ),
             // $1 channel, $2 backend pid, $3 backend start, $now.
