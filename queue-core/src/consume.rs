@@ -26,7 +26,7 @@ use crate::clock::{Timestamp, millis};
 use crate::codec;
 use crate::delivery::Delivery;
 use crate::error::QueueError;
-use crate::queue::Queue;
+use crate::queue::{CancelSender, Queue, fire};
 use crate::spec::{Channel, ChannelSpec, Message};
 
 /// How many deliveries a consumer holds at once unless told otherwise.
@@ -491,6 +491,8 @@ impl ConsumerLoop {
             let lease = raw.lease.clone();
             let deadline = raw.deadline;
             let (cancel, cancelled) = oneshot::channel();
+            let cancel: CancelSender = Arc::new(Mutex::new(Some(cancel)));
+            queue.running().enter(&lease, cancel.clone());
             let cx = HandlerContext {
                 raw,
                 queue: queue.clone(),
@@ -527,6 +529,7 @@ impl ConsumerLoop {
             {
                 tracing::warn!(error = %e, "settling the delivery failed");
             }
+            queue.running().leave(&lease);
             unsettled
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -545,7 +548,7 @@ async fn keep_lease(
     lease: Lease,
     period: Duration,
     mut deadline: Timestamp,
-    cancel: oneshot::Sender<()>,
+    cancel: CancelSender,
 ) {
     let period_ms = millis(period).max(3);
     loop {
@@ -555,7 +558,7 @@ async fn keep_lease(
             Ok(d) => deadline = d,
             Err(QueueError::Cancelled { .. }) => {
                 tracing::info!("message cancelled while its handler runs");
-                let _ = cancel.send(());
+                fire(&cancel);
                 return;
             }
             Err(e) => {

@@ -61,8 +61,9 @@ impl<T: Message> Delivery<T> {
     }
 
     /// Resolves once the message is cancelled ([`Queue::cancel`]) while this handler runs,
-    /// and never otherwise. Best effort: the worker learns it when it next extends the lease,
-    /// within a third of the channel's lease. Race it against the work to stop early; the
+    /// and never otherwise. A cancel made through a handle of the same queue in this process
+    /// tells it at once; one made elsewhere, when the worker next extends the lease (within a
+    /// third of the channel's lease). Race it against the work to stop early; the
     /// settle of a cancelled delivery is refused with [`QueueError::Cancelled`].
     ///
     /// # Cancel safety

@@ -1,14 +1,17 @@
 //! [`Queue`], the handle applications hold, and the typed [`Producer`].
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_channel::oneshot;
 use futures_util::future::BoxFuture;
 
 use crate::adapter::{
-    Adapter, Cancelled, ChannelStats, DeadLetter, MessageId, Outgoing, Receipt, StoredMessage,
+    Adapter, Cancelled, ChannelStats, DeadLetter, Lease, MessageId, Outgoing, Receipt,
+    StoredMessage,
 };
 use crate::clock::Clock;
 use crate::codec;
@@ -37,6 +40,62 @@ struct QueueInner {
     spawner: Arc<dyn Spawn>,
     description: String,
     observer: Option<Arc<dyn Observer>>,
+    running: Arc<Running>,
+}
+
+/// Where a running handler learns that its message was cancelled.
+pub(crate) type CancelSender = Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>;
+
+/// Tells a handler that its message was cancelled, once.
+pub(crate) fn fire(cancel: &CancelSender) {
+    let taken = cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(tx) = taken {
+        let _ = tx.send(());
+    }
+}
+
+/// The handlers running in this process, by message, so that a cancel made through any
+/// handle of the same queue tells them at once instead of at their next lease extension.
+#[derive(Default)]
+pub(crate) struct Running {
+    by_message: std::sync::Mutex<ByMessage>,
+}
+
+/// Running handlers by `(channel, message)`: each lease token with its handler's sender.
+type ByMessage = HashMap<(String, MessageId), Vec<(u64, CancelSender)>>;
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByMessage> {
+        self.by_message.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handler of `lease` starts.
+    pub(crate) fn enter(&self, lease: &Lease, cancel: CancelSender) {
+        self.lock()
+            .entry((lease.channel.clone(), lease.id))
+            .or_default()
+            .push((lease.token, cancel));
+    }
+
+    /// The handler of `lease` ended.
+    pub(crate) fn leave(&self, lease: &Lease) {
+        let mut running = self.lock();
+        let key = (lease.channel.clone(), lease.id);
+        if let Some(handlers) = running.get_mut(&key) {
+            handlers.retain(|(token, _)| *token != lease.token);
+            if handlers.is_empty() {
+                running.remove(&key);
+            }
+        }
+    }
+
+    /// Tells every handler of the message that it was cancelled.
+    fn cancel(&self, channel: &str, id: MessageId) {
+        let handlers = self.lock().remove(&(channel.to_string(), id));
+        for (_, cancel) in handlers.into_iter().flatten() {
+            fire(&cancel);
+        }
+    }
 }
 
 /// How a handled delivery ended, for [`Observer`]s.
@@ -91,6 +150,7 @@ impl Queue {
                 spawner,
                 description: description.into(),
                 observer: None,
+                running: Arc::default(),
             }),
         }
     }
@@ -105,8 +165,14 @@ impl Queue {
                 spawner: self.inner.spawner.clone(),
                 description: self.inner.description.clone(),
                 observer: Some(observer),
+                running: self.inner.running.clone(),
             }),
         }
+    }
+
+    /// The handlers running in this process.
+    pub(crate) fn running(&self) -> &Running {
+        &self.inner.running
     }
 
     /// The observer consumers report to, if any.
@@ -255,7 +321,11 @@ impl Queue {
     /// # Cancel safety
     /// Once polled, the change is made whether or not the future is polled again.
     pub async fn cancel(&self, channel: &str, id: MessageId) -> Result<Cancelled, QueueError> {
-        self.inner.adapter.cancel(channel, id).await
+        let was = self.inner.adapter.cancel(channel, id).await?;
+        if was == Cancelled::InFlight {
+            self.inner.running.cancel(channel, id);
+        }
+        Ok(was)
     }
 
     /// Pauses a channel, durably (across restarts): nothing is delivered until

@@ -620,15 +620,31 @@ pub async fn a_running_handler_learns_its_message_was_cancelled(h: &Harness) {
         })
         .await
         .unwrap();
+    // Cancelled through a handle of the same queue: the handler is told at once.
     let receipt = Job::produce(&h.queue, Job { n: 1 }).await.unwrap();
     assert_eq!(recv(&mut rx).await, ("started", receipt.id));
     assert_eq!(
         h.queue.cancel(JOBS, receipt.id).await.unwrap(),
         Cancelled::InFlight
     );
-    // The worker learns it when it next extends the lease, a third of the lease on.
-    h.advance(Duration::from_secs(4)).await;
     assert_eq!(recv(&mut rx).await, ("cancelled", receipt.id));
+    // Cancelled through another handle (as from another process): the worker learns it
+    // when it next extends the lease, a third of the lease on.
+    let elsewhere = queue_core::Queue::new(
+        h.queue.adapter().clone(),
+        h.queue.clock().clone(),
+        h.queue.spawner().clone(),
+        "another handle",
+    );
+    let receipt = Job::produce(&h.queue, Job { n: 2 }).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("started", receipt.id));
+    assert_eq!(
+        elsewhere.cancel(JOBS, receipt.id).await.unwrap(),
+        Cancelled::InFlight
+    );
+    let told = still_waiting(Box::pin(recv(&mut rx))).await;
+    h.advance(Duration::from_secs(4)).await;
+    assert_eq!(told.await, ("cancelled", receipt.id));
     let s = h.stats(JOBS).await;
     assert_eq!((s.acked, s.ready, s.in_flight), (0, 0, 0));
 }
