@@ -174,9 +174,16 @@ impl SimFs {
 }
 
 impl Storage for SimFs {
+    /// A new file, or an existing one truncated in place. The truncation is taken as
+    /// durable at once (the worst case: the length reaches the disk before the new data).
     fn create(&self, path: &Path) -> io::Result<Handle> {
         let mut s = self.0.lock();
         s.call()?;
+        if let Some(&ino) = s.names.get(path) {
+            let inode = s.inodes.get_mut(&ino).expect("inode of a name");
+            *inode = Inode::default();
+            return Ok(s.handle(ino));
+        }
         s.next += 1;
         let ino = s.next;
         s.inodes.insert(ino, Inode::default());
@@ -751,4 +758,86 @@ async fn a_write_that_fails_for_want_of_space_fails_its_batch_only_and_leaves_no
         "only the confirmed message is stored"
     );
     println!("refused: {refused}");
+}
+
+/// Pauses and resumes a channel `toggles` times in a row; returns the last state confirmed
+/// and the one being set when a call failed.
+async fn toggle(adapter: &Arc<FileAdapter>, toggles: &[bool]) -> (bool, Option<bool>) {
+    let mut confirmed = false;
+    for &paused in toggles {
+        match adapter.set_paused(NAME, paused).await {
+            Ok(()) => confirmed = paused,
+            Err(_) => return (confirmed, Some(paused)),
+        }
+    }
+    (confirmed, None)
+}
+
+#[tokio::test]
+async fn a_power_cut_during_a_pause_or_resume_leaves_the_old_state_or_the_new_one() {
+    let clock = VirtualClock::default();
+    let toggles = [true, false, true, false, true];
+    let setup = |dir: &Path, fs: &Arc<SimFs>| {
+        let adapter = open(dir, &clock, fs.clone(), SEGMENT);
+        let fs = fs.clone();
+        async move {
+            adapter
+                .produce(spec(), outgoing(vec![7; 16]))
+                .await
+                .unwrap();
+            (adapter, fs.calls())
+        }
+    };
+    // The storage calls of the whole sequence, without a cut.
+    let full = {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(SimFs::default());
+        let (adapter, before) = setup(dir.path(), &fs).await;
+        assert_eq!(toggle(&adapter, &toggles).await, (true, None));
+        fs.calls() - before
+    };
+    let mut outcomes = BTreeSet::new();
+    for cut in 1..=full + 1 {
+        for seed in 0..3 {
+            let mut rng = fastrand::Rng::with_seed(cut * 10 + seed);
+            let dir = tempfile::tempdir().unwrap();
+            let fs = Arc::new(SimFs::default());
+            let (adapter, _) = setup(dir.path(), &fs).await;
+            fs.cut_after(cut);
+            let (confirmed, attempted) = toggle(&adapter, &toggles).await;
+            fs.cut_now();
+            let _ = adapter.close().await;
+            drop(adapter);
+            fs.restart(&mut rng);
+            let reopened = FileAdapter::open(
+                dir.path(),
+                Arc::new(clock.clone()),
+                FileOptions {
+                    segment_size: SEGMENT,
+                    storage: fs.clone(),
+                    background_compaction: false,
+                },
+            )
+            .unwrap_or_else(|e| panic!("cut at call {cut}: the store does not reopen: {e}"));
+            let paused = reopened
+                .stats()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|s| s.channel == NAME)
+                .expect("the channel is known")
+                .paused;
+            assert!(
+                paused == confirmed || Some(paused) == attempted,
+                "cut at call {cut}: paused {paused}, confirmed {confirmed}, attempted {attempted:?}"
+            );
+            outcomes.insert((confirmed, attempted.is_some(), paused));
+            reopened.close().await.unwrap();
+        }
+    }
+    // The cuts fell before, inside and after the changes, and a failed change was seen both
+    // taking effect and not.
+    assert!(outcomes.contains(&(false, true, false)), "{outcomes:?}");
+    assert!(outcomes.contains(&(true, true, true)), "{outcomes:?}");
+    assert!(outcomes.contains(&(true, false, true)), "{outcomes:?}");
 }
