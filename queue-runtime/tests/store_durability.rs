@@ -297,6 +297,36 @@ async fn a_damaged_record_of_paused_channels_is_refused_with_its_path() {
 }
 
 #[tokio::test]
+async fn a_delivery_taken_ahead_and_then_cancelled_is_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let (_adapter, queue) = open(dir.path(), &clock);
+    let first = Order::produce(&queue, Order { n: 0 }).await.unwrap();
+    let second = Order::produce(&queue, Order { n: 1 }).await.unwrap();
+    let sub = queue
+        .adapter()
+        .subscribe(&OrderChannel::SPEC, 2)
+        .await
+        .unwrap();
+    let next = || tokio::time::timeout(Duration::from_millis(300), sub.next());
+    let d = next().await.expect("a delivery").unwrap();
+    assert_eq!(d.lease.id, first.id);
+    // The second was taken with the first, into the subscription's inbox.
+    assert_eq!(stats(&queue, ORDERS).await.in_flight, 2);
+    assert_eq!(
+        queue.cancel(ORDERS, second.id).await.unwrap(),
+        queue_core::Cancelled::InFlight
+    );
+    assert!(
+        next().await.is_err(),
+        "the cancelled delivery was handed out"
+    );
+    let third = Order::produce(&queue, Order { n: 2 }).await.unwrap();
+    let d = next().await.expect("a delivery").unwrap();
+    assert_eq!(d.lease.id, third.id);
+}
+
+#[tokio::test]
 async fn queuectl_purge_asks_for_yes_then_deletes_pending_messages() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

@@ -47,6 +47,9 @@ pub struct Cell<P> {
     notify: Notify,
     /// The inbox of each open subscription, to refill when a settle frees its capacity.
     inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox<P>>>>>,
+    /// Messages cancelled in flight so far. While it is 0, a delivery taken ahead into an
+    /// inbox is handed out without checking that its lease still holds.
+    cancels: AtomicU64,
 }
 
 impl<P: Clone> Cell<P> {
@@ -157,6 +160,7 @@ impl<J: Journal> Engine<J> {
                     state: Mutex::new(ChannelState::new(spec.clone())),
                     notify: Notify::new(),
                     inboxes: Mutex::new(HashMap::new()),
+                    cancels: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -781,6 +785,9 @@ impl<J: Journal> Engine<J> {
         let mut was = Cancelled::Pending;
         self.change_stored(channel, |state| match state.cancel(id, self.now()) {
             Ok((change, payload, where_)) => {
+                if where_ == Cancelled::InFlight {
+                    cell.cancels.fetch_add(1, Ordering::AcqRel);
+                }
                 was = where_;
                 (vec![change], Gone::from_vec(vec![payload]))
             }
@@ -1083,6 +1090,12 @@ impl<J: Journal> EngineSubscription<J> {
                 let mut inbox = inbox.lock();
                 if let Some(held) = inbox.ready.pop_front() {
                     drop(inbox);
+                    // Taken ahead and cancelled since: its payload may be gone.
+                    if cell.cancels.load(Ordering::Acquire) > 0
+                        && !cell.lock().holds(held.entry.id, held.token)
+                    {
+                        continue;
+                    }
                     let payload = engine.journal.read(&held.entry.payload)?;
                     return Ok(held.to_delivery(&channel, payload));
                 }

@@ -439,6 +439,11 @@ impl<P: Clone> ChannelState<P> {
         self.leased.get(&id).map(|h| h.consumer)
     }
 
+    /// Whether `token` still holds `id`.
+    pub fn holds(&self, id: MessageId, token: u64) -> bool {
+        self.leased.get(&id).is_some_and(|h| h.token == token)
+    }
+
     fn holder(&self, id: MessageId, token: u64) -> Result<&Held<P>, QueueError> {
         match self.leased.get(&id) {
             Some(h) if h.token == token => Ok(h),
