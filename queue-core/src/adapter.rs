@@ -157,6 +157,11 @@ pub struct ChannelStats {
     pub consumers: u64,
     /// Paused: nothing is delivered until it is resumed.
     pub paused: bool,
+    /// When `produced`, `duplicates`, `acked`, `retried`, `dead_lettered` and
+    /// `lease_expiries` started counting (milliseconds since the Unix epoch): when the
+    /// embedded store (or the broker's) was opened, as they count in memory; 0 where they are
+    /// stored and count since the store was created (PostgreSQL).
+    pub counted_since: crate::clock::Timestamp,
 }
 
 /// Where a cancelled message was.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use queue_core::clock::Clock as _;
 use queue_core::{
     Adapter, Channel, ChannelSpec, Outcome, Outgoing, Queue, QueueError, RawDelivery, VirtualClock,
     channel, codec,
@@ -324,6 +325,42 @@ async fn a_delivery_taken_ahead_and_then_cancelled_is_not_handed_out() {
     let third = Order::produce(&queue, Order { n: 2 }).await.unwrap();
     let d = next().await.expect("a delivery").unwrap();
     assert_eq!(d.lease.id, third.id);
+}
+
+#[tokio::test]
+async fn counters_say_since_when_they_count_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let first_open = clock.now();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        for n in 0..2 {
+            Order::produce(&queue, Order { n }).await.unwrap();
+        }
+        let s = stats(&queue, ORDERS).await;
+        assert_eq!((s.produced, s.ready, s.counted_since), (2, 2, first_open));
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    clock.advance(Duration::from_secs(3600));
+    let reopened_at = clock.now();
+    let (adapter, queue) = open(dir.path(), &clock);
+    let s = stats(&queue, ORDERS).await;
+    assert_eq!((s.produced, s.ready, s.counted_since), (0, 2, reopened_at));
+    queue.close().await.unwrap();
+    drop(adapter);
+    let url = format!("file://{}", dir.path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"))
+        .args(["stats", "--url", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("PRODUCED, ACKED and RETRIED count since ")
+            && text.contains("when the store was opened"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -414,6 +414,8 @@ pub struct WireStats {
     pub consumers: i64,
     #[serde(default)]
     pub paused: bool,
+    #[serde(default)]
+    pub counted_since: i64,
 }
 
 impl From<ChannelStats> for WireStats {
@@ -433,6 +435,7 @@ impl From<ChannelStats> for WireStats {
             lease_expiries: w(s.lease_expiries),
             consumers: w(s.consumers),
             paused: s.paused,
+            counted_since: w(s.counted_since),
         }
     }
 }
@@ -454,6 +457,7 @@ impl From<WireStats> for ChannelStats {
             lease_expiries: c(s.lease_expiries),
             consumers: c(s.consumers),
             paused: s.paused,
+            counted_since: c(s.counted_since),
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Engine<J: Journal> {
     keys: Mutex<KeyWindow<String, Vec<Receipt>>>,
     /// Held while the paused channels are changed and recorded.
     pausing: Mutex<()>,
+    /// When the engine started: its counters count from here.
+    opened_at: Timestamp,
     journal: J,
     me: Weak<Engine<J>>,
 }
@@ -97,6 +99,7 @@ impl<J: Journal> Engine<J> {
     /// An empty engine reading `clock` and reporting to `journal`. Message ids start at
     /// `next_id` and fencing tokens at `first_token`.
     pub fn new(clock: Arc<dyn Clock>, journal: J, next_id: u64, first_token: u64) -> Arc<Self> {
+        let opened_at = clock.now();
         Arc::new_cyclic(|me| Engine {
             channels: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(next_id.max(1)),
@@ -106,6 +109,7 @@ impl<J: Journal> Engine<J> {
             clock,
             keys: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
             pausing: Mutex::new(()),
+            opened_at,
             journal,
             me: me.clone(),
         })
@@ -665,7 +669,10 @@ impl<J: Journal> Engine<J> {
             .iter()
             .map(|cell| {
                 self.tick(cell);
-                cell.lock().stats()
+                ChannelStats {
+                    counted_since: self.opened_at,
+                    ..cell.lock().stats()
+                }
             })
             .collect()
     }

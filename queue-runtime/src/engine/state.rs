@@ -737,6 +737,7 @@ impl<P: Clone> ChannelState<P> {
             lease_expiries: c.lease_expiries,
             consumers: self.consumers.len() as u64,
             paused: self.paused,
+            counted_since: 0,
         }
     }
 

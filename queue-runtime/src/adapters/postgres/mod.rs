@@ -1011,6 +1011,7 @@ impl Inner {
                 lease_expiries: n(r, 10),
                 consumers: n(r, 11),
                 paused: r.get(12),
+                counted_since: 0,
             })
             .collect())
     }

@@ -210,6 +210,18 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
     if stats.is_empty() {
         out.push_str("(no channels)\n");
     }
+    if let Some(since) = stats
+        .iter()
+        .map(|s| s.counted_since)
+        .filter(|&t| t > 0)
+        .min()
+    {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(since);
+        out.push_str(&format!(
+            "PRODUCED, ACKED and RETRIED count since {}, when the store was opened\n",
+            humantime::format_rfc3339_seconds(at)
+        ));
+    }
     out
 }
 
