@@ -789,19 +789,22 @@ impl<J: Journal> Engine<J> {
         };
         let cell = self.existing_cell(channel).ok_or_else(unknown)?;
         self.tick(&cell);
-        let mut was = Cancelled::Pending;
+        let mut was = Err(unknown());
         self.change_stored(channel, |state| match state.cancel(id, self.now()) {
             Ok((change, payload, where_)) => {
                 if where_ == Cancelled::InFlight {
                     cell.cancels.fetch_add(1, Ordering::AcqRel);
                 }
-                was = where_;
+                was = Ok(where_);
                 (vec![change], Gone::from_vec(vec![payload]))
             }
-            Err(_) => (Vec::new(), Gone::new()),
+            Err(e) => {
+                was = Err(e);
+                (Vec::new(), Gone::new())
+            }
         })
-        .await
-        .and_then(|n| if n == 0 { Err(unknown()) } else { Ok(was) })
+        .await?;
+        was
     }
 
     /// Pauses or resumes a channel and records the paused set in the journal. A recording
@@ -823,8 +826,11 @@ impl<J: Journal> Engine<J> {
         let mut names: Vec<String> = self
             .all()
             .iter()
-            .filter(|c| !Arc::ptr_eq(c, &cell) && c.lock().paused())
-            .map(|c| c.lock().spec().name.to_string())
+            .filter(|c| !Arc::ptr_eq(c, &cell))
+            .filter_map(|c| {
+                let state = c.lock();
+                state.paused().then(|| state.spec().name.to_string())
+            })
             .collect();
         if paused {
             names.push(channel.to_string());

@@ -365,6 +365,7 @@ impl Engine<FileJournal> {
         let segment_size = options.segment_size.max(4096);
         recovery::remove_prepared(&dir, &*storage)?;
         let state = recovery::recover(&dir, &*storage)?;
+        let paused = paused::load(&dir, &*storage)?;
         let epoch = state.epoch + 1;
 
         let (active, active_len) = match state.segments.last() {
@@ -433,7 +434,6 @@ impl Engine<FileJournal> {
             truncated: state.truncated,
             segments: state.segments.len().max(1) as u64,
         };
-        let storage_for_paused = storage.clone();
         let journal = FileJournal {
             dir: dir.clone(),
             segment_size,
@@ -477,7 +477,7 @@ impl Engine<FileJournal> {
                 .lock()
                 .remember(d.key, MessageId(d.id), d.expires, now);
         }
-        for name in paused::load(&dir, &*storage_for_paused)? {
+        for name in paused {
             engine.restore_paused(&name);
         }
         for (key, p) in state.produced {

@@ -36,10 +36,7 @@ pub fn load(dir: &Path, storage: &dyn Storage) -> Result<Vec<String>, QueueError
 fn parse(bytes: &[u8]) -> Option<Vec<String>> {
     let text = std::str::from_utf8(bytes).ok()?;
     let body = text.strip_prefix(HEADER)?;
-    let (names, crc_line) = match body.rfind("crc32c ") {
-        Some(at) => body.split_at(at),
-        None => return None,
-    };
+    let (names, crc_line) = body.split_at(body.rfind("crc32c ")?);
     let covered = &bytes[..HEADER.len() + names.len()];
     if crc_line != crc_line_of(covered) {
         return None;
