@@ -68,6 +68,11 @@ pub struct Outgoing {
     pub delay: Duration,
     /// Higher leaves first. Default 0.
     pub priority: u8,
+    /// The message's group ([`GroupKey::group_hash`](crate::GroupKey::group_hash)): messages
+    /// of one group leave in produce order, at most the channel's `concurrency_per_group` in
+    /// flight at once.
+    #[serde(default)]
+    pub group: Option<u64>,
 }
 
 /// A held message: the proof a consumer shows to settle or extend it.
@@ -157,6 +162,9 @@ pub struct ChannelStats {
     pub consumers: u64,
     /// Paused: nothing is delivered until it is resumed.
     pub paused: bool,
+    /// When the earliest delayed message is due (for a periodic channel, its next slot).
+    #[serde(default)]
+    pub next_due: Option<Timestamp>,
     /// When `produced`, `duplicates`, `acked`, `retried`, `dead_lettered` and
     /// `lease_expiries` started counting (milliseconds since the Unix epoch): when the
     /// embedded store (or the broker's) was opened, as they count in memory; 0 where they are

@@ -122,6 +122,7 @@ type HandlerFn =
 #[derive(Clone)]
 pub struct ErasedHandler {
     f: Arc<HandlerFn>,
+    slot: crate::periodic::SlotPayload,
 }
 
 impl fmt::Debug for ErasedHandler {
@@ -150,6 +151,7 @@ impl ErasedHandler {
                     async move { Err(HandlerFailure::Poison(text)) }.boxed()
                 }
             }),
+            slot: crate::periodic::slot_payload::<I::Message>,
         }
     }
 
@@ -303,16 +305,19 @@ pub async fn start_consumer(
     subscription.take_ahead();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
+    let spec = Arc::new(spec);
+    let slots = crate::periodic::produce_slots(queue.clone(), spec.clone(), handler.slot);
     let looped = ConsumerLoop {
         queue: queue.clone(),
-        spec: Arc::new(spec),
+        spec,
         handler,
         max_parallel: max_parallel as usize,
         name: name.clone(),
     };
     queue.spawner().spawn(
         async move {
-            looped.run(subscription, stop_rx).await;
+            // A periodic channel's slots are produced for as long as the loop runs.
+            select(Box::pin(looped.run(subscription, stop_rx)), Box::pin(slots)).await;
             let _ = done_tx.send(());
         }
         .boxed(),

@@ -49,6 +49,7 @@ pub mod consume;
 mod delivery;
 mod error;
 pub mod limits;
+pub mod periodic;
 mod queue;
 pub mod registry;
 mod spec;
@@ -64,7 +65,7 @@ pub use delivery::Delivery;
 pub use error::QueueError;
 pub use queue::{Handled, Observer, Producer, Queue, Spawn, TransactionalProduce, produce_in};
 pub use registry::{Dep, Deps};
-pub use spec::{Channel, ChannelSpec, Message, Processing};
+pub use spec::{Channel, ChannelSpec, GroupKey, Message, Processing, Rate, Schedule};
 
 /// Declares a channel on a message type. See the crate docs.
 pub use queue_derive::channel;
@@ -82,7 +83,7 @@ pub mod __private {
     pub use crate::error::QueueError;
     pub use crate::queue::{Producer, Queue, TransactionalProduce, produce_in};
     pub use crate::registry::{ChannelDecl, ConsumerDecl, Deps, FromDeps, Requirement};
-    pub use crate::spec::{Channel, ChannelSpec, Message, Processing};
+    pub use crate::spec::{Channel, ChannelSpec, GroupKey, Message, Processing};
     pub use ::inventory;
     pub use ::serde;
     pub use ::std::any::type_name;
@@ -107,6 +108,21 @@ pub mod __private {
     )]
     pub trait ChannelPayload: Serialize + DeserializeOwned + Send + Sync + 'static {}
     impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> ChannelPayload for T {}
+
+    /// Holds for the message types of periodic channels (`every` or `cron`).
+    #[diagnostic::on_unimplemented(
+        message = "periodic channel message `{Self}` must implement `Default`",
+        label = "a periodic channel produces `{Self}::default()` for each slot",
+        note = "the workers of a periodic channel produce `Default::default()` for each slot: derive `Default`"
+    )]
+    pub trait PeriodicPayload: Default {}
+    impl<T: Default> PeriodicPayload for T {}
+
+    /// The message of each slot of a periodic channel; generated code calls it at the
+    /// schedule's option, so a type without `Default` is one error there.
+    pub fn periodic_default<T: PeriodicPayload>() -> T {
+        T::default()
+    }
 
     /// Compile-time check that `T` can be a channel message.
     pub const fn assert_payload<T: ChannelPayload>() {}

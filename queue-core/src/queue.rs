@@ -207,6 +207,7 @@ impl Queue {
             delay: Duration::ZERO,
             priority: 0,
             dedup_key: None,
+            group: None,
             _channel: PhantomData,
         }
     }
@@ -405,6 +406,7 @@ pub struct Producer<C: Channel> {
     delay: Duration,
     priority: u8,
     dedup_key: Option<String>,
+    group: Option<u64>,
     _channel: PhantomData<fn() -> C>,
 }
 
@@ -415,6 +417,7 @@ impl<C: Channel> Clone for Producer<C> {
             delay: self.delay,
             priority: self.priority,
             dedup_key: self.dedup_key.clone(),
+            group: self.group,
             _channel: PhantomData,
         }
     }
@@ -427,6 +430,7 @@ impl<C: Channel> fmt::Debug for Producer<C> {
             .field("delay", &self.delay)
             .field("priority", &self.priority)
             .field("dedup_key", &self.dedup_key)
+            .field("group", &self.group)
             .finish()
     }
 }
@@ -454,8 +458,19 @@ impl<C: Channel> Producer<C> {
         self
     }
 
+    /// Puts the messages in group `key`, whatever group their channel's `group` field names:
+    /// messages of one group leave in produce order, at most the channel's
+    /// `concurrency_per_group` in flight at once.
+    #[must_use]
+    pub fn group(mut self, key: impl crate::GroupKey) -> Self {
+        self.group = Some(key.group_hash());
+        self
+    }
+
     fn outgoing(&self, message: &C::Message, key: Option<&str>) -> Result<Outgoing, QueueError> {
-        outgoing::<C>(message, key, self.delay, self.priority)
+        let mut out = outgoing::<C>(message, key, self.delay, self.priority)?;
+        out.group = self.group.or(out.group);
+        Ok(out)
     }
 
     fn check_key(&self) -> Result<(), QueueError> {
@@ -529,6 +544,7 @@ fn outgoing<C: Channel>(
         dedup_key,
         delay,
         priority,
+        group: crate::Message::group(message),
     })
 }
 

@@ -81,17 +81,21 @@ fn classify(expr: Expr) -> Arg {
     }
 }
 
+/// The known name `name` is most likely a typo of, if any is close enough.
+pub(crate) fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .min_by_key(|(d, _)| *d)
+        .filter(|(d, _)| *d <= 2 || (*d <= 3 && name.len() > 6))
+        .map(|(_, k)| k)
+}
+
 /// "unknown option `x`, did you mean `y`?" or the list of options.
 pub(crate) fn unknown_option(name: &str, known: &[&str]) -> String {
-    let best = known
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(name, k), *k))
-        .min_by_key(|(d, _)| *d);
-    match best {
-        Some((d, k)) if d <= 2 || (d <= 3 && name.len() > 6) => {
-            format!("unknown option `{name}`, did you mean `{k}`?")
-        }
-        _ => format!(
+    match closest(name, known.iter().copied()) {
+        Some(k) => format!("unknown option `{name}`, did you mean `{k}`?"),
+        None => format!(
             "unknown option `{name}`, expected one of {}",
             known
                 .iter()
@@ -124,18 +128,22 @@ pub(crate) fn parse_duration(
         errors.push_spanned(value, message);
         return None;
     };
-    let text = s.value();
-    match humantime::parse_duration(text.trim()) {
+    match duration_from_str(&s.value(), option) {
         Ok(d) if d.is_zero() => {
             errors.push(s.span(), format!("`{option}` must be longer than zero"));
             None
         }
         Ok(d) => Some((d, s.span())),
-        Err(e) => {
-            errors.push(s.span(), duration_error(&text, option, &e));
+        Err(message) => {
+            errors.push(s.span(), message);
             None
         }
     }
+}
+
+/// Reads a duration such as `"1s"` written for `option`; the error says what is wrong.
+fn duration_from_str(text: &str, option: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| duration_error(text, option, &e))
 }
 
 /// Says what is wrong with a duration; humantime's own messages give byte offsets.
@@ -155,6 +163,93 @@ fn duration_error(text: &str, option: &str, e: &humantime::DurationError) -> Str
             format!(
                 "invalid duration `{text}` for `{option}`: expected a number and a unit, {example}"
             )
+        }
+    }
+}
+
+/// Parses a rate such as `"100/1s"`: a count of at least 1 per a window of at least 1 ms.
+pub(crate) fn parse_rate(
+    value: &Expr,
+    option: &str,
+    errors: &mut Errors,
+) -> Option<(u32, Duration)> {
+    let example = format!("`{option} = \"100/1s\"`");
+    let Expr::Lit(syn::ExprLit {
+        lit: Lit::Str(s), ..
+    }) = value
+    else {
+        errors.push_spanned(
+            value,
+            format!("`{option}` must be a string of a count and a window, such as {example}"),
+        );
+        return None;
+    };
+    let text = s.value();
+    let Some((count, window)) = text.split_once('/') else {
+        let message = match text.trim().parse::<u32>() {
+            Ok(n) if n > 0 => format!(
+                "rate `{text}` for `{option}` needs a window, did you mean `{option} = \"{n}/1s\"`?"
+            ),
+            _ => format!(
+                "invalid rate `{text}` for `{option}`: expected a count, `/` and a window, such as {example}"
+            ),
+        };
+        errors.push(s.span(), message);
+        return None;
+    };
+    let (count, window) = (count.trim(), window.trim());
+    let count = match count.parse::<u32>() {
+        Ok(0) => {
+            errors.push(
+                s.span(),
+                format!(
+                    "rate `{text}` for `{option}` allows nothing: the count must be at least 1"
+                ),
+            );
+            return None;
+        }
+        Ok(n) => n,
+        Err(_) if !count.is_empty() && count.bytes().all(|b| b.is_ascii_digit()) => {
+            errors.push(
+                s.span(),
+                format!(
+                    "the count in rate `{text}` for `{option}` is too large, the limit is {}",
+                    u32::MAX
+                ),
+            );
+            return None;
+        }
+        Err(_) => {
+            errors.push(
+                s.span(),
+                format!(
+                    "invalid rate `{text}` for `{option}`: the count before `/` must be a positive integer, such as {example}"
+                ),
+            );
+            return None;
+        }
+    };
+    if window.is_empty() {
+        errors.push(
+            s.span(),
+            format!(
+                "rate `{text}` for `{option}` needs a window after `/`, did you mean `{option} = \"{count}/1s\"`?"
+            ),
+        );
+        return None;
+    }
+    match duration_from_str(window, option) {
+        Ok(per) if per < Duration::from_millis(1) => {
+            errors.push(
+                s.span(),
+                format!("the window of `{option}` must be at least 1ms, found `{window}`"),
+            );
+            None
+        }
+        Ok(per) => Some((count, per)),
+        Err(message) => {
+            errors.push(s.span(), message);
+            None
         }
     }
 }
@@ -191,6 +286,25 @@ pub(crate) fn parse_positive_int(value: &Expr, option: &str, errors: &mut Errors
             None
         }
     }
+}
+
+/// Parses a limit: a positive integer literal, where 0 gets `zero`'s explanation (such as
+/// "omit it for no limit") rather than the bare range.
+pub(crate) fn parse_limit(
+    value: &Expr,
+    option: &str,
+    zero: &str,
+    errors: &mut Errors,
+) -> Option<u32> {
+    if let Expr::Lit(syn::ExprLit {
+        lit: Lit::Int(i), ..
+    }) = value
+        && i.base10_parse::<u32>().is_ok_and(|n| n == 0)
+    {
+        errors.push(i.span(), format!("`{option}` must be at least 1: {zero}"));
+        return None;
+    }
+    parse_positive_int(value, option, errors)
 }
 
 /// The path to `queue_core` from the calling crate: `::queue_core`, or the copy re-exported

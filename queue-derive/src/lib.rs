@@ -15,7 +15,12 @@ use proc_macro::TokenStream;
 /// Declares a channel on a struct or enum: `#[channel("name", options…)]`.
 ///
 /// Options: `exactly_once` or `at_least_once` (the default); `dedup = "5m"` (exactly-once
-/// only, default 5 minutes); `lease = "30s"`; `max_attempts = 10`; `backoff = "1s"`.
+/// only, default 5 minutes); `lease = "30s"`; `max_attempts = 10`; `backoff = "1s"`;
+/// `group = field` (messages with the same value of `field` leave in produce order);
+/// `concurrency = N` and `concurrency_per_group = N` (deliveries in flight);
+/// `rate = "100/1s"` and `rate_per_group = "5/1m"` (deliveries started per window);
+/// `every = "1h"` or `cron = "0 0 * * *"` (a periodic channel, whose message type implements
+/// `Default`).
 #[proc_macro_attribute]
 pub fn channel(args: TokenStream, item: TokenStream) -> TokenStream {
     channel::expand(args.into(), item.into()).into()

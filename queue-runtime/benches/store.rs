@@ -79,6 +79,7 @@ fn main() {
                             dedup_key: None,
                             delay: Duration::ZERO,
                             priority: 0,
+                            group: None,
                         })
                         .collect();
                     adapter.produce(&spec, batch).await.unwrap();

@@ -333,6 +333,7 @@ mod tests {
             dedup_key: None,
             delay: Duration::ZERO,
             priority: 0,
+            group: None,
         };
         queue
             .produce_raw(&spec, vec![out.clone(), out])

@@ -101,6 +101,7 @@ fn child(dir: &Path, start: u64) {
                                 dedup_key: None,
                                 delay: Duration::ZERO,
                                 priority: 0,
+                                group: None,
                             }
                         })
                         .collect();

@@ -188,6 +188,56 @@ async fn a_restart_keeps_messages_dedup_windows_delays_attempts_and_dead_letters
 }
 
 #[tokio::test]
+async fn groups_keep_their_order_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let (adapter, queue) = open(dir.path(), &clock);
+    let producer = Order::producer(&queue);
+    for (group, n) in [("a", 1), ("a", 2), ("b", 3), ("a", 4)] {
+        producer
+            .clone()
+            .group(group)
+            .produce(Order { n })
+            .await
+            .unwrap();
+    }
+    let held = take(&queue, &OrderChannel::SPEC).await;
+    assert_eq!(codec::decode::<Order>(&held.payload).unwrap().n, 1);
+    queue.close().await.unwrap();
+    drop((adapter, queue));
+
+    // The message in flight when the store closed heads its group again.
+    let (_adapter, queue) = open(dir.path(), &clock);
+    let sub = queue
+        .adapter()
+        .subscribe(&OrderChannel::SPEC, 10)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(d) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        got.push(d.unwrap());
+    }
+    let mut firsts: Vec<u32> = got
+        .iter()
+        .map(|d| codec::decode::<Order>(&d.payload).unwrap().n)
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, vec![1, 3]);
+    let one = got.iter().find(|d| d.lease.id == held.lease.id).unwrap();
+    assert_eq!(one.attempt, 2);
+    queue
+        .adapter()
+        .settle(&one.lease, Outcome::Ack)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(codec::decode::<Order>(&d.payload).unwrap().n, 2);
+}
+
+#[tokio::test]
 async fn a_purge_of_pending_messages_holds_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();
@@ -457,6 +507,7 @@ fn payload(n: u32) -> Outgoing {
         dedup_key: None,
         delay: Duration::ZERO,
         priority: 0,
+        group: None,
     }
 }
 

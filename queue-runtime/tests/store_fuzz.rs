@@ -88,6 +88,7 @@ async fn build(dir: &Path, clock: &VirtualClock) -> Expected {
                     dedup_key: None,
                     delay: Duration::ZERO,
                     priority: 0,
+                    group: None,
                 }],
             )
             .await

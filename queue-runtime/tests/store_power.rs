@@ -358,6 +358,7 @@ async fn workload(
                         dedup_key: None,
                         delay: Duration::ZERO,
                         priority: 0,
+                        group: None,
                     })
                     .collect();
                 let payloads: Vec<Vec<u8>> = batch.iter().map(|o| o.payload.clone()).collect();
@@ -560,6 +561,7 @@ async fn fill_drain_refill(
                     dedup_key: None,
                     delay: Duration::ZERO,
                     priority: 0,
+                    group: None,
                 }],
             )
             .await
@@ -582,6 +584,7 @@ async fn fill_drain_refill(
                 dedup_key: None,
                 delay: Duration::ZERO,
                 priority: 0,
+                group: None,
             }],
         )
         .await
@@ -644,6 +647,7 @@ async fn fill_drain_refill(
                     dedup_key: None,
                     delay: Duration::ZERO,
                     priority: 0,
+                    group: None,
                 }],
             )
             .await
@@ -716,6 +720,7 @@ fn outgoing(payload: Vec<u8>) -> Vec<Outgoing> {
         dedup_key: None,
         delay: Duration::ZERO,
         priority: 0,
+        group: None,
     }]
 }
 

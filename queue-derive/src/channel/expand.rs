@@ -3,16 +3,35 @@
 
 use std::time::Duration;
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 
-use super::validate::Valid;
+use super::validate::{Schedule, Valid};
 use crate::common::core_path;
 
 fn duration(krate: &TokenStream, d: Duration) -> TokenStream {
     let secs = d.as_secs();
     let nanos = d.subsec_nanos();
     quote!(#krate::__private::Duration::new(#secs, #nanos))
+}
+
+/// `tokens` with every span set to `span`, so an error about an expression built from them
+/// points at `span` alone rather than from the attribute's start to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|tt| match tt {
+            TokenTree::Group(g) => {
+                let mut group = Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                TokenTree::Group(group)
+            }
+            mut other => {
+                other.set_span(span);
+                other
+            }
+        })
+        .collect()
 }
 
 pub(super) fn expand(v: &Valid) -> TokenStream {
@@ -40,6 +59,32 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         let d = duration(&krate, d);
         spec = quote!(#spec.backoff(#d));
     }
+    if let Some(n) = v.concurrency {
+        spec = quote!(#spec.concurrency(#n));
+    }
+    if let Some(n) = v.concurrency_per_group {
+        spec = quote!(#spec.concurrency_per_group(#n));
+    }
+    if let Some((limit, per)) = v.rate {
+        let per = duration(&krate, per);
+        spec = quote!(#spec.rate(#limit, #per));
+    }
+    if let Some((limit, per)) = v.rate_per_group {
+        let per = duration(&krate, per);
+        spec = quote!(#spec.rate_per_group(#limit, #per));
+    }
+    // Last: a schedule sets the processing and dedup window of its own.
+    match &v.schedule {
+        Some((Schedule::Every(period), _)) => {
+            let period = duration(&krate, *period);
+            spec = quote!(#spec.every(#period));
+        }
+        Some((Schedule::Cron { expr, longest_gap }, _)) => {
+            let gap = duration(&krate, *longest_gap);
+            spec = quote!(#spec.cron(#expr, #gap));
+        }
+        None => {}
+    }
 
     let marker_doc = format!("The channel `{name}`, carrying [`{ident}`].");
     // The only place the message type's serde and thread-safety bounds are proven, at its
@@ -51,11 +96,37 @@ pub(super) fn expand(v: &Valid) -> TokenStream {
         const _: () = #p::assert_payload::<#ident>();
     };
     let payload = quote!(for<'__a> #ident: #p::ChannelPayload);
+    // The field's `GroupKey` bound is proven here, in the one place it is used, at the field's
+    // name in the attribute (with the macro's hygiene), so a field such as `f64` is one error
+    // there.
+    let group = v.group.as_ref().map(|field| {
+        let span = Span::call_site().located_at(field.span());
+        let at = respan(p.clone(), span);
+        let hash = quote_spanned!(span=> #at::GroupKey::group_hash(&self.#field));
+        quote! {
+            fn group(&self) -> #p::Option<::core::primitive::u64> {
+                #p::Some(#hash)
+            }
+        }
+    });
+    // Likewise `Default` for a periodic channel, at its `every` or `cron` option.
+    let for_slot = v.schedule.as_ref().map(|(_, option)| {
+        let span = Span::call_site().located_at(*option);
+        let at = respan(p.clone(), span);
+        let message = quote_spanned!(span=> #at::periodic_default::<Self>());
+        quote! {
+            fn for_slot(_slot: ::core::primitive::u64) -> #p::Option<Self> {
+                #p::Some(#message)
+            }
+        }
+    });
     // At the type's name, so rustc's "the trait `Message` is implemented for …" hints point
     // at the declaration rather than at the attribute.
     let message_impl = quote_spanned! {ident.span()=>
         impl #p::Message for #ident where #payload {
             type Channel = #marker;
+            #group
+            #for_slot
         }
     };
 

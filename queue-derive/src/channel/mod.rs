@@ -2,6 +2,7 @@
 
 mod expand;
 mod parse;
+mod schedule;
 mod validate;
 
 use proc_macro2::TokenStream;

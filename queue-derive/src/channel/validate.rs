@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use proc_macro2::Span;
 use quote::ToTokens;
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 use syn::{Expr, Ident, Lit, Visibility};
 
 use super::parse::{Opt, Parsed};
+use super::schedule;
 use crate::common::{
-    Arg, Errors, item_kind, keyword_span, parse_duration, parse_positive_int, unknown_option,
+    Arg, Errors, closest, item_kind, keyword_span, parse_duration, parse_limit, parse_positive_int,
+    parse_rate, unknown_option,
 };
 
 const OPTIONS: &[&str] = &[
@@ -19,8 +23,18 @@ const OPTIONS: &[&str] = &[
     "lease",
     "max_attempts",
     "backoff",
+    "group",
+    "concurrency",
+    "concurrency_per_group",
+    "rate",
+    "rate_per_group",
+    "every",
+    "cron",
 ];
 const FLAGS: &[&str] = &["exactly_once", "at_least_once"];
+
+/// The shortest period of `every`.
+const MIN_EVERY: Duration = Duration::from_secs(1);
 
 /// A channel ready to expand.
 pub(super) struct Valid {
@@ -33,6 +47,22 @@ pub(super) struct Valid {
     pub(super) lease: Option<Duration>,
     pub(super) max_attempts: Option<u32>,
     pub(super) backoff: Option<Duration>,
+    /// The field whose value is the message's group, spanned where the attribute names it.
+    pub(super) group: Option<Ident>,
+    pub(super) concurrency: Option<u32>,
+    pub(super) concurrency_per_group: Option<u32>,
+    pub(super) rate: Option<(u32, Duration)>,
+    pub(super) rate_per_group: Option<(u32, Duration)>,
+    /// The schedule of a periodic channel, with the span of its option.
+    pub(super) schedule: Option<(Schedule, Span)>,
+}
+
+/// When a periodic channel fires.
+pub(super) enum Schedule {
+    /// `every = "1h"`
+    Every(Duration),
+    /// `cron = "0 0 * * *"`, with the longest time between two of its slots.
+    Cron { expr: String, longest_gap: Duration },
 }
 
 /// The channel to expand and the errors found. With errors, the channel is still expanded
@@ -43,7 +73,7 @@ pub(super) fn validate(p: Parsed) -> (Option<Valid>, syn::Result<()>) {
     let (name, options) = split_name(p.name, p.options);
     let name = check_name(name, p.attr_span, &mut errors);
     let target = check_item(&p.item, &mut errors);
-    let opts = check_options(&options, &mut errors);
+    let opts = check_options(&options, &p.item, &mut errors);
     let valid = target.map(|(ident, vis)| Valid {
         name: name.unwrap_or_else(|| PLACEHOLDER_NAME.to_string()),
         ident,
@@ -54,6 +84,12 @@ pub(super) fn validate(p: Parsed) -> (Option<Valid>, syn::Result<()>) {
         lease: opts.lease,
         max_attempts: opts.max_attempts,
         backoff: opts.backoff,
+        group: opts.group,
+        concurrency: opts.concurrency,
+        concurrency_per_group: opts.concurrency_per_group,
+        rate: opts.rate,
+        rate_per_group: opts.rate_per_group,
+        schedule: opts.schedule,
     });
     (valid, errors.finish())
 }
@@ -279,15 +315,32 @@ struct Options {
     lease: Option<Duration>,
     max_attempts: Option<u32>,
     backoff: Option<Duration>,
+    group: Option<Ident>,
+    concurrency: Option<u32>,
+    concurrency_per_group: Option<u32>,
+    rate: Option<(u32, Duration)>,
+    rate_per_group: Option<(u32, Duration)>,
+    schedule: Option<(Schedule, Span)>,
 }
 
-/// Every option is known, given once, flags take no value and values are well formed;
-/// `exactly_once` and `at_least_once` exclude each other; `dedup` needs `exactly_once`.
-fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
+/// Where each option that takes part in a check across options was written.
+#[derive(Default)]
+struct Spans {
+    /// `exactly_once` or `at_least_once`, whichever was given.
+    processing: Option<(Ident, Span)>,
+    dedup: Option<Span>,
+    group: Option<Span>,
+    concurrency_per_group: Option<Span>,
+    /// `every` or `cron`, whichever was given first.
+    schedule: Option<(Ident, Span)>,
+}
+
+/// Every option is known, given once, flags take no value and values are well formed; then
+/// the checks across options ([`check_combinations`]).
+fn check_options(opts: &[Opt], item: &syn::Item, errors: &mut Errors) -> Options {
     let mut out = Options::default();
     let mut seen: Vec<(String, Span)> = Vec::new();
-    let mut processing: Option<(Ident, Span)> = None;
-    let mut dedup_span = None;
+    let mut spans = Spans::default();
     let before = errors.count();
     for opt in opts {
         let (key, value) = match opt {
@@ -316,61 +369,308 @@ fn check_options(opts: &[Opt], errors: &mut Errors) -> Options {
         }
         seen.push((name.clone(), key.span()));
         let is_flag = FLAGS.contains(&name.as_str());
-        match (is_flag, value) {
+        let value = match (is_flag, value) {
             (true, Some(v)) => {
                 errors.push_spanned(v, format!("`{name}` takes no value: write `{name}` alone"));
                 continue;
             }
             (false, None) => {
-                let example = if name == "max_attempts" {
-                    "5"
-                } else {
-                    "\"30s\""
-                };
+                let example = example_value(&name);
                 errors.push(
                     key.span(),
                     format!("`{name}` needs a value: `{name} = {example}`"),
                 );
                 continue;
             }
-            _ => {}
-        }
-        match (name.as_str(), value) {
-            ("exactly_once" | "at_least_once", None) => {
-                if let Some((first, _)) = &processing {
-                    errors.push(
-                        key.span(),
-                        format!("`{key}` conflicts with `{first}`: a channel is either `exactly_once` or `at_least_once`"),
-                    );
-                } else {
-                    out.exactly_once = name == "exactly_once";
-                    processing = Some((key.clone(), key.span()));
-                }
+            (_, value) => value,
+        };
+        let Some(v) = value else {
+            // `exactly_once` or `at_least_once`.
+            if let Some((first, _)) = &spans.processing {
+                errors.push(
+                    key.span(),
+                    format!("`{key}` conflicts with `{first}`: a channel is either `exactly_once` or `at_least_once`"),
+                );
+            } else {
+                out.exactly_once = name == "exactly_once";
+                spans.processing = Some((key.clone(), key.span()));
             }
-            ("dedup", Some(v)) => {
-                dedup_span = Some(key.span());
+            continue;
+        };
+        match name.as_str() {
+            "dedup" => {
+                spans.dedup = Some(key.span());
                 out.dedup = parse_duration(v, "dedup", errors).map(|(d, _)| d);
             }
-            ("lease", Some(v)) => out.lease = parse_duration(v, "lease", errors).map(|(d, _)| d),
-            ("backoff", Some(v)) => {
-                out.backoff = parse_duration(v, "backoff", errors).map(|(d, _)| d)
+            "lease" => out.lease = parse_duration(v, "lease", errors).map(|(d, _)| d),
+            "backoff" => out.backoff = parse_duration(v, "backoff", errors).map(|(d, _)| d),
+            "max_attempts" => out.max_attempts = parse_positive_int(v, "max_attempts", errors),
+            "group" => {
+                spans.group = Some(key.span());
+                out.group = group_field(key, v, item, errors);
             }
-            ("max_attempts", Some(v)) => {
-                out.max_attempts = parse_positive_int(v, "max_attempts", errors)
+            "concurrency" => {
+                out.concurrency = parse_limit(v, "concurrency", "omit it for no limit", errors);
+            }
+            "concurrency_per_group" => {
+                spans.concurrency_per_group = Some(v.span());
+                out.concurrency_per_group = parse_limit(
+                    v,
+                    "concurrency_per_group",
+                    "the default, 1, keeps each group in produce order",
+                    errors,
+                );
+            }
+            "rate" => out.rate = parse_rate(v, "rate", errors),
+            "rate_per_group" => out.rate_per_group = parse_rate(v, "rate_per_group", errors),
+            "every" | "cron" => {
+                if let Some((first, _)) = &spans.schedule {
+                    errors.push(
+                        key.span(),
+                        format!(
+                            "`{key}` conflicts with `{first}`: a periodic channel has one schedule, either `every` or `cron`"
+                        ),
+                    );
+                    continue;
+                }
+                spans.schedule = Some((key.clone(), key.span()));
+                let schedule = if name == "every" {
+                    every(v, errors)
+                } else {
+                    cron(v, errors)
+                };
+                out.schedule = schedule.map(|s| (s, key.span()));
             }
             _ => unreachable!("every option is matched above"),
         }
     }
     // Checks across options only when each option was understood: `exactly_onse` with
     // `dedup` is one typo, not also a `dedup` without `exactly_once`.
-    if let Some(span) = dedup_span
+    if errors.count() == before {
+        check_combinations(&mut out, &spans, errors);
+    }
+    out
+}
+
+/// A value to show in "`option` needs a value" errors.
+fn example_value(option: &str) -> &'static str {
+    match option {
+        "max_attempts" => "5",
+        "concurrency" | "concurrency_per_group" => "4",
+        "rate" | "rate_per_group" => "\"100/1s\"",
+        "group" => "customer_id",
+        "every" => "\"1h\"",
+        "cron" => "\"0 0 * * *\"",
+        _ => "\"30s\"",
+    }
+}
+
+/// The options that exclude each other, each conflict one error; the option in conflict is
+/// dropped, so that the channel still expands with the rest.
+///
+/// - A periodic channel (`every` or `cron`) is exactly once with its own dedup window, the
+///   longest gap between its slots, so `dedup` and `at_least_once` contradict it; it produces
+///   one message per slot, so a `group` has nothing to order.
+/// - `dedup` needs `exactly_once`: an at-least-once channel keeps every produce.
+/// - `concurrency_per_group` above `concurrency` can never be reached.
+fn check_combinations(out: &mut Options, spans: &Spans, errors: &mut Errors) {
+    if let Some((schedule, _)) = &spans.schedule {
+        if let Some(span) = spans.dedup {
+            errors.push(
+                span,
+                format!(
+                    "`dedup` does not apply to a periodic channel: `{schedule}` deduplicates on each slot's time, over the longest gap between slots"
+                ),
+            );
+            out.dedup = None;
+        }
+        if let Some((processing, span)) = &spans.processing
+            && processing == "at_least_once"
+        {
+            errors.push(
+                *span,
+                format!(
+                    "`at_least_once` conflicts with `{schedule}`: a periodic channel is exactly once, one message per slot"
+                ),
+            );
+        }
+        if let Some(span) = spans.group {
+            errors.push(
+                span,
+                format!(
+                    "`group` does not apply to a periodic channel: `{schedule}` produces one message per slot, so there is nothing to order"
+                ),
+            );
+            out.group = None;
+        }
+    } else if let Some(span) = spans.dedup
         && !out.exactly_once
-        && errors.count() == before
     {
         errors.push(
             span,
             "`dedup` applies only to `exactly_once` channels: add `exactly_once` or remove `dedup`",
         );
     }
-    out
+    if let (Some(all), Some(per_group), Some(span)) = (
+        out.concurrency,
+        out.concurrency_per_group,
+        spans.concurrency_per_group,
+    ) && per_group > all
+    {
+        errors.push(
+            span,
+            format!(
+                "`concurrency_per_group = {per_group}` can never be reached: `concurrency = {all}` allows at most {all} in flight across all groups"
+            ),
+        );
+        out.concurrency_per_group = None;
+    }
+}
+
+/// `group` names a field of the message struct by its identifier: the field's value is read
+/// from every message at produce time, so it must be a named field of a struct.
+fn group_field(key: &Ident, value: &Expr, item: &syn::Item, errors: &mut Errors) -> Option<Ident> {
+    let example = "such as `group = customer_id`";
+    let field = match value {
+        Expr::Path(p)
+            if p.attrs.is_empty() && p.qself.is_none() && p.path.get_ident().is_some() =>
+        {
+            p.path.get_ident().cloned()?
+        }
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Str(s), ..
+        }) => {
+            let message = match syn::parse_str::<Ident>(&s.value()) {
+                Ok(ident) => format!(
+                    "`group` takes a field name, not a string, did you mean `group = {ident}`?"
+                ),
+                Err(_) => format!("`group` takes a field name, not a string, {example}"),
+            };
+            errors.push(s.span(), message);
+            return None;
+        }
+        other => {
+            errors.push_spanned(
+                other,
+                format!("`group` takes the name of a field, {example}"),
+            );
+            return None;
+        }
+    };
+    let (ident, fields) = match item {
+        syn::Item::Struct(s) => (&s.ident, &s.fields),
+        syn::Item::Enum(e) => {
+            errors.push(
+                key.span(),
+                format!(
+                    "`group` names a field of a struct, and `{}` is an enum: group its messages with `.group(key)` on its producer instead",
+                    e.ident
+                ),
+            );
+            return None;
+        }
+        // `check_item` says what the item should be.
+        _ => return None,
+    };
+    let named = match fields {
+        syn::Fields::Named(named) => named,
+        syn::Fields::Unnamed(_) => {
+            errors.push(
+                key.span(),
+                format!(
+                    "`group` names a field of a struct with named fields, and `{ident}` is a tuple struct"
+                ),
+            );
+            return None;
+        }
+        syn::Fields::Unit => {
+            errors.push(
+                key.span(),
+                format!("`group` names a field of a struct, and `{ident}` has no fields"),
+            );
+            return None;
+        }
+    };
+    let names: Vec<String> = named
+        .named
+        .iter()
+        .filter_map(|f| f.ident.as_ref().map(|i| i.unraw().to_string()))
+        .collect();
+    let wanted = field.unraw().to_string();
+    if names.contains(&wanted) {
+        return Some(field);
+    }
+    let message = match closest(&wanted, names.iter().map(String::as_str)) {
+        Some(close) => format!("no field `{wanted}` on `{ident}`, did you mean `{close}`?"),
+        None if names.is_empty() => format!("no field `{wanted}` on `{ident}`, it has no fields"),
+        None => format!(
+            "no field `{wanted}` on `{ident}`, its fields are {}",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    errors.push(field.span(), message);
+    None
+}
+
+/// `every` is a period of at least [`MIN_EVERY`]: each slot costs a durable produce and a
+/// delayed delivery, which a faster schedule would spend on nothing but ticking.
+fn every(value: &Expr, errors: &mut Errors) -> Option<Schedule> {
+    let (period, span) = parse_duration(value, "every", errors)?;
+    if period < MIN_EVERY {
+        errors.push(
+            span,
+            format!(
+                "`every = {}` is too short: a periodic channel fires at most once a second",
+                value.to_token_stream()
+            ),
+        );
+        return None;
+    }
+    Some(Schedule::Every(period))
+}
+
+/// `cron` is a string the run time can read (five fields, or six with seconds first) that
+/// fires at least twice; its longest gap between slots becomes the dedup window, so it is
+/// computed here, from a fixed instant, for reproducible builds.
+fn cron(value: &Expr, errors: &mut Errors) -> Option<Schedule> {
+    let Expr::Lit(syn::ExprLit {
+        lit: Lit::Str(s), ..
+    }) = value
+    else {
+        errors.push_spanned(
+            value,
+            "`cron` must be a string such as `cron = \"0 0 * * *\"` (minute, hour, day of month, month, weekday, in UTC)",
+        );
+        return None;
+    };
+    let expr = s.value();
+    if expr.trim().is_empty() {
+        errors.push(
+            s.span(),
+            "`cron` must not be empty: give an expression such as `\"0 0 * * *\"`",
+        );
+        return None;
+    }
+    let parsed = match schedule::parse_cron(&expr) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(
+                s.span(),
+                format!("invalid cron expression `{expr}`: {}", schedule::quiet(&e)),
+            );
+            return None;
+        }
+    };
+    let Some(longest_gap) = schedule::longest_gap(&parsed) else {
+        errors.push(
+            s.span(),
+            format!("cron expression `{expr}` never fires twice: a periodic channel needs a repeating schedule"),
+        );
+        return None;
+    };
+    Some(Schedule::Cron { expr, longest_gap })
 }

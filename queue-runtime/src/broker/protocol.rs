@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use queue_core::{
     Cancelled, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, MessageState, Outcome,
-    Outgoing, Processing, QueueError, RawDelivery, Receipt, StoredMessage,
+    Outgoing, Processing, QueueError, Rate, RawDelivery, Receipt, Schedule, StoredMessage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +67,52 @@ pub struct WireSpec {
     pub max_attempts: i64,
     pub backoff_ms: i64,
     pub max_backoff_ms: i64,
+    /// 0 for no limit.
+    #[serde(default)]
+    pub concurrency: i64,
+    #[serde(default = "one")]
+    pub concurrency_per_group: i64,
+    #[serde(default)]
+    pub rate: Option<WireRate>,
+    #[serde(default)]
+    pub rate_per_group: Option<WireRate>,
+    /// The period of an `every` schedule.
+    #[serde(default)]
+    pub every_ms: Option<i64>,
+    /// The expression of a `cron` schedule.
+    #[serde(default)]
+    pub cron: Option<String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// A rate limit on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRate {
+    pub limit: i64,
+    pub per_ms: i64,
+}
+
+impl From<Rate> for WireRate {
+    fn from(r: Rate) -> Self {
+        WireRate {
+            limit: i64::from(r.limit),
+            per_ms: ms(r.per),
+        }
+    }
+}
+
+impl WireRate {
+    fn to_rate(self) -> Result<Rate, QueueError> {
+        let limit = u32::try_from(self.limit)
+            .map_err(|_| QueueError::Protocol("a rate's limit must be 0 to 2^32-1".into()))?;
+        Ok(Rate {
+            limit,
+            per: dur(self.per_ms),
+        })
+    }
 }
 
 impl From<&ChannelSpec> for WireSpec {
@@ -79,6 +125,18 @@ impl From<&ChannelSpec> for WireSpec {
             max_attempts: i64::from(s.max_attempts),
             backoff_ms: ms(s.backoff),
             max_backoff_ms: ms(s.max_backoff),
+            concurrency: i64::from(s.concurrency),
+            concurrency_per_group: i64::from(s.concurrency_per_group),
+            rate: s.rate.map(WireRate::from),
+            rate_per_group: s.rate_per_group.map(WireRate::from),
+            every_ms: match &s.schedule {
+                Some(Schedule::Every(d)) => Some(ms(*d)),
+                _ => None,
+            },
+            cron: match &s.schedule {
+                Some(Schedule::Cron(expr)) => Some(expr.to_string()),
+                _ => None,
+            },
         }
     }
 }
@@ -100,7 +158,26 @@ impl WireSpec {
                 "lease must be longer than zero".into(),
             ));
         }
-        Ok(ChannelSpec {
+        let count = |what: &str, v: i64| {
+            u32::try_from(v)
+                .map_err(|_| QueueError::Protocol(format!("{what} must be 0 to 2^32-1")))
+        };
+        let schedule = match (self.every_ms, &self.cron) {
+            (Some(_), Some(_)) => {
+                return Err(QueueError::Protocol(
+                    "a channel has `every` or `cron`, not both".into(),
+                ));
+            }
+            (Some(p), None) if p > 0 => Some(Schedule::Every(dur(p))),
+            (Some(_), None) => {
+                return Err(QueueError::Protocol(
+                    "`every` must be longer than zero".into(),
+                ));
+            }
+            (None, Some(expr)) => Some(Schedule::Cron(Cow::Owned(expr.clone()))),
+            (None, None) => None,
+        };
+        let spec = ChannelSpec {
             name: Cow::Owned(self.name.clone()),
             processing: if self.exactly_once {
                 Processing::ExactlyOnce
@@ -112,7 +189,14 @@ impl WireSpec {
             max_attempts,
             backoff: dur(self.backoff_ms),
             max_backoff: dur(self.max_backoff_ms),
-        })
+            concurrency: count("concurrency", self.concurrency)?,
+            concurrency_per_group: count("concurrency_per_group", self.concurrency_per_group)?,
+            rate: self.rate.map(WireRate::to_rate).transpose()?,
+            rate_per_group: self.rate_per_group.map(WireRate::to_rate).transpose()?,
+            schedule,
+        };
+        spec.check()?;
+        Ok(spec)
     }
 }
 
@@ -123,6 +207,8 @@ pub struct WireOutgoing {
     pub dedup_key: Option<i64>,
     pub delay_ms: i64,
     pub priority: i32,
+    #[serde(default)]
+    pub group: Option<i64>,
 }
 
 impl From<Outgoing> for WireOutgoing {
@@ -132,6 +218,7 @@ impl From<Outgoing> for WireOutgoing {
             dedup_key: o.dedup_key.map(|k| k as i64),
             delay_ms: ms(o.delay),
             priority: i32::from(o.priority),
+            group: o.group.map(|g| g as i64),
         }
     }
 }
@@ -148,6 +235,7 @@ impl WireOutgoing {
             delay: dur(self.delay_ms),
             priority: u8::try_from(self.priority)
                 .map_err(|_| QueueError::Protocol("priority must be 0 to 255".into()))?,
+            group: self.group.map(|g| g as u64),
         })
     }
 }
@@ -416,6 +504,8 @@ pub struct WireStats {
     pub paused: bool,
     #[serde(default)]
     pub counted_since: i64,
+    #[serde(default)]
+    pub next_due: Option<i64>,
 }
 
 impl From<ChannelStats> for WireStats {
@@ -436,6 +526,7 @@ impl From<ChannelStats> for WireStats {
             consumers: w(s.consumers),
             paused: s.paused,
             counted_since: w(s.counted_since),
+            next_due: s.next_due.map(w),
         }
     }
 }
@@ -458,6 +549,7 @@ impl From<WireStats> for ChannelStats {
             consumers: c(s.consumers),
             paused: s.paused,
             counted_since: c(s.counted_since),
+            next_due: s.next_due.map(c),
         }
     }
 }
@@ -950,12 +1042,18 @@ mod tests {
 
     #[test]
     fn frames_round_trip_through_bson() {
-        let spec = ChannelSpec::new("a/b").exactly_once(Duration::from_secs(1));
+        let spec = ChannelSpec::new("a/b")
+            .exactly_once(Duration::from_secs(1))
+            .concurrency(7)
+            .concurrency_per_group(2)
+            .rate(100, Duration::from_secs(1))
+            .rate_per_group(5, Duration::from_secs(60));
         let out = Outgoing {
             payload: vec![1, 2, 3],
             dedup_key: Some(u64::MAX - 5),
             delay: Duration::from_millis(7),
             priority: 9,
+            group: Some(u64::MAX - 1),
         };
         let frame = ClientFrame {
             id: 42,
@@ -975,6 +1073,14 @@ mod tests {
         };
         assert_eq!(s.to_spec().unwrap(), spec);
         assert_eq!(messages[0].clone().into_outgoing().unwrap(), out);
+        for periodic in [
+            ChannelSpec::new("p").every(Duration::from_secs(60)),
+            ChannelSpec::new("p").cron("0 0 * * *", Duration::from_secs(86_400)),
+        ] {
+            let wire = WireSpec::from(&periodic);
+            let back: WireSpec = decode(&encode(&wire).unwrap()).unwrap();
+            assert_eq!(back.to_spec().unwrap(), periodic);
+        }
 
         let lease = Lease {
             channel: "a/b".into(),
@@ -1066,6 +1172,7 @@ mod tests {
                     dedup_key: Some(-9),
                     delay_ms: 5,
                     priority: 4,
+                    group: Some(-3),
                 }],
                 key: Some("k1".into()),
             },
@@ -1201,6 +1308,7 @@ mod tests {
             dedup_key: None,
             delay_ms: 0,
             priority: 300,
+            group: None,
         };
         assert!(o.into_outgoing().is_err());
     }

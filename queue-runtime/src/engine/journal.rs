@@ -27,6 +27,8 @@ pub struct Produced<'a> {
     pub priority: u8,
     /// `(dedup key, window end)` on a channel that deduplicates.
     pub dedup: Option<(u64, Timestamp)>,
+    /// Its group's hash, for a grouped message.
+    pub group: Option<u64>,
     /// The BSON payload.
     pub payload: &'a [u8],
 }

@@ -302,6 +302,7 @@ impl<J: Journal> Engine<J> {
                     due: due_at(now, out.delay),
                     priority: out.priority,
                     dedup,
+                    group: out.group.and_then(std::num::NonZeroU64::new),
                 });
             }
             let keyed = key.map(|(k, window)| (k, due_at(now, window)));
@@ -317,6 +318,7 @@ impl<J: Journal> Engine<J> {
                     due: f.due,
                     priority: out.priority,
                     dedup: f.dedup.map(|k| (k, expires)),
+                    group: f.group.map(std::num::NonZeroU64::get),
                     payload: &out.payload,
                 }));
             }
@@ -688,7 +690,7 @@ impl<J: Journal> Engine<J> {
         self.tick(&cell);
         let listed: Vec<(Entry<J::Payload>, MessageState, Timestamp)> = cell
             .lock()
-            .peek(limit)
+            .peek(limit, self.now())
             .into_iter()
             .map(|(e, s, d)| (e.clone(), s, d))
             .collect();
@@ -750,8 +752,10 @@ impl<J: Journal> Engine<J> {
         channel: &str,
         ids: Option<&[MessageId]>,
     ) -> Result<u64, QueueError> {
-        self.change_stored(channel, |state| (state.redrive(ids), Gone::new()))
-            .await
+        self.change_stored(channel, |state| {
+            (state.redrive(ids, self.now()), Gone::new())
+        })
+        .await
     }
 
     /// Deletes dead letters; 0 for a channel never seen.
@@ -995,6 +999,7 @@ struct Fresh {
     due: Timestamp,
     priority: u8,
     dedup: Option<u64>,
+    group: Option<std::num::NonZeroU64>,
 }
 
 /// What a produce does once its journal append is durable (or failed).
@@ -1027,6 +1032,7 @@ impl<J: Journal> ProduceDone<J> {
                         attempts: 0,
                         priority: f.priority,
                         produced_at: self.produced_at,
+                        group: f.group,
                     };
                     state.insert(entry, f.due, now);
                 }

@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::num::NonZeroU64;
 
 use super::keys::KeyWindow;
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct Entry<P> {
     pub priority: u8,
     /// When it was produced.
     pub produced_at: Timestamp,
+    /// Its group's hash, for grouped messages.
+    pub group: Option<NonZeroU64>,
 }
 
 /// A message held under a lease.
@@ -142,6 +145,43 @@ struct Counters {
     lease_expiries: u64,
 }
 
+/// The messages of one group that the channel knows.
+#[derive(Debug)]
+struct Group<P> {
+    /// Messages of the group that may be delivered: ready, delayed (backing off included) or
+    /// held. At most the channel's `concurrency_per_group`, and always the oldest.
+    live: u32,
+    /// The group's later messages, by id (produce order), with their due times.
+    parked: BTreeMap<MessageId, (Entry<P>, Timestamp)>,
+}
+
+impl<P> Default for Group<P> {
+    fn default() -> Self {
+        Group {
+            live: 0,
+            parked: BTreeMap::new(),
+        }
+    }
+}
+
+/// Deliveries started in the current window of a rate limit.
+#[derive(Debug, Default, Clone, Copy)]
+struct Window {
+    start: Timestamp,
+    used: u32,
+}
+
+impl Window {
+    /// Whether `rate` allows one more delivery at `now`; moves to `now`'s window first.
+    fn allows(&mut self, rate: queue_core::Rate, now: Timestamp) -> bool {
+        let (start, _) = rate.window(now);
+        if self.start != start {
+            *self = Window { start, used: 0 };
+        }
+        self.used < rate.limit
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ConsumerSlot {
     max_parallel: u32,
@@ -164,6 +204,16 @@ pub struct ChannelState<P> {
     paused: bool,
     /// Leases of cancelled messages, until their deadlines.
     cancelled: KeyWindow<(MessageId, u64), ()>,
+    /// Groups with messages, by hash.
+    groups: HashMap<NonZeroU64, Group<P>>,
+    /// Messages parked behind an earlier one of their group.
+    parked_len: usize,
+    /// The channel's rate window.
+    rate: Window,
+    /// Each group's rate window, while it is current.
+    group_rates: HashMap<NonZeroU64, Window>,
+    /// When the channel's rate allows deliveries again, while it holds ready messages back.
+    rate_blocked: Option<Timestamp>,
 }
 
 impl<P: Clone> ChannelState<P> {
@@ -182,6 +232,11 @@ impl<P: Clone> ChannelState<P> {
             counters: Counters::default(),
             paused: false,
             cancelled: KeyWindow::new(MAX_CANCELLED),
+            groups: HashMap::new(),
+            parked_len: 0,
+            rate: Window::default(),
+            group_rates: HashMap::new(),
+            rate_blocked: None,
         }
     }
 
@@ -233,16 +288,26 @@ impl<P: Clone> ChannelState<P> {
         }
         self.dedup.expire(now);
         self.cancelled.expire(now);
+        if self.rate_blocked.is_some_and(|at| at <= now) {
+            self.rate_blocked = None;
+        }
+        if let Some(rate) = self.spec.rate_per_group {
+            let (start, _) = rate.window(now);
+            if self.group_rates.values().any(|w| w.start != start) {
+                self.group_rates.retain(|_, w| w.start == start);
+            }
+        }
     }
 
-    /// The earliest time a lease lapses or a delayed message becomes due.
+    /// The earliest time a lease lapses, a delayed message becomes due, or the channel's rate
+    /// allows the ready messages it holds back.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
         let lease = self.deadlines.first().map(|(t, _)| *t);
         let delayed = self.delayed.first_key_value().map(|((t, _), _)| *t);
-        match (lease, delayed) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [lease, delayed, self.rate_blocked]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The original message for a dedup key inside its window.
@@ -273,7 +338,52 @@ impl<P: Clone> ChannelState<P> {
     /// Adds a message, ready at `due` (at once when `due <= now`).
     pub fn insert(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
         self.counters.produced += 1;
-        self.place(entry, due, now);
+        self.arrive(entry, due, now);
+    }
+
+    /// A message joins the channel: placed by `due`, or parked behind the earlier messages
+    /// of its group while they fill the group's `concurrency_per_group`.
+    fn arrive(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
+        let Some(group) = entry.group else {
+            return self.place(entry, due, now);
+        };
+        self.groups
+            .entry(group)
+            .or_default()
+            .parked
+            .insert(entry.id, (entry, due));
+        self.parked_len += 1;
+        self.admit(group, now);
+    }
+
+    /// Lets a group's oldest parked messages in while it has room.
+    fn admit(&mut self, group: NonZeroU64, now: Timestamp) {
+        let limit = self.spec.concurrency_per_group.max(1);
+        while let Some(g) = self.groups.get_mut(&group)
+            && g.live < limit
+            && let Some((_, (entry, due))) = g.parked.pop_first()
+        {
+            g.live += 1;
+            self.parked_len -= 1;
+            self.place(entry, due, now);
+        }
+    }
+
+    /// A delivered, dead or deleted message leaves its group, and lets the next one in.
+    fn depart(&mut self, group: Option<NonZeroU64>, now: Timestamp) {
+        let Some(group) = group else { return };
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        g.live = g.live.saturating_sub(1);
+        self.admit(group, now);
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.live == 0 && g.parked.is_empty())
+        {
+            self.groups.remove(&group);
+        }
     }
 
     fn place(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
@@ -337,6 +447,7 @@ impl<P: Clone> ChannelState<P> {
 
     fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) -> Change {
         self.counters.dead_lettered += 1;
+        self.depart(entry.group, now);
         let change = Change::Died {
             id: entry.id,
             attempts: entry.attempts,
@@ -406,14 +517,39 @@ impl<P: Clone> ChannelState<P> {
         if self.paused || self.capacity(consumer) == 0 {
             return None;
         }
+        let limit = self.spec.concurrency as usize;
+        if limit > 0 && self.leased.len() >= limit {
+            return None;
+        }
+        if let Some(rate) = self.spec.rate
+            && !self.rate.allows(rate, now)
+        {
+            if self.has_ready() {
+                self.rate_blocked = Some(rate.window(now).1);
+            }
+            return None;
+        }
         let mut entry = loop {
             let entry = self.pop_ready()?;
-            if entry.attempts < self.spec.max_attempts {
-                break entry;
+            if entry.attempts >= self.spec.max_attempts {
+                let error = lost_text(entry.attempts, self.spec.max_attempts);
+                changes.push(self.bury(entry, error, now));
+                continue;
             }
-            let error = lost_text(entry.attempts, self.spec.max_attempts);
-            changes.push(self.bury(entry, error, now));
+            if let (Some(rate), Some(group)) = (self.spec.rate_per_group, entry.group) {
+                let window = self.group_rates.entry(group).or_default();
+                if !window.allows(rate, now) {
+                    // Ready again when its group's window turns; nothing durable changes.
+                    self.delayed.insert((rate.window(now).1, entry.id), entry);
+                    continue;
+                }
+                window.used += 1;
+            }
+            break entry;
         };
+        if self.spec.rate.is_some() {
+            self.rate.used += 1;
+        }
         entry.attempts = entry.attempts.saturating_add(1);
         let deadline = now.saturating_add(millis(self.spec.lease));
         changes.push(Change::Leased {
@@ -469,6 +605,7 @@ impl<P: Clone> ChannelState<P> {
             self.release_slot(held.consumer);
             let until = held.deadline.max(now.saturating_add(1));
             self.cancelled.insert((id, held.token), (), until, now);
+            self.depart(held.entry.group, now);
             return Ok((
                 Change::Purged { id },
                 held.entry.payload,
@@ -487,11 +624,27 @@ impl<P: Clone> ChannelState<P> {
                 self.ready.remove(&priority);
             }
             self.ready_len -= 1;
+            self.depart(entry.group, now);
             return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
         }
         let due = self.delayed.keys().find(|(_, d)| *d == id).copied();
         if let Some(key) = due {
             let entry = self.delayed.remove(&key).expect("found");
+            self.depart(entry.group, now);
+            return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
+        }
+        let parked = self
+            .groups
+            .iter()
+            .find(|(_, g)| g.parked.contains_key(&id))
+            .map(|(group, _)| *group);
+        if let Some(group) = parked {
+            let g = self.groups.get_mut(&group).expect("found");
+            let (entry, _) = g.parked.remove(&id).expect("found");
+            if g.live == 0 && g.parked.is_empty() {
+                self.groups.remove(&group);
+            }
+            self.parked_len -= 1;
             return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
         }
         Err(QueueError::UnknownMessage {
@@ -541,6 +694,7 @@ impl<P: Clone> ChannelState<P> {
         let change = match outcome {
             Outcome::Ack => {
                 self.counters.acked += 1;
+                self.depart(entry.group, now);
                 return Ok((Change::Acked { id }, Some(entry.payload)));
             }
             Outcome::Retry { after, error } => {
@@ -600,7 +754,7 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// Moves dead letters back to ready with attempts reset.
-    pub fn redrive(&mut self, ids: Option<&[MessageId]>) -> Vec<Change> {
+    pub fn redrive(&mut self, ids: Option<&[MessageId]>, now: Timestamp) -> Vec<Change> {
         let chosen: Vec<MessageId> = match ids {
             Some(ids) => ids
                 .iter()
@@ -614,7 +768,7 @@ impl<P: Clone> ChannelState<P> {
             .map(|id| {
                 let mut dead = self.dead.remove(&id).expect("filtered").entry;
                 dead.attempts = 0;
-                self.push_ready_back(dead);
+                self.arrive(dead, now, now);
                 Change::Redriven { id }
             })
             .collect()
@@ -636,11 +790,23 @@ impl<P: Clone> ChannelState<P> {
     pub fn purge_pending(&mut self) -> (Vec<Change>, Vec<P>) {
         let ready = std::mem::take(&mut self.ready).into_values().flatten();
         let delayed = std::mem::take(&mut self.delayed).into_values();
+        let parked = std::mem::take(&mut self.groups)
+            .into_values()
+            .flat_map(|g| g.parked.into_values().map(|(e, _)| e));
         self.ready_len = 0;
-        ready
+        self.parked_len = 0;
+        let gone: (Vec<Change>, Vec<P>) = ready
             .chain(delayed)
+            .chain(parked)
             .map(|e| (Change::Purged { id: e.id }, e.payload))
-            .unzip()
+            .unzip();
+        // What stays of each group: its messages in flight.
+        for held in self.leased.values() {
+            if let Some(group) = held.entry.group {
+                self.groups.entry(group).or_default().live += 1;
+            }
+        }
+        gone
     }
 
     /// Restores a message after recovery: ready or delayed by `due`, or dead with its error.
@@ -662,7 +828,7 @@ impl<P: Clone> ChannelState<P> {
                     },
                 );
             }
-            None => self.place(entry, due, now),
+            None => self.arrive(entry, due, now),
         }
     }
 
@@ -689,6 +855,11 @@ impl<P: Clone> ChannelState<P> {
                 h.entry.payload = relocate(&h.entry, 0, None);
             }
         }
+        for (e, due) in self.groups.values_mut().flat_map(|g| g.parked.values_mut()) {
+            if pick(e) {
+                e.payload = relocate(e, *due, None);
+            }
+        }
         for d in self.dead.values_mut() {
             if pick(&d.entry) {
                 d.entry.payload = relocate(&d.entry, 0, Some((d.dead_at, &d.error)));
@@ -701,8 +872,9 @@ impl<P: Clone> ChannelState<P> {
         self.dead.values().take(limit)
     }
 
-    /// Pending messages in delivery order: ready, then delayed, then in flight.
-    pub fn peek(&self, limit: usize) -> Vec<(&Entry<P>, MessageState, Timestamp)> {
+    /// Pending messages in delivery order: ready, then delayed, then those waiting for an
+    /// earlier message of their group, then in flight.
+    pub fn peek(&self, limit: usize, now: Timestamp) -> Vec<(&Entry<P>, MessageState, Timestamp)> {
         let ready = self
             .ready
             .values()
@@ -712,12 +884,30 @@ impl<P: Clone> ChannelState<P> {
             .delayed
             .iter()
             .map(|((due, _), e)| (e, MessageState::Delayed, *due));
+        let mut parked: Vec<(&Entry<P>, Timestamp)> = self
+            .groups
+            .values()
+            .flat_map(|g| g.parked.values().map(|(e, due)| (e, *due)))
+            .collect();
+        parked.sort_unstable_by_key(|(e, _)| e.id);
+        let parked = parked.into_iter().map(|(e, due)| {
+            if due <= now {
+                (e, MessageState::Ready, 0)
+            } else {
+                (e, MessageState::Delayed, due)
+            }
+        });
         let mut held: Vec<&Held<P>> = self.leased.values().collect();
         held.sort_unstable_by_key(|h| h.token);
         let held = held
             .into_iter()
             .map(|h| (&h.entry, MessageState::InFlight, h.deadline));
-        ready.chain(delayed).chain(held).take(limit).collect()
+        ready
+            .chain(delayed)
+            .chain(parked)
+            .chain(held)
+            .take(limit)
+            .collect()
     }
 
     /// Counters and depths.
@@ -725,7 +915,7 @@ impl<P: Clone> ChannelState<P> {
         let c = &self.counters;
         ChannelStats {
             channel: self.spec.name.to_string(),
-            ready: self.ready_len as u64,
+            ready: (self.ready_len + self.parked_len) as u64,
             delayed: self.delayed.len() as u64,
             in_flight: self.leased.len() as u64,
             dead: self.dead.len() as u64,
@@ -738,6 +928,7 @@ impl<P: Clone> ChannelState<P> {
             consumers: self.consumers.len() as u64,
             paused: self.paused,
             counted_since: 0,
+            next_due: self.delayed.first_key_value().map(|((due, _), _)| *due),
         }
     }
 
@@ -749,6 +940,11 @@ impl<P: Clone> ChannelState<P> {
             .chain(self.delayed.values())
             .chain(self.leased.values().map(|h| &h.entry))
             .chain(self.dead.values().map(|d| &d.entry))
+            .chain(
+                self.groups
+                    .values()
+                    .flat_map(|g| g.parked.values().map(|(e, _)| e)),
+            )
     }
 }
 
@@ -763,6 +959,7 @@ mod tests {
             attempts: 0,
             priority,
             produced_at: 0,
+            group: None,
         }
     }
 
@@ -926,6 +1123,131 @@ mod tests {
         assert_eq!(error, "worker lost on attempt 3 of 3");
         assert!(s.take(2, 4, 5, &mut Vec::new()).is_none());
         assert_eq!(s.stats().dead, 1);
+    }
+
+    fn grouped(id: u64, group: u64) -> Entry<()> {
+        Entry {
+            group: NonZeroU64::new(group),
+            ..entry(id, 0)
+        }
+    }
+
+    fn take_all(s: &mut ChannelState<()>, token: &mut u64, now: Timestamp) -> Vec<u64> {
+        let mut ids = Vec::new();
+        loop {
+            *token += 1;
+            match s.take(1, *token, now, &mut Vec::new()) {
+                Some(h) => ids.push(h.entry.id.0),
+                None => return ids,
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_hands_out_its_oldest_message_only_until_it_leaves() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 100);
+        for (id, g) in [(1, 7), (2, 7), (3, 8), (4, 7), (5, 0)] {
+            s.insert(grouped(id, g), 0, 0);
+        }
+        assert_eq!(s.stats().ready, 5, "parked messages count as ready");
+        let mut token = 0;
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1, 3, 5]);
+        // A retry keeps the group; its backoff holds the next one back.
+        let retry = Outcome::Retry {
+            after: None,
+            error: "x".into(),
+        };
+        s.settle(MessageId(1), 1, retry, 0, 0.0).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 0), Vec::<u64>::new());
+        s.tick(1_000, &mut Vec::new());
+        let again = take_all(&mut s, &mut token, 1_000);
+        assert_eq!(again, vec![1]);
+        s.settle(MessageId(1), token - 1, Outcome::Ack, 1_000, 0.0)
+            .unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 1_000), vec![2]);
+        // Cancelling the head in flight lets the next in.
+        s.cancel(MessageId(2), 1_000).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 1_000), vec![4]);
+        s.settle(MessageId(4), token - 1, Outcome::Ack, 1_000, 0.0)
+            .unwrap();
+        assert!(!s.groups.contains_key(&NonZeroU64::new(7).unwrap()));
+    }
+
+    #[test]
+    fn a_dead_letter_releases_its_group_and_a_redrive_queues_behind_the_live_head() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 100);
+        for id in 1..=3 {
+            s.insert(grouped(id, 7), 0, 0);
+        }
+        let mut token = 0;
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1]);
+        let dead = Outcome::DeadLetter { error: "x".into() };
+        s.settle(MessageId(1), 1, dead, 0, 0.0).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![2]);
+        let held = token - 1;
+        s.redrive(None, 0);
+        // Redriven, the oldest id waits for the group's message in flight.
+        assert_eq!(take_all(&mut s, &mut token, 0), Vec::<u64>::new());
+        s.settle(MessageId(2), held, Outcome::Ack, 0, 0.0).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1]);
+    }
+
+    #[test]
+    fn purging_pending_messages_keeps_the_group_of_one_in_flight() {
+        let mut s = ChannelState::new(spec());
+        s.add_consumer(1, 100);
+        for id in 1..=3 {
+            s.insert(grouped(id, 7), 0, 0);
+        }
+        let mut token = 0;
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1]);
+        let cancelled = s.cancel(MessageId(3), 0).unwrap();
+        assert_eq!(cancelled.2, Cancelled::Pending);
+        let (changes, _) = s.purge_pending();
+        assert_eq!(changes, vec![Change::Purged { id: MessageId(2) }]);
+        s.insert(grouped(4, 7), 0, 0);
+        assert_eq!(take_all(&mut s, &mut token, 0), Vec::<u64>::new());
+        s.settle(MessageId(1), 1, Outcome::Ack, 0, 0.0).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![4]);
+    }
+
+    #[test]
+    fn limits_bound_what_leaves_and_rates_turn_with_their_window() {
+        let mut s = ChannelState::new(spec().concurrency(2).rate(3, Duration::from_secs(1)));
+        s.add_consumer(1, 100);
+        for id in 1..=10 {
+            s.insert(entry(id, 0), 0, 0);
+        }
+        let mut token = 0;
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1, 2]);
+        s.settle(MessageId(1), 1, Outcome::Ack, 0, 0.0).unwrap();
+        assert_eq!(take_all(&mut s, &mut token, 10), vec![3]);
+        s.settle(MessageId(2), 2, Outcome::Ack, 10, 0.0).unwrap();
+        // The window's budget of 3 is spent; the wake-up is its end.
+        assert_eq!(take_all(&mut s, &mut token, 20), Vec::<u64>::new());
+        assert_eq!(s.next_wakeup(), Some(1_000));
+        s.tick(1_000, &mut Vec::new());
+        assert_eq!(take_all(&mut s, &mut token, 1_000), vec![4]);
+    }
+
+    #[test]
+    fn a_group_over_its_rate_waits_for_its_window_without_holding_others() {
+        let mut s = ChannelState::new(
+            spec()
+                .concurrency_per_group(10)
+                .rate_per_group(1, Duration::from_secs(1)),
+        );
+        s.add_consumer(1, 100);
+        for (id, g) in [(1, 7), (2, 7), (3, 8), (4, 8)] {
+            s.insert(grouped(id, g), 0, 0);
+        }
+        let mut token = 0;
+        assert_eq!(take_all(&mut s, &mut token, 0), vec![1, 3]);
+        assert_eq!(s.next_wakeup(), Some(1_000));
+        s.tick(1_000, &mut Vec::new());
+        assert_eq!(take_all(&mut s, &mut token, 1_000), vec![2, 4]);
     }
 
     #[test]

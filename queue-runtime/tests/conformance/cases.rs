@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 
 use super::{Harness, eventually, next, settle, still_waiting, within};
 
+pub use super::flow::*;
+
 #[channel("conf/jobs", lease = "10s", max_attempts = 3, backoff = "1s")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -931,6 +933,7 @@ pub async fn an_oversized_payload_is_refused_and_nothing_is_stored(h: &Harness) 
         dedup_key: None,
         delay: Duration::ZERO,
         priority: 0,
+        group: None,
     };
     let err = h.queue.produce_raw(&jobs(), vec![big]).await.unwrap_err();
     assert!(matches!(err, QueueError::PayloadTooLarge { .. }), "{err:?}");
@@ -944,6 +947,7 @@ pub async fn a_channel_name_beyond_the_limits_is_refused_and_nothing_is_stored(h
         dedup_key: None,
         delay: Duration::ZERO,
         priority: 0,
+        group: None,
     };
     let long = "a".repeat(queue_core::limits::MAX_CHANNEL_NAME + 1);
     for name in [long.as_str(), "a b", "/a", "채널"] {
@@ -1118,6 +1122,7 @@ pub async fn a_poison_payload_is_dead_lettered_at_once(h: &Harness) {
         dedup_key: None,
         delay: Duration::ZERO,
         priority: 0,
+        group: None,
     };
     h.queue.produce_raw(&jobs(), vec![garbage]).await.unwrap();
     let (tx, mut rx) = recorder();

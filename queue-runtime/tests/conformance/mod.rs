@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod cases;
+pub mod flow;
 
 use std::future::Future;
 use std::time::Duration;
@@ -155,6 +156,12 @@ macro_rules! conformance_suite {
             a_delivery_handler_can_retry_and_dead_letter_by_hand,
             stopping_a_consumer_waits_for_running_handlers,
             a_closed_queue_refuses_work,
+            groups_keep_produce_order_under_retries_across_two_consumers,
+            concurrency_per_group_lets_that_many_of_a_group_run,
+            a_global_concurrency_limit_holds_across_subscriptions,
+            a_rate_limit_delivers_its_budget_per_window_and_no_more,
+            a_rate_per_group_bounds_each_group,
+            a_periodic_channel_fires_once_per_slot_with_two_workers,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {

@@ -1,4 +1,4 @@
-//! The on-disk format of the embedded log (format version 2). See `docs/design.md`.
+//! The on-disk format of the embedded log (format version 3). See `docs/design.md`.
 //!
 //! A segment file is a 16-byte header (`QSEG`, the format version as `u16`, two reserved
 //! bytes, the segment number as `u64`) followed by records. A record is
@@ -13,9 +13,9 @@ use queue_core::limits;
 
 /// The segment magic.
 pub const MAGIC: &[u8; 4] = b"QSEG";
-/// The format version written. Version 2 added [`Record::Produced`]; version 1 segments,
-/// which lack it, are read too.
-pub const VERSION: u16 = 2;
+/// The format version written. Version 2 added [`Record::Produced`], version 3 a message's
+/// group; segments of versions 1 and 2, which lack them, are read too.
+pub const VERSION: u16 = 3;
 /// The oldest format version read.
 pub const OLDEST_VERSION: u16 = 1;
 /// Bytes of the segment header.
@@ -37,10 +37,21 @@ pub const READ_LIMIT: usize = if MAX_RECORD > LEGACY_READ_LIMIT {
 const LEGACY_READ_LIMIT: usize = queue_core::codec::MAX_PAYLOAD + 64 * 1024;
 
 /// A message record's bytes besides its payload, at most: kind, id, produced, due,
-/// priority, attempts, flags, dedup key and window, channel, dead time and error, payload
-/// length.
-const MAX_MESSAGE_META: usize =
-    1 + 8 * 3 + 1 + 4 + 1 + 16 + 2 + limits::MAX_CHANNEL_NAME + 8 + 2 + limits::MAX_ERROR_TEXT + 4;
+/// priority, attempts, flags, dedup key and window, group, channel, dead time and error,
+/// payload length.
+const MAX_MESSAGE_META: usize = 1
+    + 8 * 3
+    + 1
+    + 4
+    + 1
+    + 16
+    + 8
+    + 2
+    + limits::MAX_CHANNEL_NAME
+    + 8
+    + 2
+    + limits::MAX_ERROR_TEXT
+    + 4;
 
 const _: () = {
     assert!(limits::MAX_CHANNEL_NAME <= u16::MAX as usize);
@@ -79,6 +90,8 @@ pub struct MessageRecord<'a> {
     pub dedup: Option<(u64, Timestamp)>,
     /// `(dead_at, error)` for a dead letter.
     pub dead: Option<(Timestamp, &'a str)>,
+    /// The group's hash, for a grouped message.
+    pub group: Option<u64>,
     /// The BSON payload.
     pub payload: &'a [u8],
 }
@@ -259,10 +272,15 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Option<usize> {
             w.u64(m.due);
             w.u8(m.priority);
             w.u32(m.attempts);
-            w.u8(u8::from(m.dedup.is_some()) | (u8::from(m.dead.is_some()) << 1));
+            w.u8(u8::from(m.dedup.is_some())
+                | (u8::from(m.dead.is_some()) << 1)
+                | (u8::from(m.group.is_some()) << 2));
             if let Some((key, expires)) = m.dedup {
                 w.u64(key);
                 w.u64(expires);
+            }
+            if let Some(group) = m.group {
+                w.u64(group);
             }
             w.str16(m.channel);
             if let Some((dead_at, error)) = m.dead {
@@ -422,11 +440,15 @@ fn parse(body: &[u8]) -> Option<Record<'_>> {
             let priority = r.u8()?;
             let attempts = r.u32()?;
             let flags = r.u8()?;
+            if flags & !0b111 != 0 {
+                return None;
+            }
             let dedup = if flags & 1 != 0 {
                 Some((r.u64()?, r.u64()?))
             } else {
                 None
             };
+            let group = if flags & 4 != 0 { Some(r.u64()?) } else { None };
             let channel = r.str16()?;
             let dead = if flags & 2 != 0 {
                 Some((r.u64()?, r.str16()?))
@@ -444,6 +466,7 @@ fn parse(body: &[u8]) -> Option<Record<'_>> {
                 attempts,
                 dedup,
                 dead,
+                group,
                 payload,
             })
         }
@@ -519,6 +542,7 @@ mod tests {
                 attempts: 4,
                 dedup: Some((5, 6)),
                 dead: Some((8, "boom")),
+                group: Some(9),
                 payload: b"\x05\x00\x00\x00\x00",
             }),
             Record::Message(MessageRecord {
@@ -530,6 +554,7 @@ mod tests {
                 attempts: 0,
                 dedup: None,
                 dead: None,
+                group: None,
                 payload: b"",
             }),
             Record::Lease { id: 1, attempts: 2 },
@@ -674,6 +699,7 @@ mod tests {
                 attempts: rng.u32(..),
                 dedup: rng.bool().then(|| (rng.u64(..), rng.u64(..))),
                 dead: rng.bool().then(|| (rng.u64(..), error.as_str())),
+                group: rng.bool().then(|| rng.u64(..)),
                 payload,
             }));
             check_round_trip(&Record::Dead {
@@ -735,6 +761,7 @@ mod tests {
                 attempts: 5,
                 dedup: Some((6, 7)),
                 dead: Some((8, &error)),
+                group: Some(9),
                 payload: &payload,
             }),
             &mut buf,

@@ -195,6 +195,7 @@ impl Journal for FileJournal {
                             attempts: 0,
                             dedup: p.dedup,
                             dead: None,
+                            group: p.group,
                             payload: p.payload,
                         }),
                         &mut buf,
@@ -467,6 +468,7 @@ impl Engine<FileJournal> {
                 attempts: m.attempts,
                 priority: m.priority,
                 produced_at: m.produced_at,
+                group: m.group.and_then(std::num::NonZeroU64::new),
             };
             cells[m.channel]
                 .lock()
@@ -734,6 +736,7 @@ impl Engine<FileJournal> {
                                 // Dedup entries are rewritten on their own.
                                 dedup: None,
                                 dead,
+                                group: e.group.map(std::num::NonZeroU64::get),
                                 payload: &payloads[&e.id].1,
                             }),
                             &mut buf,

@@ -38,6 +38,8 @@ pub struct Recovered {
     pub attempts: u32,
     /// `(dead_at, error)` for a dead letter.
     pub dead: Option<(Timestamp, String)>,
+    /// The group's hash, for a grouped message.
+    pub group: Option<u64>,
 }
 
 /// A recovered dedup entry.
@@ -131,6 +133,7 @@ impl State {
                         priority: m.priority,
                         attempts: m.attempts,
                         dead: m.dead.map(|(at, e)| (at, e.to_string())),
+                        group: m.group,
                     },
                 );
             }

@@ -487,6 +487,14 @@ fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+fn i32_of(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn u32_of(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
 fn spec_from_row(name: &str, row: &tokio_postgres::Row) -> ChannelSpec {
     let ms = |i: usize| Duration::from_millis(u64_of(row.get::<_, i64>(i)));
     ChannelSpec {
@@ -501,7 +509,20 @@ fn spec_from_row(name: &str, row: &tokio_postgres::Row) -> ChannelSpec {
         max_attempts: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
         backoff: ms(5),
         max_backoff: ms(6),
+        concurrency: u32_of(row.get(7)),
+        concurrency_per_group: u32_of(row.get(8)),
+        rate: rate_of(row.get(9), row.get(10)),
+        rate_per_group: rate_of(row.get(11), row.get(12)),
+        // Schedules live in the declarations of the workers that produce them.
+        schedule: None,
     }
+}
+
+fn rate_of(limit: Option<i32>, per_ms: Option<i64>) -> Option<queue_core::Rate> {
+    Some(queue_core::Rate {
+        limit: u32_of(limit?),
+        per: Duration::from_millis(u64_of(per_ms?)),
+    })
 }
 
 /// What a produce sends for one message of the batch.
@@ -637,6 +658,12 @@ impl Inner {
                     &i32::try_from(spec.max_attempts).unwrap_or(i32::MAX),
                     &i64_of(millis(spec.backoff)),
                     &i64_of(millis(spec.max_backoff)),
+                    &i32_of(spec.concurrency),
+                    &i32_of(spec.concurrency_per_group),
+                    &spec.rate.map(|r| i32_of(r.limit)),
+                    &spec.rate.map(|r| i64_of(millis(r.per))),
+                    &spec.rate_per_group.map(|r| i32_of(r.limit)),
+                    &spec.rate_per_group.map(|r| i64_of(millis(r.per))),
                 ],
             )
             .await
@@ -709,6 +736,10 @@ impl Inner {
             .iter()
             .map(|(_, k)| k.map(|k| i64::from_ne_bytes(k.to_ne_bytes())))
             .collect();
+        let groups: Vec<Option<i64>> = sent
+            .iter()
+            .map(|(o, _)| o.group.map(|g| i64::from_ne_bytes(g.to_ne_bytes())))
+            .collect();
         let now = self.now();
         let window = i64_of(millis(channel.spec.dedup_window));
         let rows = client
@@ -720,6 +751,7 @@ impl Inner {
                     &priorities,
                     &delays,
                     &keys,
+                    &groups,
                     &now,
                     &window,
                     &in_batch_duplicates,
@@ -820,6 +852,15 @@ impl Inner {
         let token = i64_of(lease.token);
         let notify = match outcome {
             Outcome::Ack => {
+                // A lease of a channel the database does not know holds nothing.
+                if !self.channels.read().contains_key(lease.channel.as_str()) {
+                    self.channel_named(&lease.channel)
+                        .await
+                        .map_err(|e| match e {
+                            QueueError::UnknownChannel(_) => stale(),
+                            e => e,
+                        })?;
+                }
                 let (reply, answer) = oneshot::channel();
                 self.acks
                     .send(AckJob { id, token, reply })
@@ -1012,6 +1053,7 @@ impl Inner {
                 consumers: n(r, 11),
                 paused: r.get(12),
                 counted_since: 0,
+                next_due: r.get::<_, Option<i64>>(13).map(u64_of),
             })
             .collect())
     }

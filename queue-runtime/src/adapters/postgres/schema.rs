@@ -135,6 +135,33 @@ CREATE TABLE {s}.cancelled (
 CREATE INDEX cancelled_until ON {s}.cancelled (until);
 "#,
     },
+    Migration {
+        version: 3,
+        description: "message groups, concurrency and rate limits",
+        sql: r#"
+ALTER TABLE {s}.channels
+    ADD COLUMN concurrency           INT NOT NULL DEFAULT 0,
+    ADD COLUMN concurrency_per_group INT NOT NULL DEFAULT 1,
+    ADD COLUMN rate_limit            INT,
+    ADD COLUMN rate_ms               BIGINT,
+    ADD COLUMN group_rate_limit      INT,
+    ADD COLUMN group_rate_ms         BIGINT,
+    ADD COLUMN rate_window           BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN rate_used             INT NOT NULL DEFAULT 0;
+
+ALTER TABLE {s}.messages ADD COLUMN grp BIGINT;
+ALTER TABLE {s}.dead_letters ADD COLUMN grp BIGINT;
+CREATE INDEX messages_groups ON {s}.messages (channel, grp, id) WHERE grp IS NOT NULL;
+
+CREATE TABLE {s}.group_rates (
+    channel      INT NOT NULL,
+    grp          BIGINT NOT NULL,
+    window_start BIGINT NOT NULL,
+    used         INT NOT NULL,
+    PRIMARY KEY (channel, grp)
+);
+"#,
+    },
 ];
 
 /// The newest schema version this build knows.
@@ -296,6 +323,7 @@ pub(crate) struct Sql {
     pub redrive: String,
     pub purge: String,
     pub purge_pending: String,
+    pub take_lock: String,
     pub set_paused: String,
     pub snooze: String,
     pub cancel: String,
@@ -315,33 +343,39 @@ impl Sql {
         let ids = format!("'{s}.messages_id_seq'");
         let bury = |source: &str, error: &str| {
             format!(
-                "INSERT INTO {s}.dead_letters (id, produced_at, dead_at, channel, attempts, priority, error, payload)
-                 SELECT id, produced_at, $now, channel, attempts, priority, {error}, payload FROM {source}"
+                "INSERT INTO {s}.dead_letters (id, produced_at, dead_at, channel, attempts, priority, error, payload, grp)
+                 SELECT id, produced_at, $now, channel, attempts, priority, {error}, payload, grp FROM {source}"
             )
         };
         let sql = Sql {
             schema: s.to_string(),
             notify_channel: format!("queue_wake_{s}"),
             upsert_channel: format!(
-                "INSERT INTO {s}.channels AS c (name, processing, dedup_window_ms, lease_ms, max_attempts, backoff_ms, max_backoff_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO {s}.channels AS c (name, processing, dedup_window_ms, lease_ms, max_attempts, backoff_ms, max_backoff_ms,
+                                                concurrency, concurrency_per_group, rate_limit, rate_ms, group_rate_limit, group_rate_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                  ON CONFLICT (name) DO UPDATE SET processing = EXCLUDED.processing,
                      dedup_window_ms = EXCLUDED.dedup_window_ms, lease_ms = EXCLUDED.lease_ms,
                      max_attempts = EXCLUDED.max_attempts, backoff_ms = EXCLUDED.backoff_ms,
-                     max_backoff_ms = EXCLUDED.max_backoff_ms
+                     max_backoff_ms = EXCLUDED.max_backoff_ms, concurrency = EXCLUDED.concurrency,
+                     concurrency_per_group = EXCLUDED.concurrency_per_group,
+                     rate_limit = EXCLUDED.rate_limit, rate_ms = EXCLUDED.rate_ms,
+                     group_rate_limit = EXCLUDED.group_rate_limit, group_rate_ms = EXCLUDED.group_rate_ms
                  RETURNING id"
             ),
             channel_by_name: format!(
-                "SELECT id, processing, dedup_window_ms, lease_ms, max_attempts, backoff_ms, max_backoff_ms
+                "SELECT id, processing, dedup_window_ms, lease_ms, max_attempts, backoff_ms, max_backoff_ms,
+                        concurrency, concurrency_per_group, rate_limit, rate_ms, group_rate_limit, group_rate_ms
                  FROM {s}.channels WHERE name = $1"
             ),
             // $1 channel, $2 payloads, $3 priorities, $4 delays (ms), $5 dedup keys (null for
-            // none), $now, $window (ms), $dups (duplicates found inside the batch).
+            // none), $6 groups (null for none), $now, $window (ms), $dups (duplicates found
+            // inside the batch).
             produce: format!(
                 "WITH input AS MATERIALIZED (
-                     SELECT nextval({ids}) AS id, t.ord, t.payload, t.priority, t.delay, t.key
-                     FROM unnest($2::bytea[], $3::int2[], $4::int8[], $5::int8[])
-                          WITH ORDINALITY AS t(payload, priority, delay, key, ord)
+                     SELECT nextval({ids}) AS id, t.ord, t.payload, t.priority, t.delay, t.key, t.grp
+                     FROM unnest($2::bytea[], $3::int2[], $4::int8[], $5::int8[], $6::int8[])
+                          WITH ORDINALITY AS t(payload, priority, delay, key, grp, ord)
                      ORDER BY t.ord
                  ),
                  claimed AS (
@@ -357,8 +391,8 @@ impl Sql {
                      WHERE i.key IS NULL OR c.id = i.id
                  ),
                  inserted AS (
-                     INSERT INTO {s}.messages (id, rank, seq, produced_at, channel, attempts, state, priority, payload)
-                     SELECT id, $now + delay, id, $now, $1, 0, CASE WHEN delay > 0 THEN 1 ELSE 0 END, priority, payload
+                     INSERT INTO {s}.messages (id, rank, seq, produced_at, channel, attempts, state, priority, payload, grp)
+                     SELECT id, $now + delay, id, $now, $1, 0, CASE WHEN delay > 0 THEN 1 ELSE 0 END, priority, payload, grp
                      FROM fresh
                  ),
                  counted AS (
@@ -418,30 +452,103 @@ impl Sql {
                     &texts::LEASE_EXPIRED.sql("attempts", "max_attempts")
                 ),
             ),
-            // $1 channel, $2 how many, $3 consumer, $4 lease (ms), $now.
+            // $1 channel, $2 how many, $3 consumer, $4 lease (ms), $now. A grouped message
+            // leaves only while fewer than `concurrency_per_group` older messages of its group
+            // are pending or in flight. The channel's concurrency and rate limits bound how many
+            // leave; the caller holds the channel's `take_lock` while a channel has limits, so
+            // that the counts it reads are not raced.
             take: format!(
-                "WITH picked AS MATERIALIZED (
-                     SELECT p.id, nextval('{s}.lease_tokens') AS token FROM (
-                         SELECT id FROM {s}.messages
-                         WHERE channel = $1 AND state = 0 AND rank <= $now
-                           AND NOT (SELECT paused FROM {s}.channels WHERE id = $1)
-                         ORDER BY priority DESC, rank, seq
-                         LIMIT $2
-                         FOR UPDATE SKIP LOCKED
-                     ) p
+                "WITH ch AS MATERIALIZED (
+                     SELECT paused, concurrency, concurrency_per_group AS per_group,
+                            rate_limit, rate_window, rate_used, group_rate_limit,
+                            $now - $now % rate_ms AS win, $now - $now % group_rate_ms AS gwin
+                     FROM {s}.channels WHERE id = $1
+                 ),
+                 room AS MATERIALIZED (
+                     SELECT CASE WHEN paused THEN 0 ELSE least(
+                         $2::int8,
+                         CASE WHEN concurrency > 0
+                              THEN greatest(concurrency - (SELECT count(*) FROM {s}.messages
+                                                           WHERE channel = $1 AND state = 2), 0)
+                         END,
+                         CASE WHEN rate_limit IS NULL THEN NULL
+                              WHEN rate_window = win THEN greatest(rate_limit - rate_used, 0)
+                              ELSE rate_limit
+                         END
+                     ) END AS n
+                     FROM ch
+                 ),
+                 candidates AS MATERIALIZED (
+                     SELECT m.id, m.grp, m.priority, m.rank, m.seq FROM {s}.messages m
+                     WHERE m.channel = $1 AND m.state = 0 AND m.rank <= $now
+                       AND (m.grp IS NULL OR (
+                           SELECT count(*) FROM (
+                               SELECT 1 FROM {s}.messages o
+                               WHERE o.channel = $1 AND o.grp = m.grp AND o.id < m.id
+                               LIMIT (SELECT per_group FROM ch)
+                           ) older) < (SELECT per_group FROM ch))
+                       AND (m.grp IS NULL OR (SELECT group_rate_limit FROM ch) IS NULL
+                            OR coalesce((SELECT r.used FROM {s}.group_rates r
+                                         WHERE r.channel = $1 AND r.grp = m.grp
+                                           AND r.window_start = (SELECT gwin FROM ch)), 0)
+                               < (SELECT group_rate_limit FROM ch))
+                     ORDER BY m.priority DESC, m.rank, m.seq
+                     LIMIT (SELECT n FROM room)
+                     FOR UPDATE SKIP LOCKED
+                 ),
+                 picked AS MATERIALIZED (
+                     SELECT c.id, c.grp, nextval('{s}.lease_tokens') AS token FROM (
+                         SELECT c.*, row_number() OVER (PARTITION BY c.grp ORDER BY c.priority DESC, c.rank, c.seq) AS nth
+                         FROM candidates c
+                     ) c
+                     WHERE c.grp IS NULL OR (SELECT group_rate_limit FROM ch) IS NULL
+                        OR c.nth <= (SELECT group_rate_limit FROM ch) - coalesce((
+                               SELECT r.used FROM {s}.group_rates r
+                               WHERE r.channel = $1 AND r.grp = c.grp AND r.window_start = (SELECT gwin FROM ch)), 0)
+                     ORDER BY c.priority DESC, c.rank, c.seq
+                 ),
+                 rated AS (
+                     UPDATE {s}.channels c
+                     SET rate_window = ch.win,
+                         rate_used = CASE WHEN c.rate_window = ch.win THEN c.rate_used ELSE 0 END
+                                     + (SELECT count(*) FROM picked)
+                     FROM ch
+                     WHERE c.id = $1 AND ch.rate_limit IS NOT NULL AND EXISTS (SELECT 1 FROM picked)
+                 ),
+                 group_rated AS (
+                     INSERT INTO {s}.group_rates AS r (channel, grp, window_start, used)
+                     SELECT $1, grp, (SELECT gwin FROM ch), count(*) FROM picked
+                     WHERE grp IS NOT NULL AND (SELECT group_rate_limit FROM ch) IS NOT NULL
+                     GROUP BY grp
+                     ON CONFLICT (channel, grp) DO UPDATE
+                        SET used = CASE WHEN r.window_start = EXCLUDED.window_start
+                                        THEN r.used + EXCLUDED.used ELSE EXCLUDED.used END,
+                            window_start = EXCLUDED.window_start
                  )
                  UPDATE {s}.messages m
                  SET state = 2, token = p.token, consumer = $3, deadline = $now + $4, attempts = m.attempts + 1
                  FROM picked p WHERE m.id = p.id
                  RETURNING m.id, m.token, m.attempts, m.priority, m.produced_at, m.deadline, m.payload"
             ),
-            // $1 channel, $now: milliseconds until the earliest due time or lease deadline.
+            // $1 channel, $now: milliseconds until the earliest due time, lease deadline, or
+            // the end of a rate window that holds ready messages back.
             wakeup: format!(
                 "SELECT least(
                      (SELECT rank FROM {s}.messages WHERE channel = $1 AND state = 1 ORDER BY rank LIMIT 1),
-                     (SELECT deadline FROM {s}.messages WHERE channel = $1 AND state = 2 ORDER BY deadline LIMIT 1))
+                     (SELECT deadline FROM {s}.messages WHERE channel = $1 AND state = 2 ORDER BY deadline LIMIT 1),
+                     (SELECT CASE
+                         WHEN rate_limit IS NOT NULL AND rate_window = $now - $now % rate_ms
+                              AND rate_used >= rate_limit
+                         THEN $now - $now % rate_ms + rate_ms
+                         WHEN group_rate_limit IS NOT NULL
+                         THEN $now - $now % group_rate_ms + group_rate_ms
+                      END
+                      FROM {s}.channels WHERE id = $1
+                        AND EXISTS (SELECT 1 FROM {s}.messages WHERE channel = $1 AND state = 0)))
                      - $now"
             ),
+            // $1 channel: serializes the takes of a channel with limits, until commit.
+            take_lock: "SELECT pg_advisory_xact_lock(1903654773, $1)".to_string(),
             // $1 ids, $2 tokens: which of these leases still hold.
             still_held: format!(
                 "SELECT token FROM {s}.messages WHERE id = ANY($1::int8[]) AND state = 2 AND token = ANY($2::int8[])"
@@ -603,7 +710,8 @@ impl Sql {
                      SELECT channel,
                             count(*) FILTER (WHERE state = 0) AS ready,
                             count(*) FILTER (WHERE state = 1) AS delayed,
-                            count(*) FILTER (WHERE state = 2) AS in_flight
+                            count(*) FILTER (WHERE state = 2) AS in_flight,
+                            min(rank) FILTER (WHERE state = 1) AS next_due
                      FROM {s}.messages GROUP BY channel
                  ),
                  dead AS (SELECT channel, count(*) AS dead FROM {s}.dead_letters GROUP BY channel),
@@ -624,7 +732,7 @@ impl Sql {
                         coalesce(t.produced, 0)::int8, coalesce(t.duplicates, 0)::int8,
                         coalesce(t.acked, 0)::int8, coalesce(t.retried, 0)::int8,
                         coalesce(t.dead_lettered, 0)::int8, coalesce(t.lease_expiries, 0)::int8,
-                        coalesce(l.consumers, 0), c.paused
+                        coalesce(l.consumers, 0), c.paused, d.next_due
                  FROM {s}.channels c
                  LEFT JOIN depth d ON d.channel = c.id
                  LEFT JOIN dead x ON x.channel = c.id
@@ -656,8 +764,8 @@ impl Sql {
                      RETURNING *
                  ),
                  placed AS (
-                     INSERT INTO {s}.messages (id, rank, seq, produced_at, channel, attempts, state, priority, payload)
-                     SELECT id, $now, nextval({ids}), produced_at, channel, 0, 0, priority, payload
+                     INSERT INTO {s}.messages (id, rank, seq, produced_at, channel, attempts, state, priority, payload, grp)
+                     SELECT id, $now, nextval({ids}), produced_at, channel, 0, 0, priority, payload, grp
                      FROM moved
                      ORDER BY coalesce(array_position($2::int8[], id), 0), id
                  )
@@ -691,7 +799,14 @@ impl Sql {
             // $1 channel: ready and delayed, not leased.
             purge_pending: format!("DELETE FROM {s}.messages WHERE channel = $1 AND state IN (0, 1)"),
             // $now.
-            expire_dedup: format!("DELETE FROM {s}.dedup WHERE expires <= $now"),
+            expire_dedup: format!(
+                "WITH rates AS (
+                     DELETE FROM {s}.group_rates r USING {s}.channels c
+                     WHERE c.id = r.channel
+                       AND (c.group_rate_ms IS NULL OR r.window_start < $now - $now % c.group_rate_ms)
+                 )
+                 DELETE FROM {s}.dedup WHERE expires <= $now"
+            ),
             forget_subscriptions: format!(
                 "DELETE FROM {s}.subscriptions s
                  WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.backend_pid)"

@@ -174,7 +174,7 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
         };
         (room, room.min(state.batch), held)
     };
-    let client = inner.connection().await?;
+    let mut client = inner.connection().await?;
     let sql = &inner.sql;
     let prepare = |text: &str| {
         let client = &client;
@@ -191,6 +191,15 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
     let wakeup = prepare(&sql.wakeup).await?;
     let still_held = prepare(&sql.still_held).await?;
     let channel = &shared.channel;
+    // Limits count what is in flight and what left in the window: such takes are serialized.
+    let limited = channel.spec.concurrency > 0
+        || channel.spec.rate.is_some()
+        || channel.spec.rate_per_group.is_some();
+    let take_lock = if limited {
+        Some(prepare(&sql.take_lock).await?)
+    } else {
+        None
+    };
     // The server decides with its own clock; what it answers in durations is placed on the
     // queue clock from the time the statements were sent (never later than the server's).
     let sent = inner.clock.now();
@@ -207,7 +216,7 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
     let (swept, taken, next, holding) = tokio::try_join!(
         client.query_one(&sweep, &sweep_params),
         async {
-            if room == 0 {
+            if room == 0 || limited {
                 Ok(Vec::new())
             } else {
                 client.query(&take, &take_params).await
@@ -223,6 +232,27 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
         },
     )
     .map_err(|e| db_error("taking messages", e))?;
+    let taken = match take_lock {
+        Some(lock) if room > 0 => {
+            // Dropped before the commit, the transaction rolls back.
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| db_error("taking messages", e))?;
+            tx.execute(&lock, &[&channel.id])
+                .await
+                .map_err(|e| db_error("taking messages", e))?;
+            let rows = tx
+                .query(&take, &take_params)
+                .await
+                .map_err(|e| db_error("taking messages", e))?;
+            tx.commit()
+                .await
+                .map_err(|e| db_error("taking messages", e))?;
+            rows
+        }
+        _ => taken,
+    };
     drop(client);
     inner.after_sweep(&shared.name, &swept);
 

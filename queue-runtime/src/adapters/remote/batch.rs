@@ -243,12 +243,12 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         Ok(bytes) => bytes,
         Err(e) => return hand_out(waiting, Err(e)),
     };
-    let awaiting = Awaiting::Producers(Produce {
+    let awaiting = Awaiting::Producers(Box::new(Produce {
         inner: Arc::downgrade(&inner),
         request: frame.request,
         waiting,
         _slot: slot,
-    });
+    }));
     // A lost connection sends the request again on the next one, from `Awaiting::lost`.
     let _ = conn.send(id, bytes, awaiting).await;
 }

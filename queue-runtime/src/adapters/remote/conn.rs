@@ -25,7 +25,7 @@ pub(super) enum Awaiting {
     Caller(oneshot::Sender<Result<Reply, QueueError>>),
     /// The producers whose messages went in one produce request. The reader hands them
     /// their receipts itself, with no task in between.
-    Producers(Produce),
+    Producers(Box<Produce>),
     /// The settles that went in one `settle_many`, in order.
     Settlers(Vec<Settler>),
     /// Nobody: a heartbeat.
@@ -90,7 +90,7 @@ impl Awaiting {
                         waiting,
                         _slot,
                         ..
-                    } = p;
+                    } = *p;
                     let result = inner.call(request, true).await;
                     hand_out(waiting, receipts_of(result));
                     drop(_slot);

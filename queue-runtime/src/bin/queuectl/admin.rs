@@ -398,6 +398,7 @@ pub async fn produce(args: ProduceArgs) -> Result<()> {
         payload,
         delay: args.delay.unwrap_or_default(),
         priority: args.priority,
+        group: None,
     };
     let queue = args.target.open().await?;
     let receipt = queue.produce_raw(&spec, vec![out]).await?;

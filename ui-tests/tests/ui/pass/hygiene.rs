@@ -30,6 +30,8 @@ struct Sized;
 struct Future;
 struct Deps;
 struct ChannelSpec;
+struct GroupKey;
+struct PeriodicPayload;
 trait Fn {}
 fn type_name() {}
 fn __spec() {}
@@ -50,6 +52,16 @@ pub struct Checked {
     pub id: u64,
 }
 
+#[channel("hygiene/grouped", group = key, concurrency = 2, rate = "10/1s")]
+#[derive(Serialize, Deserialize)]
+pub struct Grouped {
+    pub key: u64,
+}
+
+#[channel("hygiene/periodic", every = "1h")]
+#[derive(::core::default::Default, Serialize, Deserialize)]
+pub struct Periodic;
+
 #[consumer(max_parallel = 2)]
 async fn check(message: Checked) -> Result<()> {
     if message.id == 0 {
@@ -67,4 +79,9 @@ fn main() {
         .expect("the consumer is registered");
     assert_eq!(decl.max_parallel, 2);
     assert_eq!((decl.spec)().name, "hygiene/checked");
+
+    use ::queue_core::Message;
+    assert_eq!(GroupedChannel::SPEC.concurrency, 2);
+    assert!(Grouped { key: 1 }.group().is_some());
+    assert!(Periodic::for_slot(0).is_some());
 }
