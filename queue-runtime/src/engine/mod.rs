@@ -575,7 +575,7 @@ impl<J: Journal> Engine<J> {
         let now = self.now();
         let mut applied = SmallVec::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let came_back = {
+        let (came_back, full) = {
             let mut state = cell.lock();
             let mut changes = Vec::new();
             state.tick(now, &mut changes);
@@ -636,9 +636,13 @@ impl<J: Journal> Engine<J> {
                 refilled,
                 reply: tx,
             };
-            self.append_changes(&changes, gone, settled)
+            let full = state.at_concurrency_limit();
+            (self.append_changes(&changes, gone, settled), full)
         };
-        cell.wake();
+        // At its concurrency limit (the freed slots refilled), no waiter could take anything.
+        if !full {
+            cell.wake();
+        }
         // Done at once: applied here, with the channel's lock released.
         if let Some((settled, result)) = came_back {
             settled.then(result);

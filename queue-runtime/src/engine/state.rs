@@ -489,6 +489,12 @@ impl<P: Clone> ChannelState<P> {
             .map_or(0, |s| s.max_parallel.saturating_sub(s.held))
     }
 
+    /// Whether the channel's deliveries in flight fill its `concurrency`.
+    pub fn at_concurrency_limit(&self) -> bool {
+        let limit = self.spec.concurrency as usize;
+        limit > 0 && self.leased.len() >= limit
+    }
+
     /// Messages ready now.
     pub fn ready_len(&self) -> usize {
         self.ready_len
@@ -517,8 +523,7 @@ impl<P: Clone> ChannelState<P> {
         if self.paused || self.capacity(consumer) == 0 {
             return None;
         }
-        let limit = self.spec.concurrency as usize;
-        if limit > 0 && self.leased.len() >= limit {
+        if self.at_concurrency_limit() {
             return None;
         }
         if let Some(rate) = self.spec.rate

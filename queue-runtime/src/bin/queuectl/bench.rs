@@ -17,6 +17,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+use queue_core::consume::{ErasedHandler, start_consumer};
+use queue_core::{Channel as _, ChannelSpec, GroupKey as _, Outgoing, codec};
 use queue_runtime::{Queue, channel};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +67,12 @@ pub struct BenchArgs {
     /// Skip the fsync probe.
     #[arg(long)]
     pub no_fsync_probe: bool,
+    /// Spreads the messages round robin over this many groups (0: no groups).
+    #[arg(long, default_value_t = 0)]
+    pub groups: u64,
+    /// A global limit of deliveries in flight on the channel (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub concurrency: u32,
 }
 
 /// Parses `500ms`, `10s`, `1m 30s`.
@@ -107,6 +115,9 @@ pub fn fsync_rate(dir: &Path) -> Result<(f64, f64)> {
 }
 
 struct Shared {
+    spec: ChannelSpec,
+    groups: u64,
+    next_group: AtomicU64,
     produced: AtomicU64,
     consumed: AtomicU64,
     stop: AtomicBool,
@@ -141,6 +152,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
 
     let shared = Arc::new(Shared {
+        spec: BenchMessageChannel::SPEC.concurrency(args.concurrency),
+        groups: args.groups,
+        next_group: AtomicU64::new(0),
         produced: AtomicU64::new(0),
         consumed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -156,7 +170,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
 
     println!(
-        "bench: url={url} producers={} consumers={} size={}B batch={} max_parallel={}{}",
+        "bench: url={url} producers={} consumers={} size={}B batch={} max_parallel={}{}{}{}",
         args.producers,
         args.consumers,
         args.size,
@@ -164,24 +178,39 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.max_parallel,
         args.rate
             .map(|r| format!(" rate={r}/s"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if args.groups > 0 {
+            format!(" groups={}", args.groups)
+        } else {
+            String::new()
+        },
+        if args.concurrency > 0 {
+            format!(" concurrency={}", args.concurrency)
+        } else {
+            String::new()
+        },
     );
 
     let start = Instant::now();
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
         let s = shared.clone();
-        let handle = BenchMessage::consumer(&queue)
-            .max_parallel(args.max_parallel)
-            .handle(move |m: BenchMessage| {
-                let s = s.clone();
-                async move {
-                    let lat_us = now_ns().saturating_sub(m.sent_ns) / 1_000;
-                    let _ = s.e2e.lock().record(lat_us.max(1));
-                    s.consumed.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .await?;
+        let handler = ErasedHandler::new::<BenchMessage, _, _>(move |m: BenchMessage| {
+            let s = s.clone();
+            async move {
+                let lat_us = now_ns().saturating_sub(m.sent_ns) / 1_000;
+                let _ = s.e2e.lock().record(lat_us.max(1));
+                s.consumed.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let handle = start_consumer(
+            queue.clone(),
+            shared.spec.clone(),
+            handler,
+            args.max_parallel,
+            "bench".into(),
+        )
+        .await?;
         consumers.push(handle);
     }
 
@@ -338,7 +367,6 @@ async fn produce_loop(
     rate: Option<f64>,
     deadline: Option<Instant>,
 ) -> Result<()> {
-    let producer = BenchMessage::producer(&queue);
     let interval = rate.map(|r| Duration::from_secs_f64(batch as f64 / r));
     let begin = Instant::now();
     let mut sent = 0u64;
@@ -361,21 +389,22 @@ async fn produce_loop(
         let sent_ns = now_ns();
         let n = (quota - sent).min(batch as u64) as usize;
         let t = Instant::now();
-        if n == 1 {
-            producer
-                .produce(BenchMessage {
-                    sent_ns,
-                    body: body.clone(),
-                })
-                .await?;
-        } else {
-            producer
-                .produce_batch((0..n).map(|_| BenchMessage {
-                    sent_ns,
-                    body: body.clone(),
-                }))
-                .await?;
-        }
+        let payload = codec::encode(&BenchMessage {
+            sent_ns,
+            body: body.clone(),
+        })?;
+        let batch = (0..n)
+            .map(|_| Outgoing {
+                payload: payload.clone(),
+                dedup_key: None,
+                delay: Duration::ZERO,
+                priority: 0,
+                group: (s.groups > 0).then(|| {
+                    (s.next_group.fetch_add(1, Ordering::Relaxed) % s.groups).group_hash()
+                }),
+            })
+            .collect();
+        queue.adapter().produce(&s.spec, batch).await?;
         let _ = s
             .produce_latency
             .lock()
