@@ -22,6 +22,14 @@ impl Drop for Served {
 }
 
 async fn broker(clock: VirtualClock) -> (Queue, Box<dyn std::any::Any + Send>) {
+    let (queue, served, _) = serve(clock).await;
+    (queue, served)
+}
+
+/// A broker and one client of it, with the broker's address for more.
+async fn serve(
+    clock: VirtualClock,
+) -> (Queue, Box<dyn std::any::Any + Send>, std::net::SocketAddr) {
     let dir = tempfile::tempdir().expect("temp dir");
     let options = FileOptions {
         segment_size: 1 << 16,
@@ -40,7 +48,23 @@ async fn broker(clock: VirtualClock) -> (Queue, Box<dyn std::any::Any + Send>) {
     )
     .await
     .expect("client");
-    (queue, Box::new(Served { broker, _dir: dir }))
+    (queue, Box::new(Served { broker, _dir: dir }), addr)
 }
 
 conformance_suite!(broker);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_concurrency_holds_across_worker_connections() {
+    let clock = VirtualClock::default();
+    let (first, _served, addr) = serve(clock.clone()).await;
+    let mut queues = vec![first];
+    for _ in 0..2 {
+        let options = ConnectOptions::with_clock(Arc::new(clock.clone()));
+        queues.push(
+            queue_runtime::connect_with(&format!("queue://{addr}"), options)
+                .await
+                .expect("client"),
+        );
+    }
+    conformance::flow::concurrency_holds_across_worker_connections(&queues).await;
+}

@@ -99,6 +99,23 @@ async fn postgres(clock: VirtualClock) -> (Queue, Box<dyn std::any::Any + Send>)
 
 conformance_suite!(postgres);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_concurrency_holds_across_worker_connections() {
+    let clock = VirtualClock::default();
+    let schema = fresh_schema();
+    let _guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    let mut queues = Vec::new();
+    for _ in 0..3 {
+        queues.push(open(clock.clone(), &schema).await);
+    }
+    conformance::flow::concurrency_holds_across_worker_connections(&queues).await;
+    for q in queues {
+        q.close().await.unwrap();
+    }
+}
+
 #[channel("pg/signups", lease = "10s", max_attempts = 3, backoff = "1s")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signup {

@@ -414,6 +414,47 @@ async fn counters_say_since_when_they_count_after_a_restart() {
 }
 
 #[tokio::test]
+async fn queuectl_stats_shows_when_the_next_delayed_message_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let clock = VirtualClock::new(queue_core::clock::millis(wall));
+    let (adapter, queue) = open(dir.path(), &clock);
+    Order::producer(&queue)
+        .delay(Duration::from_secs(7_200))
+        .produce(Order { n: 1 })
+        .await
+        .unwrap();
+    Signup::produce(
+        &queue,
+        Signup {
+            email: "a@b".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let s = stats(&queue, ORDERS).await;
+    assert_eq!(s.next_due, Some(clock.now() + 7_200_000));
+    queue.close().await.unwrap();
+    drop(adapter);
+    let url = format!("file://{}", dir.path().display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_queuectl"))
+        .args(["stats", "--url", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or("");
+    assert!(text.lines().next().unwrap().ends_with("NEXT DUE"), "{text}");
+    assert!(
+        line(ORDERS).ends_with(" in 1h 59m 59s") || line(ORDERS).ends_with(" in 2h"),
+        "{text}"
+    );
+    assert!(line("store/signups").ends_with(" -"), "{text}");
+}
+
+#[tokio::test]
 async fn queuectl_purge_asks_for_yes_then_deletes_pending_messages() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

@@ -352,3 +352,67 @@ pub async fn a_periodic_channel_fires_once_per_slot_with_two_workers(h: &Harness
         w.stop(SECOND).await.unwrap();
     }
 }
+
+/// A channel whose concurrency is 3, declared by hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limited {
+    pub n: u32,
+}
+
+/// The marker of [`Limited`]'s channel.
+#[derive(Debug)]
+pub struct LimitedChannel;
+
+impl Channel for LimitedChannel {
+    type Message = Limited;
+    const SPEC: ChannelSpec = ChannelSpec::new("flow/limited").concurrency(3);
+}
+
+impl Message for Limited {
+    type Channel = LimitedChannel;
+}
+
+/// Workers on separate connections (`queues`), each with `max_parallel` 10, never run more
+/// handlers at once than the channel's concurrency of 3, and do reach it.
+pub async fn concurrency_holds_across_worker_connections(queues: &[queue_core::Queue]) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let running = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicU32::new(0));
+    queues[0]
+        .producer::<LimitedChannel>()
+        .produce_batch((0..30).map(|n| Limited { n }))
+        .await
+        .unwrap();
+    let mut workers = Vec::new();
+    for queue in queues {
+        let (running, most, done) = (running.clone(), most.clone(), done.clone());
+        let worker = queue
+            .consumer::<LimitedChannel>()
+            .max_parallel(10)
+            .handle(move |_: Limited| {
+                let (running, most, done) = (running.clone(), most.clone(), done.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .await
+            .unwrap();
+        workers.push(worker);
+    }
+    within("30 messages handled", async {
+        while done.load(Ordering::SeqCst) < 30 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(most.load(Ordering::SeqCst), 3, "handlers running at once");
+    for w in workers {
+        w.stop(SECOND).await.unwrap();
+    }
+}

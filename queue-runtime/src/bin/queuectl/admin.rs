@@ -162,7 +162,7 @@ fn ids(ids: &[u64]) -> Option<Vec<MessageId>> {
 
 fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> String {
     let mut out = format!(
-        "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6}",
+        "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6} {:>10}",
         "CHANNEL",
         "READY",
         "DELAYED",
@@ -172,7 +172,13 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
         "ACKED",
         "RETRIED",
         "CONS",
-        "STATE"
+        "STATE",
+        "NEXT DUE"
+    );
+    let now = queue_core::clock::millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
     );
     if rates.is_some() {
         out.push_str(&format!(" {:>10} {:>10}", "IN/s", "ACKED/s"));
@@ -180,7 +186,7 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
     out.push('\n');
     for s in stats {
         out.push_str(&format!(
-            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6}",
+            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>11} {:>11} {:>8} {:>6} {:>6} {:>10}",
             s.channel,
             s.ready,
             s.delayed,
@@ -190,7 +196,9 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
             s.acked,
             s.retried,
             s.consumers,
-            if s.paused { "paused" } else { "active" }
+            if s.paused { "paused" } else { "active" },
+            s.next_due
+                .map_or_else(|| "-".to_string(), |due| due_in(due, now))
         ));
         if let Some((before, dt)) = rates {
             let prev = before.iter().find(|b| b.channel == s.channel);
@@ -223,6 +231,18 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
         ));
     }
     out
+}
+
+/// How long until `due`, to the second: `in 4m 10s`, or `now` once it has passed.
+fn due_in(due: u64, now: u64) -> String {
+    if due <= now {
+        return "now".into();
+    }
+    let secs = (due - now).div_ceil(1_000);
+    format!(
+        "in {}",
+        humantime::format_duration(Duration::from_secs(secs))
+    )
 }
 
 pub async fn stats(args: StatsArgs) -> Result<()> {
