@@ -553,6 +553,64 @@ fn payload(n: u32) -> Outgoing {
 }
 
 #[tokio::test]
+async fn compaction_keeps_the_groups_of_the_messages_it_relocates() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let spec = OrderChannel::SPEC;
+    let (adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    let producer = Order::producer(&queue);
+    for n in 0..400u32 {
+        let p = producer.clone();
+        let p = if n.is_multiple_of(100) {
+            p.group("g")
+        } else {
+            p
+        };
+        p.produce(Order { n }).await.unwrap();
+    }
+    // Everything but the group is acked, so its messages sit in sparse segments.
+    let sub = queue.adapter().subscribe(&spec, 1000).await.unwrap();
+    while let Ok(d) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        let d = d.unwrap();
+        let n = codec::decode::<Order>(&d.payload).unwrap().n;
+        if !n.is_multiple_of(100) {
+            queue
+                .adapter()
+                .settle(&d.lease, Outcome::Ack)
+                .await
+                .unwrap();
+        }
+    }
+    drop(sub);
+    let before = adapter.segments().len();
+    assert!(adapter.compact().await.unwrap() > 0);
+    assert!(adapter.segments().len() < before);
+    queue.close().await.unwrap();
+    drop((adapter, queue));
+
+    let (_adapter, queue) = open_with(dir.path(), &clock, options(4096));
+    let sub = queue.adapter().subscribe(&spec, 10).await.unwrap();
+    for n in [0, 100, 200, 300] {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(codec::decode::<Order>(&d.payload).unwrap().n, n);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), sub.next())
+                .await
+                .is_err(),
+            "a second message of the group left while {n} was in flight"
+        );
+        queue
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
 async fn compaction_deletes_acked_segments_and_relocates_sparse_ones() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();

@@ -1036,9 +1036,9 @@ impl<J: Journal> ProduceDone<J> {
                         attempts: 0,
                         priority: f.priority,
                         produced_at: self.produced_at,
-                        group: f.group,
+                        group: None,
                     };
-                    state.insert(entry, f.due, now);
+                    state.insert(entry, f.group, f.due, now);
                 }
                 self.cell.wake();
                 if let Some((key, expires)) = self.keyed {

@@ -9,7 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::num::NonZeroU64;
+use std::num::{NonZeroU32, NonZeroU64};
 
 use super::keys::KeyWindow;
 use std::time::Duration;
@@ -33,9 +33,14 @@ pub struct Entry<P> {
     pub priority: u8,
     /// When it was produced.
     pub produced_at: Timestamp,
-    /// Its group's hash, for grouped messages.
-    pub group: Option<NonZeroU64>,
+    /// Its group in the channel, for grouped messages: set by the channel, which maps it to
+    /// the group's hash (4 bytes here rather than 8 keeps an entry at 40 bytes).
+    pub group: Option<GroupRef>,
 }
+
+/// A channel's name for one of its groups while the group has messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupRef(NonZeroU32);
 
 /// A message held under a lease.
 #[derive(Debug, Clone)]
@@ -71,8 +76,10 @@ impl<P> Held<P> {
 /// A message in the dead-letter queue.
 #[derive(Debug, Clone)]
 pub struct Dead<P> {
-    /// The message.
+    /// The message (no longer in a group).
     pub entry: Entry<P>,
+    /// The hash of the group it was in, which a redrive puts it back into.
+    pub group: Option<NonZeroU64>,
     /// The last error.
     pub error: String,
     /// When it died.
@@ -148,20 +155,13 @@ struct Counters {
 /// The messages of one group that the channel knows.
 #[derive(Debug)]
 struct Group<P> {
+    /// The group's hash.
+    hash: NonZeroU64,
     /// Messages of the group that may be delivered: ready, delayed (backing off included) or
     /// held. At most the channel's `concurrency_per_group`, and always the oldest.
     live: u32,
     /// The group's later messages, by id (produce order), with their due times.
     parked: BTreeMap<MessageId, (Entry<P>, Timestamp)>,
-}
-
-impl<P> Default for Group<P> {
-    fn default() -> Self {
-        Group {
-            live: 0,
-            parked: BTreeMap::new(),
-        }
-    }
 }
 
 /// Deliveries started in the current window of a rate limit.
@@ -204,8 +204,13 @@ pub struct ChannelState<P> {
     paused: bool,
     /// Leases of cancelled messages, until their deadlines.
     cancelled: KeyWindow<(MessageId, u64), ()>,
-    /// Groups with messages, by hash.
-    groups: HashMap<NonZeroU64, Group<P>>,
+    /// Groups with messages.
+    groups: HashMap<GroupRef, Group<P>>,
+    /// The group of each hash, while it has messages.
+    group_refs: HashMap<NonZeroU64, GroupRef>,
+    /// Group names free for reuse, and the next new one.
+    free_refs: Vec<GroupRef>,
+    next_ref: u32,
     /// Messages parked behind an earlier one of their group.
     parked_len: usize,
     /// The channel's rate window.
@@ -233,6 +238,9 @@ impl<P: Clone> ChannelState<P> {
             paused: false,
             cancelled: KeyWindow::new(MAX_CANCELLED),
             groups: HashMap::new(),
+            group_refs: HashMap::new(),
+            free_refs: Vec::new(),
+            next_ref: 0,
             parked_len: 0,
             rate: Window::default(),
             group_rates: HashMap::new(),
@@ -335,29 +343,79 @@ impl<P: Clone> ChannelState<P> {
         self.dedup.remove_if(&key, |owner| *owner != id);
     }
 
-    /// Adds a message, ready at `due` (at once when `due <= now`).
-    pub fn insert(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
+    /// Adds a message of group `group` (a hash), ready at `due` (at once when `due <= now`).
+    pub fn insert(
+        &mut self,
+        entry: Entry<P>,
+        group: Option<NonZeroU64>,
+        due: Timestamp,
+        now: Timestamp,
+    ) {
         self.counters.produced += 1;
-        self.arrive(entry, due, now);
+        self.arrive(entry, group, due, now);
     }
 
     /// A message joins the channel: placed by `due`, or parked behind the earlier messages
     /// of its group while they fill the group's `concurrency_per_group`.
-    fn arrive(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
-        let Some(group) = entry.group else {
+    fn arrive(
+        &mut self,
+        mut entry: Entry<P>,
+        group: Option<NonZeroU64>,
+        due: Timestamp,
+        now: Timestamp,
+    ) {
+        let Some(hash) = group else {
+            entry.group = None;
             return self.place(entry, due, now);
         };
-        self.groups
-            .entry(group)
-            .or_default()
-            .parked
-            .insert(entry.id, (entry, due));
+        let group = self.group_ref(hash);
+        entry.group = Some(group);
+        let g = self.groups.get_mut(&group).expect("named above");
+        g.parked.insert(entry.id, (entry, due));
         self.parked_len += 1;
         self.admit(group, now);
     }
 
+    /// The group of `hash`, made when it has no messages yet.
+    fn group_ref(&mut self, hash: NonZeroU64) -> GroupRef {
+        if let Some(group) = self.group_refs.get(&hash) {
+            return *group;
+        }
+        let group = self.free_refs.pop().unwrap_or_else(|| {
+            self.next_ref += 1;
+            GroupRef(NonZeroU32::new(self.next_ref).expect("counted from 1"))
+        });
+        self.group_refs.insert(hash, group);
+        self.groups.insert(
+            group,
+            Group {
+                hash,
+                live: 0,
+                parked: BTreeMap::new(),
+            },
+        );
+        group
+    }
+
+    /// Forgets a group once it has no messages.
+    fn drop_if_empty(&mut self, group: GroupRef) {
+        if let Some(g) = self.groups.get(&group)
+            && g.live == 0
+            && g.parked.is_empty()
+        {
+            self.group_refs.remove(&g.hash);
+            self.groups.remove(&group);
+            self.free_refs.push(group);
+        }
+    }
+
+    /// The hash of a message's group.
+    pub fn group_hash(&self, group: Option<GroupRef>) -> Option<NonZeroU64> {
+        self.groups.get(&group?).map(|g| g.hash)
+    }
+
     /// Lets a group's oldest parked messages in while it has room.
-    fn admit(&mut self, group: NonZeroU64, now: Timestamp) {
+    fn admit(&mut self, group: GroupRef, now: Timestamp) {
         let limit = self.spec.concurrency_per_group.max(1);
         while let Some(g) = self.groups.get_mut(&group)
             && g.live < limit
@@ -370,20 +428,14 @@ impl<P: Clone> ChannelState<P> {
     }
 
     /// A delivered, dead or deleted message leaves its group, and lets the next one in.
-    fn depart(&mut self, group: Option<NonZeroU64>, now: Timestamp) {
+    fn depart(&mut self, group: Option<GroupRef>, now: Timestamp) {
         let Some(group) = group else { return };
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
         g.live = g.live.saturating_sub(1);
         self.admit(group, now);
-        if self
-            .groups
-            .get(&group)
-            .is_some_and(|g| g.live == 0 && g.parked.is_empty())
-        {
-            self.groups.remove(&group);
-        }
+        self.drop_if_empty(group);
     }
 
     fn place(&mut self, entry: Entry<P>, due: Timestamp, now: Timestamp) {
@@ -445,9 +497,10 @@ impl<P: Clone> ChannelState<P> {
         }
     }
 
-    fn bury(&mut self, entry: Entry<P>, error: String, now: Timestamp) -> Change {
+    fn bury(&mut self, mut entry: Entry<P>, error: String, now: Timestamp) -> Change {
         self.counters.dead_lettered += 1;
-        self.depart(entry.group, now);
+        let group = self.group_hash(entry.group);
+        self.depart(entry.group.take(), now);
         let change = Change::Died {
             id: entry.id,
             attempts: entry.attempts,
@@ -458,6 +511,7 @@ impl<P: Clone> ChannelState<P> {
             entry.id,
             Dead {
                 entry,
+                group,
                 error,
                 dead_at: now,
             },
@@ -541,7 +595,9 @@ impl<P: Clone> ChannelState<P> {
                 changes.push(self.bury(entry, error, now));
                 continue;
             }
-            if let (Some(rate), Some(group)) = (self.spec.rate_per_group, entry.group) {
+            if let (Some(rate), Some(group)) =
+                (self.spec.rate_per_group, self.group_hash(entry.group))
+            {
                 let window = self.group_rates.entry(group).or_default();
                 if !window.allows(rate, now) {
                     // Ready again when its group's window turns; nothing durable changes.
@@ -646,9 +702,7 @@ impl<P: Clone> ChannelState<P> {
         if let Some(group) = parked {
             let g = self.groups.get_mut(&group).expect("found");
             let (entry, _) = g.parked.remove(&id).expect("found");
-            if g.live == 0 && g.parked.is_empty() {
-                self.groups.remove(&group);
-            }
+            self.drop_if_empty(group);
             self.parked_len -= 1;
             return Ok((Change::Purged { id }, entry.payload, Cancelled::Pending));
         }
@@ -771,9 +825,10 @@ impl<P: Clone> ChannelState<P> {
         chosen
             .into_iter()
             .map(|id| {
-                let mut dead = self.dead.remove(&id).expect("filtered").entry;
-                dead.attempts = 0;
-                self.arrive(dead, now, now);
+                let dead = self.dead.remove(&id).expect("filtered");
+                let mut entry = dead.entry;
+                entry.attempts = 0;
+                self.arrive(entry, dead.group, now, now);
                 Change::Redriven { id }
             })
             .collect()
@@ -795,9 +850,11 @@ impl<P: Clone> ChannelState<P> {
     pub fn purge_pending(&mut self) -> (Vec<Change>, Vec<P>) {
         let ready = std::mem::take(&mut self.ready).into_values().flatten();
         let delayed = std::mem::take(&mut self.delayed).into_values();
-        let parked = std::mem::take(&mut self.groups)
-            .into_values()
-            .flat_map(|g| g.parked.into_values().map(|(e, _)| e));
+        let parked: Vec<Entry<P>> = self
+            .groups
+            .values_mut()
+            .flat_map(|g| std::mem::take(&mut g.parked).into_values().map(|(e, _)| e))
+            .collect();
         self.ready_len = 0;
         self.parked_len = 0;
         let gone: (Vec<Change>, Vec<P>) = ready
@@ -806,10 +863,17 @@ impl<P: Clone> ChannelState<P> {
             .map(|e| (Change::Purged { id: e.id }, e.payload))
             .unzip();
         // What stays of each group: its messages in flight.
+        for g in self.groups.values_mut() {
+            g.live = 0;
+        }
         for held in self.leased.values() {
-            if let Some(group) = held.entry.group {
-                self.groups.entry(group).or_default().live += 1;
+            if let Some(g) = held.entry.group.and_then(|r| self.groups.get_mut(&r)) {
+                g.live += 1;
             }
+        }
+        let groups: Vec<GroupRef> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.drop_if_empty(group);
         }
         gone
     }
@@ -818,6 +882,7 @@ impl<P: Clone> ChannelState<P> {
     pub fn restore(
         &mut self,
         entry: Entry<P>,
+        group: Option<NonZeroU64>,
         due: Timestamp,
         dead: Option<(Timestamp, String)>,
         now: Timestamp,
@@ -827,47 +892,61 @@ impl<P: Clone> ChannelState<P> {
                 self.dead.insert(
                     entry.id,
                     Dead {
-                        entry,
+                        entry: Entry {
+                            group: None,
+                            ..entry
+                        },
+                        group,
                         error,
                         dead_at,
                     },
                 );
             }
-            None => self.arrive(entry, due, now),
+            None => self.arrive(entry, group, due, now),
         }
     }
 
-    /// Visits the stored messages `pick` chooses with their state (`due`, 0 for ready and
-    /// held messages; `(dead_at, error)` for dead letters) and replaces their payload handle
-    /// with what `relocate` returns.
+    /// Visits the stored messages `pick` chooses with their group's hash and state (`due`, 0
+    /// for ready and held messages; `(dead_at, error)` for dead letters) and replaces their
+    /// payload handle with what `relocate` returns.
     pub fn relocate(
         &mut self,
         mut pick: impl FnMut(&Entry<P>) -> bool,
-        mut relocate: impl FnMut(&Entry<P>, Timestamp, Option<(Timestamp, &str)>) -> P,
+        mut relocate: impl FnMut(
+            &Entry<P>,
+            Option<NonZeroU64>,
+            Timestamp,
+            Option<(Timestamp, &str)>,
+        ) -> P,
     ) {
+        let hashes: HashMap<GroupRef, NonZeroU64> =
+            self.groups.iter().map(|(r, g)| (*r, g.hash)).collect();
+        let hash = |e: &Entry<P>| e.group.and_then(|r| hashes.get(&r).copied());
         for e in self.ready.values_mut().flat_map(|q| q.iter_mut()) {
             if pick(e) {
-                e.payload = relocate(e, 0, None);
+                e.payload = relocate(e, hash(e), 0, None);
             }
         }
         for ((due, _), e) in &mut self.delayed {
             if pick(e) {
-                e.payload = relocate(e, *due, None);
+                e.payload = relocate(e, hash(e), *due, None);
             }
         }
         for h in self.leased.values_mut() {
             if pick(&h.entry) {
-                h.entry.payload = relocate(&h.entry, 0, None);
+                h.entry.payload = relocate(&h.entry, hash(&h.entry), 0, None);
             }
         }
-        for (e, due) in self.groups.values_mut().flat_map(|g| g.parked.values_mut()) {
-            if pick(e) {
-                e.payload = relocate(e, *due, None);
+        for g in self.groups.values_mut() {
+            for (e, due) in g.parked.values_mut() {
+                if pick(e) {
+                    e.payload = relocate(e, Some(g.hash), *due, None);
+                }
             }
         }
         for d in self.dead.values_mut() {
             if pick(&d.entry) {
-                d.entry.payload = relocate(&d.entry, 0, Some((d.dead_at, &d.error)));
+                d.entry.payload = relocate(&d.entry, d.group, 0, Some((d.dead_at, &d.error)));
             }
         }
     }
@@ -979,10 +1058,10 @@ mod tests {
     fn take_follows_priority_then_readiness_order() {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 10);
-        s.insert(entry(1, 0), 0, 0);
-        s.insert(entry(2, 5), 0, 0);
-        s.insert(entry(3, 0), 0, 0);
-        s.insert(entry(4, 5), 0, 0);
+        s.insert(entry(1, 0), None, 0, 0);
+        s.insert(entry(2, 5), None, 0, 0);
+        s.insert(entry(3, 0), None, 0, 0);
+        s.insert(entry(4, 5), None, 0, 0);
         let order: Vec<u64> = (0..4)
             .map(|t| s.take(1, t, 0, &mut Vec::new()).unwrap().entry.id.0)
             .collect();
@@ -994,8 +1073,8 @@ mod tests {
     fn a_lapsed_lease_requeues_at_the_front_and_counts_the_attempt() {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 10);
-        s.insert(entry(1, 0), 0, 0);
-        s.insert(entry(2, 0), 0, 0);
+        s.insert(entry(1, 0), None, 0, 0);
+        s.insert(entry(2, 0), None, 0, 0);
         let h = s.take(1, 7, 0, &mut Vec::new()).unwrap();
         assert_eq!(h.deadline, 10_000);
         let mut changes = Vec::new();
@@ -1022,7 +1101,7 @@ mod tests {
     fn the_last_failed_attempt_dead_letters_with_the_error() {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 10);
-        s.insert(entry(1, 0), 0, 0);
+        s.insert(entry(1, 0), None, 0, 0);
         let mut now = 0;
         for attempt in 1..=3u64 {
             let h = s.take(1, attempt, now, &mut Vec::new()).expect("ready");
@@ -1062,7 +1141,7 @@ mod tests {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 2);
         for i in 0..3 {
-            s.insert(entry(i, 0), 0, 0);
+            s.insert(entry(i, 0), None, 0, 0);
         }
         assert!(s.take(1, 1, 0, &mut Vec::new()).is_some());
         assert!(s.take(1, 2, 0, &mut Vec::new()).is_some());
@@ -1077,7 +1156,7 @@ mod tests {
         s.add_consumer(1, 10);
         s.add_consumer(2, 10);
         for i in 0..3 {
-            s.insert(entry(i, 0), 0, 0);
+            s.insert(entry(i, 0), None, 0, 0);
         }
         s.take(1, 1, 0, &mut Vec::new());
         s.take(1, 2, 0, &mut Vec::new());
@@ -1103,7 +1182,7 @@ mod tests {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 10);
         s.add_consumer(2, 10);
-        s.insert(entry(1, 0), 0, 0);
+        s.insert(entry(1, 0), None, 0, 0);
         for attempt in 1..=2u64 {
             s.take(1, attempt, 0, &mut Vec::new()).unwrap();
             let changes = s.remove_consumer(1, 0);
@@ -1130,11 +1209,9 @@ mod tests {
         assert_eq!(s.stats().dead, 1);
     }
 
-    fn grouped(id: u64, group: u64) -> Entry<()> {
-        Entry {
-            group: NonZeroU64::new(group),
-            ..entry(id, 0)
-        }
+    /// Inserts message `id` in group `group` (0: none), ready now.
+    fn put(s: &mut ChannelState<()>, id: u64, group: u64) {
+        s.insert(entry(id, 0), NonZeroU64::new(group), 0, 0);
     }
 
     fn take_all(s: &mut ChannelState<()>, token: &mut u64, now: Timestamp) -> Vec<u64> {
@@ -1153,7 +1230,7 @@ mod tests {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 100);
         for (id, g) in [(1, 7), (2, 7), (3, 8), (4, 7), (5, 0)] {
-            s.insert(grouped(id, g), 0, 0);
+            put(&mut s, id, g);
         }
         assert_eq!(s.stats().ready, 5, "parked messages count as ready");
         let mut token = 0;
@@ -1176,7 +1253,8 @@ mod tests {
         assert_eq!(take_all(&mut s, &mut token, 1_000), vec![4]);
         s.settle(MessageId(4), token - 1, Outcome::Ack, 1_000, 0.0)
             .unwrap();
-        assert!(!s.groups.contains_key(&NonZeroU64::new(7).unwrap()));
+        assert!(!s.group_refs.contains_key(&NonZeroU64::new(7).unwrap()));
+        assert_eq!(s.groups.len(), 1, "group 8 holds message 3");
     }
 
     #[test]
@@ -1184,7 +1262,7 @@ mod tests {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 100);
         for id in 1..=3 {
-            s.insert(grouped(id, 7), 0, 0);
+            put(&mut s, id, 7);
         }
         let mut token = 0;
         assert_eq!(take_all(&mut s, &mut token, 0), vec![1]);
@@ -1204,7 +1282,7 @@ mod tests {
         let mut s = ChannelState::new(spec());
         s.add_consumer(1, 100);
         for id in 1..=3 {
-            s.insert(grouped(id, 7), 0, 0);
+            put(&mut s, id, 7);
         }
         let mut token = 0;
         assert_eq!(take_all(&mut s, &mut token, 0), vec![1]);
@@ -1212,7 +1290,7 @@ mod tests {
         assert_eq!(cancelled.2, Cancelled::Pending);
         let (changes, _) = s.purge_pending();
         assert_eq!(changes, vec![Change::Purged { id: MessageId(2) }]);
-        s.insert(grouped(4, 7), 0, 0);
+        put(&mut s, 4, 7);
         assert_eq!(take_all(&mut s, &mut token, 0), Vec::<u64>::new());
         s.settle(MessageId(1), 1, Outcome::Ack, 0, 0.0).unwrap();
         assert_eq!(take_all(&mut s, &mut token, 0), vec![4]);
@@ -1223,7 +1301,7 @@ mod tests {
         let mut s = ChannelState::new(spec().concurrency(2).rate(3, Duration::from_secs(1)));
         s.add_consumer(1, 100);
         for id in 1..=10 {
-            s.insert(entry(id, 0), 0, 0);
+            s.insert(entry(id, 0), None, 0, 0);
         }
         let mut token = 0;
         assert_eq!(take_all(&mut s, &mut token, 0), vec![1, 2]);
@@ -1246,7 +1324,7 @@ mod tests {
         );
         s.add_consumer(1, 100);
         for (id, g) in [(1, 7), (2, 7), (3, 8), (4, 8)] {
-            s.insert(grouped(id, g), 0, 0);
+            put(&mut s, id, g);
         }
         let mut token = 0;
         assert_eq!(take_all(&mut s, &mut token, 0), vec![1, 3]);
@@ -1261,8 +1339,8 @@ mod tests {
         s.add_consumer(1, 10);
         let mut recovered = entry(1, 0);
         recovered.attempts = 3;
-        s.restore(recovered, 0, None, 0);
-        s.insert(entry(2, 0), 0, 0);
+        s.restore(recovered, None, 0, None, 0);
+        s.insert(entry(2, 0), None, 0, 0);
         let mut changes = Vec::new();
         let held = s.take(1, 9, 7, &mut changes).unwrap();
         assert_eq!(held.entry.id, MessageId(2));

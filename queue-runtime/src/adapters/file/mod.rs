@@ -468,11 +468,15 @@ impl Engine<FileJournal> {
                 attempts: m.attempts,
                 priority: m.priority,
                 produced_at: m.produced_at,
-                group: m.group.and_then(std::num::NonZeroU64::new),
+                group: None,
             };
-            cells[m.channel]
-                .lock()
-                .restore(entry, m.due, m.dead.clone(), now);
+            cells[m.channel].lock().restore(
+                entry,
+                m.group.and_then(std::num::NonZeroU64::new),
+                m.due,
+                m.dead.clone(),
+                now,
+            );
         }
         for d in state.dedup.values() {
             cells[d.channel]
@@ -723,7 +727,7 @@ impl Engine<FileJournal> {
                             .get(&e.id)
                             .is_some_and(|(loc, _)| *loc == e.payload)
                     },
-                    |e, due, dead| {
+                    |e, group, due, dead| {
                         let at = buf.len();
                         let rel = format::encode(
                             &Record::Message(MessageRecord {
@@ -736,7 +740,7 @@ impl Engine<FileJournal> {
                                 // Dedup entries are rewritten on their own.
                                 dedup: None,
                                 dead,
-                                group: e.group.map(std::num::NonZeroU64::get),
+                                group: group.map(std::num::NonZeroU64::get),
                                 payload: &payloads[&e.id].1,
                             }),
                             &mut buf,
@@ -771,7 +775,7 @@ impl Engine<FileJournal> {
             let mut updated = HashSet::with_capacity(new.len());
             cell.lock().relocate(
                 |e| new.get(&e.id).is_some_and(|(old, _)| *old == e.payload),
-                |e, _, _| {
+                |e, _, _, _| {
                     updated.insert(e.id);
                     new[&e.id].1
                 },
