@@ -139,6 +139,9 @@ fn open_gated(dir: &Path, gate: &Arc<Gate>) -> (Arc<FileAdapter>, Queue) {
         segment_size: 1 << 20,
         storage: Arc::new(StallingStorage(gate.clone())),
         background_compaction: false,
+        // Commits wait for the gate on the writer thread, so that produces can be dropped
+        // while theirs is pending (a producer leading its commit would wait in its poll).
+        lead_commits: false,
     };
     let adapter = FileAdapter::open(dir, Arc::new(clock.clone()), options).expect("open store");
     let queue = Queue::new(

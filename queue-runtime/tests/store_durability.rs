@@ -970,6 +970,76 @@ impl Storage for FailingSync {
     }
 }
 
+/// Storage that records which thread made each sync, and can make syncs slow.
+#[derive(Default)]
+struct WatchedSync {
+    slow: AtomicBool,
+    threads: parking_lot::Mutex<Vec<String>>,
+}
+
+impl Storage for WatchedSync {
+    fn sync_data(&self, file: &Handle) -> io::Result<()> {
+        if self.slow.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().push(name);
+        file.file()?.sync_data()
+    }
+}
+
+impl WatchedSync {
+    fn last(&self) -> String {
+        self.threads.lock().last().cloned().unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_producer_commits_on_its_own_thread_until_a_sync_is_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let storage = Arc::new(WatchedSync::default());
+    let opts = FileOptions {
+        storage: storage.clone(),
+        ..options(1 << 20)
+    };
+    let (adapter, queue) = open_with(dir.path(), &clock, opts);
+    let writer = "queue-log-writer";
+    let produce = |n| Order::produce(&queue, Order { n });
+    produce(1).await.unwrap();
+    assert_ne!(
+        storage.last(),
+        writer,
+        "the idle log is synced by the producer"
+    );
+    // A slow sync hands commits back to the writer thread, until one is fast again.
+    storage.slow.store(true, Ordering::SeqCst);
+    produce(2).await.unwrap();
+    produce(3).await.unwrap();
+    assert_eq!(storage.last(), writer);
+    storage.slow.store(false, Ordering::SeqCst);
+    produce(4).await.unwrap();
+    assert_eq!(storage.last(), writer);
+    produce(5).await.unwrap();
+    assert_ne!(storage.last(), writer);
+    queue.close().await.unwrap();
+    drop(adapter);
+    let (_adapter, queue) = open(dir.path(), &clock);
+    assert_eq!(stats(&queue, ORDERS).await.ready, 5);
+
+    // Turned off, the writer thread syncs every commit.
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(WatchedSync::default());
+    let opts = FileOptions {
+        storage: storage.clone(),
+        lead_commits: false,
+        ..options(1 << 20)
+    };
+    let (_adapter, queue) = open_with(dir.path(), &clock, opts);
+    Order::produce(&queue, Order { n: 1 }).await.unwrap();
+    assert_eq!(storage.last(), writer);
+}
+
 #[tokio::test]
 async fn an_fsync_failure_poisons_the_store_and_surfaces_to_producers() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,6 +47,7 @@ fn options() -> FileOptions {
         segment_size: 4096,
         background_compaction: false,
         storage: Arc::new(NoSync),
+        lead_commits: true,
     }
 }
 

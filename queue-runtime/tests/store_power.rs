@@ -315,6 +315,7 @@ fn open(
             segment_size,
             storage,
             background_compaction: false,
+            lead_commits: true,
         },
     )
     .expect("open store")
@@ -821,6 +822,7 @@ async fn a_power_cut_during_a_pause_or_resume_leaves_the_old_state_or_the_new_on
                     segment_size: SEGMENT,
                     storage: fs.clone(),
                     background_compaction: false,
+                    lead_commits: true,
                 },
             )
             .unwrap_or_else(|e| panic!("cut at call {cut}: the store does not reopen: {e}"));

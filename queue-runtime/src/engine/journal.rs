@@ -90,6 +90,11 @@ pub trait Journal: Send + Sync + Sized + 'static {
         then: T,
     ) -> Unrun<T, Self::Payload>;
 
+    /// Makes what was appended durable on the calling thread if the journal is idle, rather
+    /// than waiting for it to be done elsewhere. Called by a producer after its append, with
+    /// no channel locked.
+    fn lead(&self) {}
+
     /// Reads a payload back.
     ///
     /// # Errors

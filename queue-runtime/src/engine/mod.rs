@@ -345,6 +345,7 @@ impl<J: Journal> Engine<J> {
                 done.finish(&mut state, result);
             }
         }
+        self.journal.lead();
         rx.await.unwrap_or(Err(QueueError::Closed))
     }
 

@@ -59,6 +59,11 @@ pub struct FileOptions {
     pub storage: Arc<dyn Storage>,
     /// Reclaim acked space in the background (default on).
     pub background_compaction: bool,
+    /// Let a producer on a multi-threaded runtime write and sync its commit on its own thread
+    /// when the log is idle, rather than hand it to the writer thread (default on). Its call
+    /// then blocks for that sync, and on a disk that hangs it waits the hang out (its timeout
+    /// cannot fire meanwhile); the writer thread takes over once a sync has been slow.
+    pub lead_commits: bool,
 }
 
 impl Default for FileOptions {
@@ -67,6 +72,7 @@ impl Default for FileOptions {
             segment_size: 64 << 20,
             storage: Arc::new(OsStorage),
             background_compaction: true,
+            lead_commits: true,
         }
     }
 }
@@ -76,6 +82,7 @@ impl std::fmt::Debug for FileOptions {
         f.debug_struct("FileOptions")
             .field("segment_size", &self.segment_size)
             .field("background_compaction", &self.background_compaction)
+            .field("lead_commits", &self.lead_commits)
             .finish_non_exhaustive()
     }
 }
@@ -234,7 +241,14 @@ impl Journal for FileJournal {
         } else {
             Class::Growth
         };
-        self.writer.submit_then(
+        // New messages come from a producer, which leads their commit (`lead`).
+        let submit = if class == Class::Growth {
+            Writer::submit_led
+        } else {
+            Writer::submit_then
+        };
+        submit(
+            &self.writer,
             buf,
             payloads.len() as u64,
             class,
@@ -266,6 +280,10 @@ impl Journal for FileJournal {
             }),
         );
         None
+    }
+
+    fn lead(&self) {
+        self.writer.lead();
     }
 
     fn read(&self, loc: &Loc) -> Result<Vec<u8>, QueueError> {
@@ -424,6 +442,7 @@ impl Engine<FileJournal> {
                 segment: active,
                 segment_size,
                 storage: storage.clone(),
+                lead: options.lead_commits,
             },
             shared.clone(),
         )?;

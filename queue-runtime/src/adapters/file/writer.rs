@@ -1,12 +1,14 @@
-//! Group commit: one thread owns the active segment. It takes every write waiting, appends
-//! them with a commit record in one `write`, calls `fdatasync` once, and answers all of them.
-//! A lone writer is written at once; no timer holds it back. After a failed sync, or a write
+//! Group commit: whoever holds the active segment takes every write waiting, appends them with
+//! a commit record in one `write`, calls `fdatasync` once, and answers all of them. The writer
+//! thread does this for whatever is queued; a caller that submits with [`Writer::lead`] while
+//! the segment is free commits on its own thread instead, so a lone write costs no hand-off
+//! to another thread and back. A lone writer is written at once; no timer holds it back. After a failed sync, or a write
 //! failing other than for want of space, the store is poisoned: the failed batch and every
 //! later one fail, and the sync is never retried (the kernel may have dropped the dirty pages
 //! it could not write). A write that fails for want of space fails its batch only; new
 //! messages are refused while the disk is full, and settling writes use a reserve.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use queue_core::QueueError;
 use tokio::sync::oneshot;
 
@@ -330,12 +332,45 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// The sending side of the writer thread.
+/// The queue of writes and the active segment, shared by the writer thread and leading
+/// callers.
 pub struct Writer {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    inner: Arc<Inner>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// What the thread shares.
     pub shared: Arc<Shared>,
+}
+
+struct Inner {
+    /// Writes waiting, in submission order, and whether the writer is shut down.
+    waiting: Mutex<Waiting>,
+    /// Signalled when writes wait that no caller leads.
+    wake: Condvar,
+    /// The active segment. Writes are taken from `waiting` only while it is held, so they
+    /// are written in submission order whoever writes them.
+    io: Mutex<Io>,
+    /// Completions other than new messages', run on a thread of their own in commit order.
+    completions: Mutex<mpsc::Sender<Completions>>,
+    /// Whether callers may lead commits now: configured so, and the last sync was not slow.
+    lead: AtomicBool,
+    /// Whether callers may lead commits at all.
+    may_lead: bool,
+}
+
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+/// The active segment and what writing it needs.
+struct Io {
+    c: WriterConfig,
+    /// The segment after the active one, prepared once the active one is half full.
+    next: Next,
+    reserve: u64,
+    buf: Vec<u8>,
+    batch: Vec<(usize, Class, Option<Done>)>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -367,6 +402,8 @@ pub struct WriterConfig {
     pub segment_size: u64,
     /// The file calls.
     pub storage: Arc<dyn Storage>,
+    /// Whether callers may lead commits (see [`Writer::lead`]).
+    pub lead: bool,
 }
 
 impl Writer {
@@ -375,7 +412,6 @@ impl Writer {
     /// # Errors
     /// When the thread cannot be started.
     pub fn start(config: WriterConfig, shared: Arc<Shared>) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
         // Other completions run on a thread of their own, in commit order, so that the writer
         // starts the next write while the last batch's callers are answered.
         let (done_tx, done_rx) = mpsc::channel::<Completions>();
@@ -388,12 +424,27 @@ impl Writer {
                     }
                 }
             })?;
-        let thread_shared = shared.clone();
+        let lead = config.lead;
+        let inner = Arc::new(Inner {
+            waiting: Mutex::new(Waiting::default()),
+            wake: Condvar::new(),
+            io: Mutex::new(Io {
+                reserve: reserve(config.segment_size),
+                c: config,
+                next: Next::None,
+                buf: Vec::with_capacity(1 << 20),
+                batch: Vec::new(),
+            }),
+            may_lead: lead,
+            lead: AtomicBool::new(lead),
+            completions: Mutex::new(done_tx),
+        });
+        let (thread_inner, thread_shared) = (inner.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("queue-log-writer".into())
-            .spawn(move || run(config, &thread_shared, &rx, &done_tx))?;
+            .spawn(move || run(&thread_inner, &thread_shared))?;
         Ok(Writer {
-            tx: Mutex::new(Some(tx)),
+            inner,
             thread: Mutex::new(Some(thread)),
             shared,
         })
@@ -404,12 +455,57 @@ impl Writer {
     /// message records among them, which the writer adds to the segment's usage as it
     /// writes them.
     pub fn submit_then(&self, bytes: Vec<u8>, messages: u64, class: Class, done: Done) {
-        self.send(Job {
+        if self.queue(Job {
+            bytes,
+            messages,
+            class,
+            done: Some(done),
+        }) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Like [`Writer::submit_then`], for a caller that then calls [`Writer::lead`]; until it
+    /// does, the write may wait.
+    pub fn submit_led(&self, bytes: Vec<u8>, messages: u64, class: Class, done: Done) {
+        self.queue(Job {
             bytes,
             messages,
             class,
             done: Some(done),
         });
+    }
+
+    /// Writes and syncs what waits, on the calling thread, if nobody is writing now; else
+    /// leaves it to the writer thread. A new message's completion runs here; the others on
+    /// the completion thread. The caller must hold no lock a completion takes.
+    pub fn lead(&self) {
+        // On a runtime of one thread, waiting callers queue up while the writer thread syncs,
+        // and share its next commit; a caller syncing on that thread would stop them.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let io = if multi_thread && self.inner.lead.load(Ordering::Relaxed) {
+            self.inner.io.try_lock()
+        } else {
+            None
+        };
+        let Some(mut io) = io else {
+            // Whoever writes now, the writer thread takes what waits after it.
+            self.inner.wake.notify_one();
+            return;
+        };
+        let jobs = take_jobs(&self.inner.waiting);
+        if !jobs.is_empty() {
+            let completions = self.inner.completions.lock().clone();
+            let slow = io.write(jobs, &self.shared, &completions);
+            if slow {
+                self.inner.lead.store(false, Ordering::Relaxed);
+            }
+        }
+        drop(io);
+        if !self.inner.waiting.lock().jobs.is_empty() {
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Queues encoded records that settle or move what is stored; the returned future
@@ -444,16 +540,16 @@ impl Writer {
         rx.recv().unwrap_or(Err(QueueError::Closed)).map(|_| ())
     }
 
-    fn send(&self, job: Job) {
-        let guard = self.tx.lock();
-        match guard.as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::SendError(job)) = tx.send(job) {
-                    fail(job, &QueueError::Closed);
-                }
-            }
-            None => fail(job, &QueueError::Closed),
+    /// Queues a job; false (and the job failed) once the writer is shut down.
+    fn queue(&self, job: Job) -> bool {
+        let mut waiting = self.inner.waiting.lock();
+        if waiting.closed {
+            drop(waiting);
+            fail(job, &QueueError::Closed);
+            return false;
         }
+        waiting.jobs.push_back(job);
+        true
     }
 
     /// Waits for a submitted write.
@@ -466,7 +562,8 @@ impl Writer {
 
     /// Stops accepting writes, lets the thread write and sync what it has, and joins it.
     pub fn shutdown(&self) {
-        self.tx.lock().take();
+        self.inner.waiting.lock().closed = true;
+        self.inner.wake.notify_one();
         if let Some(t) = self.thread.lock().take() {
             // The last handle to a store can go away on the writer's own thread; it then
             // ends by itself once the queue is drained.
@@ -491,6 +588,9 @@ fn fail(job: Job, error: &QueueError) {
         }));
     }
 }
+
+/// A commit slower than this stops callers from leading commits until one is faster again.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
 
 /// Bytes gathered into one group commit at most (a single larger write goes alone).
 const BATCH_BYTES: usize = 4 << 20;
@@ -569,32 +669,97 @@ impl Next {
     }
 }
 
-fn run(
-    mut c: WriterConfig,
-    shared: &Shared,
-    rx: &mpsc::Receiver<Job>,
-    completions: &mpsc::Sender<Completions>,
-) {
-    // The next segment is prepared once the active one is half full.
-    let mut next = Next::None;
-    let reserve = reserve(c.segment_size);
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut batch: Vec<(usize, Class, Option<Done>)> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        let mut size = jobs[0].bytes.len();
-        while size < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(j) => {
-                    size += j.bytes.len();
-                    jobs.push(j);
-                }
-                Err(_) => break,
+/// Takes the waiting jobs, at most [`BATCH_BYTES`] of them (at least one). Called with the
+/// active segment held, so that jobs are written in the order they were queued.
+fn take_jobs(waiting: &Mutex<Waiting>) -> Vec<Job> {
+    let mut waiting = waiting.lock();
+    let mut jobs = Vec::new();
+    let mut size = 0;
+    while let Some(j) = waiting.jobs.front() {
+        if !jobs.is_empty() && size >= BATCH_BYTES {
+            break;
+        }
+        size += j.bytes.len();
+        jobs.push(waiting.jobs.pop_front().expect("looked at"));
+    }
+    jobs
+}
+
+/// The writer thread: writes whatever waits that no caller led, until shut down and drained.
+fn run(inner: &Inner, shared: &Shared) {
+    loop {
+        {
+            let mut waiting = inner.waiting.lock();
+            while waiting.jobs.is_empty() && !waiting.closed {
+                inner.wake.wait(&mut waiting);
+            }
+            if waiting.jobs.is_empty() && waiting.closed {
+                break;
             }
         }
+        let mut io = inner.io.lock();
+        let jobs = take_jobs(&inner.waiting);
+        if !jobs.is_empty() {
+            let completions = inner.completions.lock().clone();
+            let slow = io.write(jobs, shared, &completions);
+            inner.lead.store(inner.may_lead && !slow, Ordering::Relaxed);
+        }
+    }
+    let mut io = inner.io.lock();
+    let c = &io.c;
+    if shared.check().is_ok()
+        && let Err(e) = c.storage.sync_data(&c.file)
+    {
+        tracing::error!(error = %e, "final fdatasync failed");
+    }
+    let number = c.segment + 1;
+    let (dir, storage) = (c.dir.clone(), c.storage.clone());
+    match std::mem::replace(&mut io.next, Next::None) {
+        Next::Preparing(p) => {
+            let _ = p.handle.join();
+            let _ = storage.remove(&prepared_path(&dir, p.number));
+        }
+        Next::Ready(_) => {
+            let _ = storage.remove(&prepared_path(&dir, number));
+        }
+        Next::None | Next::Full { .. } => {}
+    }
+}
+
+impl Io {
+    /// Writes one batch with its commit record, syncs it, and answers its jobs: a new
+    /// message's completion at once, the others through `completions`. Returns whether the
+    /// write and sync took longer than [`SLOW_SYNC`].
+    fn write(
+        &mut self,
+        mut jobs: Vec<Job>,
+        shared: &Shared,
+        completions: &mpsc::Sender<Completions>,
+    ) -> bool {
+        let started = Instant::now();
+        self.write_batch(&mut jobs, shared, completions);
+        started.elapsed() > SLOW_SYNC
+    }
+
+    fn write_batch(
+        &mut self,
+        jobs: &mut Vec<Job>,
+        shared: &Shared,
+        completions: &mpsc::Sender<Completions>,
+    ) {
+        let mut jobs = std::mem::take(jobs);
+        let Io {
+            c,
+            next,
+            reserve,
+            buf,
+            batch,
+        } = self;
+        let reserve = *reserve;
+        let mut size: usize = jobs.iter().map(|j| j.bytes.len()).sum();
         if let Err(e) = shared.check() {
             jobs.into_iter().for_each(|j| fail(j, &e));
-            continue;
+            return;
         }
         // New messages take the reserve only while the next segment can be had.
         let growth: u64 = jobs
@@ -603,13 +768,13 @@ fn run(
             .map(|j| j.bytes.len() as u64)
             .sum();
         if growth > 0 && c.len + growth + reserve > c.segment_size {
-            if let Err(e) = next.resolve(&c, shared) {
+            if let Err(e) = next.resolve(c, shared) {
                 shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
                 let err = shared.check().expect_err("just poisoned");
                 jobs.into_iter().for_each(|j| fail(j, &err));
-                continue;
+                return;
             }
-            if let Next::Full { reason, .. } = &next {
+            if let Next::Full { reason, .. } = &*next {
                 let (refused, kept): (Vec<Job>, Vec<Job>) =
                     jobs.into_iter().partition(|j| j.class == Class::Growth);
                 let refused: Completions = refused
@@ -619,7 +784,7 @@ fn run(
                 let _ = completions.send(refused);
                 jobs = kept;
                 if jobs.is_empty() {
-                    continue;
+                    return;
                 }
                 size = jobs.iter().map(|j| j.bytes.len()).sum();
             }
@@ -627,14 +792,12 @@ fn run(
         if c.len > format::HEADER_LEN as u64 && c.len + size as u64 > c.segment_size {
             // On a full disk the batch goes past the segment's end and fails if the file
             // cannot grow.
-            let rolled = next
-                .resolve(&c, shared)
-                .and_then(|()| roll(&mut c, shared, &mut next));
+            let rolled = next.resolve(c, shared).and_then(|()| roll(c, shared, next));
             if let Err(e) = rolled {
                 shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
                 let err = shared.check().expect_err("just poisoned");
                 jobs.into_iter().for_each(|j| fail(j, &err));
-                continue;
+                return;
             }
         }
         buf.clear();
@@ -650,9 +813,9 @@ fn run(
                 next_id: shared.next_id.load(Ordering::Acquire),
                 epoch: shared.epoch,
             },
-            &mut buf,
+            buf,
         );
-        let result = match c.storage.write_at(&c.file, &buf, c.len) {
+        let result = match c.storage.write_at(&c.file, buf, c.len) {
             Err(e) if is_full(&e) => {
                 // Nothing of the batch was synced, and the next batch is written at the same
                 // offset. What landed is zeroed (the blocks it took exist), so no part of a
@@ -668,7 +831,7 @@ fn run(
                     .filter_map(|(_, _, done)| done.map(|d| (Err(full_error(&reason)), d)))
                     .collect();
                 let _ = completions.send(failed);
-                continue;
+                return;
             }
             r => r.and_then(|()| c.storage.sync_data(&c.file)),
         };
@@ -680,8 +843,8 @@ fn run(
                     .written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 shared.commits.fetch_add(1, Ordering::Relaxed);
-                if matches!(next, Next::None) && c.len > c.segment_size / 2 {
-                    next = Next::Preparing(Preparing::start(&c, c.segment + 1));
+                if matches!(*next, Next::None) && c.len > c.segment_size / 2 {
+                    *next = Next::Preparing(Preparing::start(c, c.segment + 1));
                 }
                 if messages > 0 {
                     let mut usage = shared.usage.lock();
@@ -727,22 +890,6 @@ fn run(
                 let _ = completions.send(failed);
             }
         }
-    }
-    if shared.check().is_ok()
-        && let Err(e) = c.storage.sync_data(&c.file)
-    {
-        tracing::error!(error = %e, "final fdatasync failed");
-    }
-    let number = c.segment + 1;
-    match next {
-        Next::Preparing(p) => {
-            let _ = p.handle.join();
-            let _ = c.storage.remove(&prepared_path(&c.dir, p.number));
-        }
-        Next::Ready(_) => {
-            let _ = c.storage.remove(&prepared_path(&c.dir, number));
-        }
-        Next::None | Next::Full { .. } => {}
     }
 }
 
