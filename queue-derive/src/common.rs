@@ -91,17 +91,21 @@ pub(crate) fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) 
         .map(|(_, k)| k)
 }
 
+/// Names as code, comma-separated: "`a`, `b`".
+pub(crate) fn code_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// "unknown option `x`, did you mean `y`?" or the list of options.
 pub(crate) fn unknown_option(name: &str, known: &[&str]) -> String {
     match closest(name, known.iter().copied()) {
         Some(k) => format!("unknown option `{name}`, did you mean `{k}`?"),
         None => format!(
             "unknown option `{name}`, expected one of {}",
-            known
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            code_list(known.iter().copied())
         ),
     }
 }

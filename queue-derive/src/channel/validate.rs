@@ -12,8 +12,8 @@ use syn::{Expr, Ident, Lit, Visibility};
 use super::parse::{Opt, Parsed};
 use super::schedule;
 use crate::common::{
-    Arg, Errors, closest, item_kind, keyword_span, parse_duration, parse_limit, parse_positive_int,
-    parse_rate, unknown_option,
+    Arg, Errors, closest, code_list, item_kind, keyword_span, parse_duration, parse_limit,
+    parse_positive_int, parse_rate, unknown_option,
 };
 
 const OPTIONS: &[&str] = &[
@@ -605,11 +605,7 @@ fn group_field(key: &Ident, value: &Expr, item: &syn::Item, errors: &mut Errors)
         None if names.is_empty() => format!("no field `{wanted}` on `{ident}`, it has no fields"),
         None => format!(
             "no field `{wanted}` on `{ident}`, its fields are {}",
-            names
-                .iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            code_list(names.iter().map(String::as_str))
         ),
     };
     errors.push(field.span(), message);

@@ -217,6 +217,9 @@ pub struct ChannelState<P> {
     rate: Window,
     /// Each group's rate window, while it is current.
     group_rates: HashMap<NonZeroU64, Window>,
+    /// The start of the group windows `group_rates` holds: older ones are dropped when it
+    /// turns.
+    group_window: Timestamp,
     /// When the channel's rate allows deliveries again, while it holds ready messages back.
     rate_blocked: Option<Timestamp>,
 }
@@ -244,6 +247,7 @@ impl<P: Clone> ChannelState<P> {
             parked_len: 0,
             rate: Window::default(),
             group_rates: HashMap::new(),
+            group_window: 0,
             rate_blocked: None,
         }
     }
@@ -301,7 +305,8 @@ impl<P: Clone> ChannelState<P> {
         }
         if let Some(rate) = self.spec.rate_per_group {
             let (start, _) = rate.window(now);
-            if self.group_rates.values().any(|w| w.start != start) {
+            if self.group_window != start {
+                self.group_window = start;
                 self.group_rates.retain(|_, w| w.start == start);
             }
         }

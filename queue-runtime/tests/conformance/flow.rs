@@ -27,7 +27,7 @@ fn item(d: &RawDelivery) -> (String, u32) {
     (i.group, i.n)
 }
 
-/// Produces `(group, n)` items in order, each in its group.
+/// Produces `(group, n)` items in order, each in its group (none for "").
 async fn produce_items(h: &Harness, spec: &ChannelSpec, items: &[(&str, u32)]) {
     let batch = items
         .iter()
@@ -40,7 +40,7 @@ async fn produce_items(h: &Harness, spec: &ChannelSpec, items: &[(&str, u32)]) {
             dedup_key: None,
             delay: Duration::ZERO,
             priority: 0,
-            group: Some(g.group_hash()),
+            group: (!g.is_empty()).then(|| g.group_hash()),
         })
         .collect();
     h.queue
@@ -182,21 +182,7 @@ pub async fn concurrency_per_group_lets_that_many_of_a_group_run(h: &Harness) {
 pub async fn a_global_concurrency_limit_holds_across_subscriptions(h: &Harness) {
     let spec = ChannelSpec::new("flow/concurrency").concurrency(3);
     let items: Vec<(&str, u32)> = (0..10).map(|n| ("", n)).collect();
-    let batch: Vec<Outgoing> = items
-        .iter()
-        .map(|(_, n)| Outgoing {
-            payload: codec::encode(&Item {
-                group: String::new(),
-                n: *n,
-            })
-            .unwrap(),
-            dedup_key: None,
-            delay: Duration::ZERO,
-            priority: 0,
-            group: None,
-        })
-        .collect();
-    h.queue.adapter().produce(&spec, batch).await.unwrap();
+    produce_items(h, &spec, &items).await;
     let subs = [
         subscribe(h, &spec, 10).await,
         subscribe(h, &spec, 10).await,
@@ -222,20 +208,8 @@ pub async fn a_global_concurrency_limit_holds_across_subscriptions(h: &Harness) 
 
 pub async fn a_rate_limit_delivers_its_budget_per_window_and_no_more(h: &Harness) {
     let spec = ChannelSpec::new("flow/rate").rate(100, SECOND);
-    let batch: Vec<Outgoing> = (0..250)
-        .map(|n| Outgoing {
-            payload: codec::encode(&Item {
-                group: String::new(),
-                n,
-            })
-            .unwrap(),
-            dedup_key: None,
-            delay: Duration::ZERO,
-            priority: 0,
-            group: None,
-        })
-        .collect();
-    h.queue.adapter().produce(&spec, batch).await.unwrap();
+    let items: Vec<(&str, u32)> = (0..250).map(|n| ("", n)).collect();
+    produce_items(h, &spec, &items).await;
     let sub = subscribe(h, &spec, 1_000).await;
     let mut per_window = Vec::new();
     for _ in 0..3 {

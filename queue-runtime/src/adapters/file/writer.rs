@@ -350,7 +350,7 @@ struct Inner {
     /// are written in submission order whoever writes them.
     io: Mutex<Io>,
     /// Completions other than new messages', run on a thread of their own in commit order.
-    completions: Mutex<mpsc::Sender<Completions>>,
+    completions: mpsc::Sender<Completions>,
     /// Whether callers may lead commits now: configured so, and the last sync was not slow.
     lead: AtomicBool,
     /// Whether callers may lead commits at all.
@@ -437,7 +437,7 @@ impl Writer {
             }),
             may_lead: lead,
             lead: AtomicBool::new(lead),
-            completions: Mutex::new(done_tx),
+            completions: done_tx,
         });
         let (thread_inner, thread_shared) = (inner.clone(), shared.clone());
         let thread = std::thread::Builder::new()
@@ -496,8 +496,7 @@ impl Writer {
         };
         let jobs = take_jobs(&self.inner.waiting);
         if !jobs.is_empty() {
-            let completions = self.inner.completions.lock().clone();
-            let slow = io.write(jobs, &self.shared, &completions);
+            let slow = io.write(jobs, &self.shared, &self.inner.completions);
             if slow {
                 self.inner.lead.store(false, Ordering::Relaxed);
             }
@@ -700,8 +699,7 @@ fn run(inner: &Inner, shared: &Shared) {
         let mut io = inner.io.lock();
         let jobs = take_jobs(&inner.waiting);
         if !jobs.is_empty() {
-            let completions = inner.completions.lock().clone();
-            let slow = io.write(jobs, shared, &completions);
+            let slow = io.write(jobs, shared, &inner.completions);
             inner.lead.store(inner.may_lead && !slow, Ordering::Relaxed);
         }
     }
@@ -732,22 +730,21 @@ impl Io {
     /// write and sync took longer than [`SLOW_SYNC`].
     fn write(
         &mut self,
-        mut jobs: Vec<Job>,
+        jobs: Vec<Job>,
         shared: &Shared,
         completions: &mpsc::Sender<Completions>,
     ) -> bool {
         let started = Instant::now();
-        self.write_batch(&mut jobs, shared, completions);
+        self.write_batch(jobs, shared, completions);
         started.elapsed() > SLOW_SYNC
     }
 
     fn write_batch(
         &mut self,
-        jobs: &mut Vec<Job>,
+        mut jobs: Vec<Job>,
         shared: &Shared,
         completions: &mpsc::Sender<Completions>,
     ) {
-        let mut jobs = std::mem::take(jobs);
         let Io {
             c,
             next,
