@@ -351,10 +351,16 @@ struct Inner {
     io: Mutex<Io>,
     /// Completions other than new messages', run on a thread of their own in commit order.
     completions: mpsc::Sender<Completions>,
-    /// Whether callers may lead commits now: configured so, and the last sync was not slow.
-    lead: AtomicBool,
-    /// Whether callers may lead commits at all.
-    may_lead: bool,
+    /// Whether callers may lead commits.
+    lead: Lead,
+}
+
+/// Whether callers may lead commits (see [`Writer::lead`]).
+struct Lead {
+    /// Now: allowed, and the last commit was not slow.
+    on: AtomicBool,
+    /// At all (`FileOptions::lead_commits`).
+    allowed: bool,
 }
 
 #[derive(Default)]
@@ -435,8 +441,10 @@ impl Writer {
                 buf: Vec::with_capacity(1 << 20),
                 batch: Vec::new(),
             }),
-            may_lead: lead,
-            lead: AtomicBool::new(lead),
+            lead: Lead {
+                on: AtomicBool::new(lead),
+                allowed: lead,
+            },
             completions: done_tx,
         });
         let (thread_inner, thread_shared) = (inner.clone(), shared.clone());
@@ -484,7 +492,7 @@ impl Writer {
         // and share its next commit; a caller syncing on that thread would stop them.
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let io = if multi_thread && self.inner.lead.load(Ordering::Relaxed) {
+        let io = if multi_thread && self.inner.lead.on.load(Ordering::Relaxed) {
             self.inner.io.try_lock()
         } else {
             None
@@ -496,10 +504,12 @@ impl Writer {
         };
         let jobs = take_jobs(&self.inner.waiting);
         if !jobs.is_empty() {
-            let slow = io.write(jobs, &self.shared, &self.inner.completions);
-            if slow {
-                self.inner.lead.store(false, Ordering::Relaxed);
-            }
+            io.write(
+                jobs,
+                &self.shared,
+                &self.inner.completions,
+                &self.inner.lead,
+            );
         }
         drop(io);
         if !self.inner.waiting.lock().jobs.is_empty() {
@@ -699,8 +709,7 @@ fn run(inner: &Inner, shared: &Shared) {
         let mut io = inner.io.lock();
         let jobs = take_jobs(&inner.waiting);
         if !jobs.is_empty() {
-            let slow = io.write(jobs, shared, &inner.completions);
-            inner.lead.store(inner.may_lead && !slow, Ordering::Relaxed);
+            io.write(jobs, shared, &inner.completions, &inner.lead);
         }
     }
     let mut io = inner.io.lock();
@@ -726,25 +735,17 @@ fn run(inner: &Inner, shared: &Shared) {
 
 impl Io {
     /// Writes one batch with its commit record, syncs it, and answers its jobs: a new
-    /// message's completion at once, the others through `completions`. Returns whether the
-    /// write and sync took longer than [`SLOW_SYNC`].
+    /// message's completion at once, the others through `completions`. Once synced, and
+    /// before anyone is answered, `lead` says whether callers may lead the next commit: not
+    /// after a write and sync slower than [`SLOW_SYNC`].
     fn write(
-        &mut self,
-        jobs: Vec<Job>,
-        shared: &Shared,
-        completions: &mpsc::Sender<Completions>,
-    ) -> bool {
-        let started = Instant::now();
-        self.write_batch(jobs, shared, completions);
-        started.elapsed() > SLOW_SYNC
-    }
-
-    fn write_batch(
         &mut self,
         mut jobs: Vec<Job>,
         shared: &Shared,
         completions: &mpsc::Sender<Completions>,
+        lead: &Lead,
     ) {
+        let started = Instant::now();
         let Io {
             c,
             next,
@@ -834,6 +835,10 @@ impl Io {
         };
         match result {
             Ok(()) => {
+                lead.on.store(
+                    lead.allowed && started.elapsed() <= SLOW_SYNC,
+                    Ordering::Relaxed,
+                );
                 let base = c.len;
                 c.len += buf.len() as u64;
                 shared
