@@ -308,17 +308,24 @@ fn open(
     storage: Arc<dyn Storage>,
     segment_size: u64,
 ) -> Arc<FileAdapter> {
-    FileAdapter::open(
-        dir,
-        Arc::new(clock.clone()),
-        FileOptions {
-            segment_size,
-            storage,
-            background_compaction: false,
-            lead_commits: true,
-        },
-    )
-    .expect("open store")
+    let options = || FileOptions {
+        segment_size,
+        storage: storage.clone(),
+        background_compaction: false,
+        lead_commits: true,
+    };
+    // The tmpfs test of this binary runs `mount` and `umount`: a child between its fork and
+    // its exec holds a copy of every descriptor, the `LOCK` file's among them, for a moment.
+    let mut tries = 0;
+    loop {
+        match FileAdapter::open(dir, Arc::new(clock.clone()), options()) {
+            Err(QueueError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r.expect("open store"),
+        }
+    }
 }
 
 /// What the store confirmed.
