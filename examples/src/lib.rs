@@ -30,7 +30,38 @@ pub mod consumers;
 pub mod services;
 
 use anyhow::Context as _;
+use queue_runtime::otlp::Otlp;
 use queue_runtime::{DEFAULT_URL, QUEUE_URL_VAR, Queue};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// Logs to stderr at `RUST_LOG` (default `info`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, exports spans there over OTLP/HTTP as
+/// `service`. Keep the exporter and shut it down on exit, so the last spans are sent.
+///
+/// # Errors
+/// When the exporter cannot be built.
+pub fn init_tracing(service: &str) -> anyhow::Result<Option<Otlp>> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let wanted = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some());
+    let otlp = if wanted {
+        Some(Otlp::http(None, service).context("starting the OTLP exporter")?)
+    } else {
+        None
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .with(otlp.as_ref().map(Otlp::layer))
+        .init();
+    Ok(otlp)
+}
 
 /// Opens the queue named by `QUEUE_URL` (default `file://queue-data`) with
 /// [`queue_runtime::connect_default`], saying which URL failed and, for an embedded store,

@@ -1,6 +1,7 @@
 //! The payload codec: every message is one BSON document `{ "v": <message> }`, so structs,
 //! enums, newtypes and scalars all encode the same way. The dedup key is a 64-bit XXH3 hash of
-//! those bytes.
+//! those bytes. A traced produce appends the W3C trace context to the same document as the
+//! strings `tp` (`traceparent`) and `ts` (`tracestate`) after the key is taken.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,53 @@ pub fn explicit_dedup_key(key: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), 0x006b_6579)
 }
 
+/// The largest `tracestate` carried; a longer one is left out (the W3C limit is 512 bytes).
+pub const MAX_TRACE_STATE: usize = 512;
+
+/// Appends the trace context `traceparent` and `tracestate` to an encoded payload, unless the
+/// payload would then exceed [`MAX_PAYLOAD`] or the bytes are not one BSON document.
+pub fn add_trace(payload: &mut Vec<u8>, traceparent: &str, tracestate: &str) {
+    let tracestate = if tracestate.len() > MAX_TRACE_STATE {
+        ""
+    } else {
+        tracestate
+    };
+    let extra = 4 + 4 + traceparent.len() + 1 + 4 + 4 + tracestate.len() + 1;
+    if payload.len() + extra > MAX_PAYLOAD || document_len(payload) != Some(payload.len()) {
+        return;
+    }
+    payload.pop();
+    for (key, value) in [("tp", traceparent), ("ts", tracestate)] {
+        if value.is_empty() {
+            continue;
+        }
+        payload.push(0x02);
+        payload.extend_from_slice(key.as_bytes());
+        payload.push(0);
+        let len = i32::try_from(value.len() + 1).unwrap_or(i32::MAX);
+        payload.extend_from_slice(&len.to_le_bytes());
+        payload.extend_from_slice(value.as_bytes());
+        payload.push(0);
+    }
+    payload.push(0);
+    let total = i32::try_from(payload.len()).unwrap_or(i32::MAX);
+    payload[..4].copy_from_slice(&total.to_le_bytes());
+}
+
+/// The trace context a traced produce left in a payload: `(traceparent, tracestate)`, the
+/// second empty when none was given.
+pub fn trace_of(payload: &[u8]) -> Option<(&str, &str)> {
+    let doc = bson::RawDocument::from_bytes(payload).ok()?;
+    let parent = doc.get_str("tp").ok()?;
+    Some((parent, doc.get_str("ts").unwrap_or("")))
+}
+
+/// The length a BSON document's bytes declare.
+fn document_len(bytes: &[u8]) -> Option<usize> {
+    let head: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+    usize::try_from(i32::from_le_bytes(head)).ok()
+}
+
 /// A payload as a generic BSON value, for tools that show messages without knowing their type.
 ///
 /// # Errors
@@ -124,6 +172,44 @@ mod tests {
                 Ok(Bytes(bson::Binary::deserialize(d)?.bytes))
             }
         }
+    }
+
+    #[test]
+    fn a_trace_context_rides_in_the_envelope_and_the_message_still_decodes() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut payload = encode(&"hello").unwrap();
+        let untraced = payload.clone();
+        assert_eq!(trace_of(&payload), None);
+        add_trace(&mut payload, tp, "k=v");
+        assert_eq!(trace_of(&payload), Some((tp, "k=v")));
+        assert_eq!(decode::<String>(&payload).unwrap(), "hello");
+        assert_eq!(
+            decode_value(&payload).unwrap(),
+            bson::Bson::String("hello".into())
+        );
+        let mut plain = untraced.clone();
+        add_trace(&mut plain, tp, "");
+        assert_eq!(trace_of(&plain), Some((tp, "")));
+        let mut long = untraced.clone();
+        add_trace(&mut long, tp, &"k=v,".repeat(200));
+        assert_eq!(
+            trace_of(&long),
+            Some((tp, "")),
+            "an oversized tracestate is left out"
+        );
+        let mut not_bson = b"\x05\x00".to_vec();
+        add_trace(&mut not_bson, tp, "");
+        assert_eq!(
+            not_bson, b"\x05\x00",
+            "bytes that are not one document stay as they are"
+        );
+        let mut full = encode(&"x".repeat(MAX_PAYLOAD - 40)).unwrap();
+        let before = full.clone();
+        add_trace(&mut full, tp, "");
+        assert_eq!(
+            full, before,
+            "a trace never pushes a payload past the limit"
+        );
     }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

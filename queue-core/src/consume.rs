@@ -483,12 +483,7 @@ impl ConsumerLoop {
     }
 
     fn process(&self, raw: RawDelivery, unsettled: Unsettled) -> BoxFuture<'static, ()> {
-        let span = tracing::info_span!(
-            "delivery",
-            channel = %self.spec.name,
-            message_id = %raw.lease.id,
-            attempt = raw.attempt,
-        );
+        let span = crate::telemetry::handle_span(&self.spec.name, &raw);
         let queue = self.queue.clone();
         let spec = self.spec.clone();
         let handler = self.handler.clone();
@@ -521,10 +516,12 @@ impl ConsumerLoop {
             let outcome = match result {
                 Ok(()) => Outcome::Ack,
                 Err(HandlerFailure::Failed(error)) => {
+                    crate::telemetry::failed(&tracing::Span::current(), &error);
                     tracing::warn!(error = %error, "handler failed");
                     Outcome::Retry { after: None, error }
                 }
                 Err(HandlerFailure::Poison(error)) => {
+                    crate::telemetry::failed(&tracing::Span::current(), &error);
                     tracing::error!(error = %error, "payload does not decode, dead-lettering");
                     Outcome::DeadLetter { error }
                 }

@@ -53,6 +53,7 @@ pub mod periodic;
 mod queue;
 pub mod registry;
 mod spec;
+pub mod telemetry;
 pub mod texts;
 
 pub use adapter::{

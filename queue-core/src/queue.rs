@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_channel::oneshot;
 use futures_util::future::BoxFuture;
+use tracing::Instrument;
 
 use crate::adapter::{
     Adapter, Cancelled, ChannelStats, DeadLetter, Lease, MessageId, Outgoing, Receipt,
@@ -18,6 +19,7 @@ use crate::codec;
 use crate::consume::ConsumerBuilder;
 use crate::error::QueueError;
 use crate::spec::{Channel, ChannelSpec};
+use crate::telemetry;
 
 /// Runs background futures (consumer loops) on the application's async runtime.
 pub trait Spawn: Send + Sync + 'static {
@@ -467,8 +469,13 @@ impl<C: Channel> Producer<C> {
         self
     }
 
-    fn outgoing(&self, message: &C::Message, key: Option<&str>) -> Result<Outgoing, QueueError> {
-        let mut out = outgoing::<C>(message, key, self.delay, self.priority)?;
+    fn outgoing(
+        &self,
+        message: &C::Message,
+        key: Option<&str>,
+        trace: Option<&(String, String)>,
+    ) -> Result<Outgoing, QueueError> {
+        let mut out = outgoing::<C>(message, key, self.delay, self.priority, trace)?;
         out.group = self.group.or(out.group);
         Ok(out)
     }
@@ -497,11 +504,21 @@ impl<C: Channel> Producer<C> {
     /// channel `exactly_once`, where the second produce is answered as a duplicate.
     pub async fn produce(&self, message: C::Message) -> Result<Receipt, QueueError> {
         self.check_key()?;
-        let out = self.outgoing(&message, self.dedup_key.as_deref())?;
-        let receipts = self.queue.adapter().produce(&C::SPEC, vec![out]).await?;
-        receipts.into_iter().next().ok_or_else(|| {
+        let span = telemetry::produce_span(&C::SPEC.name, 1);
+        let trace = telemetry::context_of(&span);
+        let out = self.outgoing(&message, self.dedup_key.as_deref(), trace.as_ref())?;
+        let receipts = self
+            .queue
+            .adapter()
+            .produce(&C::SPEC, vec![out])
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| telemetry::failed(&span, &e.to_string()))?;
+        let receipt = receipts.into_iter().next().ok_or_else(|| {
             QueueError::Protocol("adapter answered a produce with no receipt".into())
-        })
+        })?;
+        span.record("messaging.message.id", receipt.id.to_string());
+        Ok(receipt)
     }
 
     /// Produces many messages in one durable write. Receipts come back in order.
@@ -515,14 +532,22 @@ impl<C: Channel> Producer<C> {
         &self,
         messages: impl IntoIterator<Item = C::Message>,
     ) -> Result<Vec<Receipt>, QueueError> {
-        let batch = messages
-            .into_iter()
-            .map(|m| self.outgoing(&m, None))
-            .collect::<Result<Vec<_>, _>>()?;
-        if batch.is_empty() {
+        let messages: Vec<C::Message> = messages.into_iter().collect();
+        if messages.is_empty() {
             return Ok(Vec::new());
         }
-        self.queue.adapter().produce(&C::SPEC, batch).await
+        let span = telemetry::produce_span(&C::SPEC.name, messages.len());
+        let trace = telemetry::context_of(&span);
+        let batch = messages
+            .iter()
+            .map(|m| self.outgoing(m, None, trace.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queue
+            .adapter()
+            .produce(&C::SPEC, batch)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| telemetry::failed(&span, &e.to_string()))
     }
 }
 
@@ -532,13 +557,17 @@ fn outgoing<C: Channel>(
     key: Option<&str>,
     delay: Duration,
     priority: u8,
+    trace: Option<&(String, String)>,
 ) -> Result<Outgoing, QueueError> {
-    let payload = codec::encode(message)?;
+    let mut payload = codec::encode(message)?;
     let dedup_key = if C::SPEC.deduplicates() {
         Some(key.map_or_else(|| codec::dedup_key(&payload), codec::explicit_dedup_key))
     } else {
         None
     };
+    if let Some((parent, state)) = trace {
+        codec::add_trace(&mut payload, parent, state);
+    }
     Ok(Outgoing {
         payload,
         dedup_key,
@@ -571,9 +600,17 @@ pub async fn produce_in<C: Channel, T: TransactionalProduce + ?Sized>(
     tx: &T,
     message: C::Message,
 ) -> Result<Receipt, QueueError> {
-    let out = outgoing::<C>(&message, None, Duration::ZERO, 0)?;
-    let receipts = tx.produce_outgoing(&C::SPEC, vec![out]).await?;
-    receipts.into_iter().next().ok_or_else(|| {
+    let span = telemetry::produce_span(&C::SPEC.name, 1);
+    let trace = telemetry::context_of(&span);
+    let out = outgoing::<C>(&message, None, Duration::ZERO, 0, trace.as_ref())?;
+    let receipts = tx
+        .produce_outgoing(&C::SPEC, vec![out])
+        .instrument(span.clone())
+        .await
+        .inspect_err(|e| telemetry::failed(&span, &e.to_string()))?;
+    let receipt = receipts.into_iter().next().ok_or_else(|| {
         QueueError::Protocol("a transactional produce answered with no receipt".into())
-    })
+    })?;
+    span.record("messaging.message.id", receipt.id.to_string());
+    Ok(receipt)
 }

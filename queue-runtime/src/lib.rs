@@ -37,6 +37,8 @@ mod connect;
 pub mod engine;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 mod system;
 mod worker;
 

@@ -23,7 +23,6 @@ use axum::{Json, Router};
 use examples::channels::{UserRegistered, UserRegisteredChannel};
 use queue_runtime::{Producer, Queue, QueueError, Receipt, shutdown_signal};
 use serde_json::json;
-use tracing_subscriber::EnvFilter;
 
 /// The environment variable naming the address to listen on.
 const ADDR_VAR: &str = "APP_ADDR";
@@ -113,11 +112,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let otlp = examples::init_tracing("example-app")?;
 
     let stop = shutdown_signal().context("listening for SIGINT and SIGTERM")?;
     let addr = std::env::var(ADDR_VAR).unwrap_or_else(|_| DEFAULT_ADDR.to_string());
@@ -134,5 +129,8 @@ async fn main() -> anyhow::Result<()> {
         .context("serving HTTP")?;
     queue.close().await.context("closing the queue")?;
     tracing::info!("stopped");
+    if let Some(otlp) = otlp {
+        otlp.shutdown().context("sending the last spans")?;
+    }
     Ok(())
 }

@@ -4,20 +4,15 @@
 //! Run it with `cargo run -p examples --bin worker`. `QUEUE_URL` picks the queue (default
 //! `file://queue-data`, an embedded store; `queue://127.0.0.1:7878` shares a `queue-broker`
 //! with the app), `EXAMPLE_DB` the database file (default `example-db.jsonl`), `RUST_LOG`
-//! the log level (default `info`).
+//! the log level (default `info`); `OTEL_EXPORTER_OTLP_ENDPOINT` exports its spans over OTLP.
 
 use anyhow::Context as _;
 use examples::services::Database;
 use queue_runtime::{Worker, shutdown_signal};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let otlp = examples::init_tracing("example-worker")?;
 
     let stop = shutdown_signal().context("listening for SIGINT and SIGTERM")?;
     let queue = examples::connect_from_env().await?;
@@ -43,5 +38,8 @@ async fn main() -> anyhow::Result<()> {
     running.shutdown().await;
     queue.close().await.context("closing the queue")?;
     tracing::info!("stopped");
+    if let Some(otlp) = otlp {
+        otlp.shutdown().context("sending the last spans")?;
+    }
     Ok(())
 }

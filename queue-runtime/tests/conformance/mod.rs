@@ -11,6 +11,7 @@
 
 pub mod cases;
 pub mod flow;
+pub mod traces;
 
 use std::future::Future;
 use std::time::Duration;
@@ -165,6 +166,20 @@ macro_rules! conformance_suite {
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
+        // On one thread, where the test's trace layer sees every task.
+        #[tokio::test(flavor = "current_thread")]
+        async fn a_trace_runs_from_produce_to_handle_through_a_retry() {
+            let traces = $crate::conformance::traces::Traces::install();
+            let clock = ::queue_core::VirtualClock::default();
+            let (queue, guard) = $factory(clock.clone()).await;
+            let harness = $crate::conformance::Harness { queue, clock, guard };
+            $crate::conformance::traces::a_trace_runs_from_produce_to_handle_through_a_retry(
+                &harness, &traces,
+            )
+            .await;
+            let _ = harness.queue.close().await;
+        }
+
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {

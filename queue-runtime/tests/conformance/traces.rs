@@ -1,0 +1,156 @@
+//! Traces across an adapter: spans exported to memory through `tracing-opentelemetry`, on the
+//! test's thread only, so other tests running beside it are not traced.
+
+use std::time::Duration;
+
+use opentelemetry::trace::{SpanId, Status, TraceContextExt as _, TraceId, TracerProvider as _};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use queue_core::{Delivery, channel};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+use super::{Harness, eventually, within};
+
+/// Spans finished on this thread while the guard lives.
+pub struct Traces {
+    exporter: InMemorySpanExporter,
+    _provider: SdkTracerProvider,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Traces {
+    /// Traces this thread (a current-thread runtime runs every task of the test on it).
+    pub fn install() -> Traces {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("conformance"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let guard = tracing::subscriber::set_default(subscriber);
+        Traces {
+            exporter,
+            _provider: provider,
+            _guard: guard,
+        }
+    }
+
+    /// The finished spans named `name`.
+    pub fn named(&self, name: &str) -> Vec<SpanData> {
+        self.exporter
+            .get_finished_spans()
+            .expect("finished spans")
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect()
+    }
+}
+
+/// The value of attribute `key` of a span.
+pub fn attribute(span: &SpanData, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|KeyValue { key: k, .. }| k.as_str() == key)
+        .map(|kv| kv.value.clone())
+}
+
+#[channel("conf/traced", lease = "10s", max_attempts = 3, backoff = "1s")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Traced {
+    pub n: u32,
+}
+
+/// One request span produces a message whose first handling fails and second succeeds: the
+/// produce span is the request's child, and both handle spans are the produce span's
+/// children, in the same trace, with the messaging attributes.
+pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness, traces: &Traces) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _consumer = Traced::consumer(&h.queue)
+        .deliveries(move |d: Delivery<Traced>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(d.attempt()).unwrap();
+                if d.attempt() == 1 {
+                    return Err("first attempt fails".to_string());
+                }
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let request = tracing::info_span!("request");
+    let trace_id: TraceId = request.context().span().span_context().trace_id();
+    assert_ne!(trace_id, TraceId::INVALID, "the test's layer is installed");
+    let receipt = async { Traced::produce(&h.queue, Traced { n: 7 }).await }
+        .instrument(request.clone())
+        .await
+        .unwrap();
+    drop(request);
+    assert_eq!(within("attempt 1", rx.recv()).await, Some(1));
+    eventually("the failure to be recorded", || async {
+        h.stats("conf/traced").await.retried == 1
+    })
+    .await;
+    h.advance(Duration::from_secs(2)).await;
+    assert_eq!(within("attempt 2", rx.recv()).await, Some(2));
+    eventually("the ack", || async {
+        h.stats("conf/traced").await.acked == 1
+    })
+    .await;
+    eventually("both handle spans to end", || async {
+        traces.named("handle").len() == 2
+    })
+    .await;
+
+    let requests = traces.named("request");
+    assert_eq!(requests.len(), 1);
+    let produced = traces.named("produce");
+    assert_eq!(produced.len(), 1);
+    let produce = &produced[0];
+    assert_eq!(produce.span_context.trace_id(), trace_id);
+    assert_eq!(produce.parent_span_id, requests[0].span_context.span_id());
+    assert_eq!(produce.span_kind, opentelemetry::trace::SpanKind::Producer);
+    assert_eq!(
+        attribute(produce, "messaging.destination.name"),
+        Some(Value::from("conf/traced"))
+    );
+    assert_eq!(
+        attribute(produce, "messaging.message.id"),
+        Some(Value::from(receipt.id.to_string()))
+    );
+
+    let mut handled = traces.named("handle");
+    handled.sort_by_key(|s| s.start_time);
+    for (span, attempt) in handled.iter().zip(1_i64..) {
+        assert_eq!(span.span_context.trace_id(), trace_id, "attempt {attempt}");
+        assert_eq!(span.parent_span_id, produce.span_context.span_id());
+        assert_ne!(span.parent_span_id, SpanId::INVALID);
+        assert_eq!(span.span_kind, opentelemetry::trace::SpanKind::Consumer);
+        assert_eq!(
+            attribute(span, "messaging.system"),
+            Some(Value::from(queue_core::telemetry::SYSTEM))
+        );
+        assert_eq!(
+            attribute(span, "messaging.destination.name"),
+            Some(Value::from("conf/traced"))
+        );
+        assert_eq!(
+            attribute(span, "messaging.message.id"),
+            Some(Value::from(receipt.id.to_string()))
+        );
+        assert_eq!(
+            attribute(span, "messaging.typed_queue.attempt"),
+            Some(Value::I64(attempt))
+        );
+    }
+    assert!(
+        matches!(&handled[0].status, Status::Error { description } if description == "first attempt fails"),
+        "{:?}",
+        handled[0].status
+    );
+    assert_eq!(handled[1].status, Status::Unset);
+}
