@@ -167,8 +167,10 @@ pub struct ChannelStats {
     pub next_due: Option<Timestamp>,
     /// When `produced`, `duplicates`, `acked`, `retried`, `dead_lettered` and
     /// `lease_expiries` started counting (milliseconds since the Unix epoch): when the
-    /// embedded store (or the broker's) was opened, as they count in memory; 0 where they are
-    /// stored and count since the store was created (PostgreSQL).
+    /// embedded store (or the broker's) was created, as it keeps them across restarts (after
+    /// a crash, less the last seconds' counts; when its counters file was lost, from the open
+    /// that found it so); when an in-memory queue was opened; 0 for PostgreSQL, whose
+    /// counters are stored with the data.
     pub counted_since: crate::clock::Timestamp,
 }
 

@@ -3,7 +3,8 @@
 //! - three worker processes consume one channel; one is killed with SIGKILL while it holds
 //!   messages, and the other two process every message;
 //! - the broker is killed with SIGKILL while producers write through it, restarted on the
-//!   same directory, and every produce it confirmed is still there.
+//!   same directory, and every produce it confirmed is still there;
+//! - the broker is stopped with SIGTERM and restarted: its counters count on.
 //!
 //! Runs without the libtest harness: this binary is also the worker (`BROKER_TEST_WORKER`).
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use queue_core::{Queue, channel};
+use queue_core::{Channel as _, Queue, channel};
 use serde::{Deserialize, Serialize};
 
 #[channel("proc/jobs", lease = "30s")]
@@ -46,6 +47,10 @@ fn main() {
             "a_killed_broker_keeps_every_confirmed_produce",
             rt.block_on(killed_broker()),
         ),
+        (
+            "a_restarted_broker_keeps_its_counters",
+            rt.block_on(restarted_broker_counters()),
+        ),
     ] {
         match result {
             Ok(summary) => println!("test {name} ... ok ({summary})"),
@@ -55,7 +60,7 @@ fn main() {
             }
         }
     }
-    println!("{} passed, {failed} failed", 2 - failed);
+    println!("{} passed, {failed} failed", 3 - failed);
     if failed > 0 {
         std::process::exit(1);
     }
@@ -115,6 +120,20 @@ impl Broker {
     fn kill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+
+    /// Stops the broker with SIGTERM and waits for it to exit.
+    fn stop(&mut self) -> Result<(), String> {
+        let pid = self.0.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .map_err(|e| e.to_string())?;
+        let status = self.0.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("queue-broker exited with {status} on SIGTERM"));
+        }
+        Ok(())
     }
 }
 
@@ -306,4 +325,53 @@ async fn killed_broker() -> Result<String, String> {
         "{} produces confirmed ({at_kill} before the kill), all present after the restart and none stored twice; {failed} produces failed while the broker was down",
         confirmed.len(),
     ))
+}
+
+async fn restarted_broker_counters() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let port = free_port();
+    let url = format!("queue://127.0.0.1:{port}");
+    let mut broker = Broker::start(dir.path(), port)?;
+    {
+        let queue = queue_runtime::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        for n in 0..10 {
+            Job::produce(&queue, Job { n })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let sub = queue
+            .adapter()
+            .subscribe(&JobChannel::SPEC, 4)
+            .await
+            .map_err(|e| e.to_string())?;
+        for _ in 0..4 {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .map_err(|_| "no delivery".to_string())?
+                .map_err(|e| e.to_string())?;
+            queue
+                .adapter()
+                .settle(&d.lease, queue_core::Outcome::Ack)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        sub.stop().await;
+        queue.close().await.map_err(|e| e.to_string())?;
+    }
+    broker.stop()?;
+    let _restarted = Broker::start(dir.path(), port)?;
+    let queue = queue_runtime::connect(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let s = stats(&queue, "proc/jobs").await;
+    let seen = (s.produced, s.acked, s.ready, s.in_flight);
+    if seen != (10, 4, 6, 0) {
+        return Err(format!(
+            "after the restart: produced {}, acked {}, ready {}, in flight {}; expected 10, 4, 6, 0",
+            seen.0, seen.1, seen.2, seen.3
+        ));
+    }
+    Ok("produced 10, acked 4, ready 6 after the restart".into())
 }

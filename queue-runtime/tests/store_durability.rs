@@ -377,26 +377,77 @@ async fn a_delivery_taken_ahead_and_then_cancelled_is_not_handed_out() {
     assert_eq!(d.lease.id, third.id);
 }
 
+/// The counters of `s` agree with its depths: every produced message is pending, held,
+/// dead or acked (nothing was purged or cancelled).
+fn consistent(s: &queue_core::ChannelStats) -> bool {
+    s.produced == s.ready + s.delayed + s.in_flight + s.dead + s.acked
+}
+
 #[tokio::test]
-async fn counters_say_since_when_they_count_after_a_restart() {
+async fn counters_survive_a_restart_and_agree_with_the_depths() {
     let dir = tempfile::tempdir().unwrap();
     let clock = VirtualClock::default();
     let first_open = clock.now();
-    {
+    let before = {
         let (adapter, queue) = open(dir.path(), &clock);
-        for n in 0..2 {
+        for n in 0..5 {
             Order::produce(&queue, Order { n }).await.unwrap();
         }
+        let sub = queue
+            .adapter()
+            .subscribe(&OrderChannel::SPEC, 4)
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+            held.push(d.expect("a delivery").unwrap().lease);
+        }
+        let adapter_ref = queue.adapter();
+        adapter_ref.settle(&held[0], Outcome::Ack).await.unwrap();
+        adapter_ref.settle(&held[1], Outcome::Ack).await.unwrap();
+        let retry = Outcome::Retry {
+            after: None,
+            error: "later".into(),
+        };
+        adapter_ref.settle(&held[2], retry).await.unwrap();
+        let dead = Outcome::DeadLetter { error: "no".into() };
+        adapter_ref.settle(&held[3], dead).await.unwrap();
+        drop(sub);
         let s = stats(&queue, ORDERS).await;
-        assert_eq!((s.produced, s.ready, s.counted_since), (2, 2, first_open));
+        assert_eq!(
+            (s.produced, s.acked, s.retried, s.dead_lettered, s.dead),
+            (5, 2, 1, 1, 1)
+        );
+        assert!(consistent(&s), "{s:?}");
+        assert_eq!(s.counted_since, first_open);
+        queue.close().await.unwrap();
+        drop(adapter);
+        s
+    };
+    clock.advance(Duration::from_secs(3600));
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        let s = stats(&queue, ORDERS).await;
+        assert_eq!(
+            (s.produced, s.acked, s.retried, s.dead_lettered),
+            (
+                before.produced,
+                before.acked,
+                before.retried,
+                before.dead_lettered
+            )
+        );
+        assert_eq!((s.counted_since, s.dead), (first_open, 1));
+        assert!(consistent(&s), "{s:?}");
+        Order::produce(&queue, Order { n: 9 }).await.unwrap();
         queue.close().await.unwrap();
         drop(adapter);
     }
-    clock.advance(Duration::from_secs(3600));
-    let reopened_at = clock.now();
     let (adapter, queue) = open(dir.path(), &clock);
     let s = stats(&queue, ORDERS).await;
-    assert_eq!((s.produced, s.ready, s.counted_since), (0, 2, reopened_at));
+    assert_eq!((s.produced, s.acked, s.counted_since), (6, 2, first_open));
+    assert!(consistent(&s), "{s:?}");
     queue.close().await.unwrap();
     drop(adapter);
     let url = format!("file://{}", dir.path().display());
@@ -406,11 +457,35 @@ async fn counters_say_since_when_they_count_after_a_restart() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("PRODUCED, ACKED and RETRIED count since ")
-            && text.contains("when the store was opened"),
-        "{text}"
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(first_open);
+    let line = format!(
+        "PRODUCED, ACKED and RETRIED count since {}",
+        humantime::format_rfc3339_seconds(since)
     );
+    assert!(text.contains(&line), "{text}");
+}
+
+#[tokio::test]
+async fn a_damaged_counters_file_restarts_the_count_and_keeps_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    {
+        let (adapter, queue) = open(dir.path(), &clock);
+        Order::produce(&queue, Order { n: 1 }).await.unwrap();
+        queue.close().await.unwrap();
+        drop(adapter);
+    }
+    let path = dir.path().join("counters");
+    let mut bytes = std::fs::read(&path).expect("a counters file");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+    clock.advance(Duration::from_secs(60));
+    let (adapter, queue) = open(dir.path(), &clock);
+    let s = stats(&queue, ORDERS).await;
+    assert_eq!((s.produced, s.ready, s.counted_since), (0, 1, clock.now()));
+    queue.close().await.unwrap();
+    drop(adapter);
 }
 
 #[tokio::test]

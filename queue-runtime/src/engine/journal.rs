@@ -10,7 +10,7 @@ use queue_core::clock::Timestamp;
 use queue_core::{QueueError, Receipt};
 use smallvec::SmallVec;
 
-use super::state::Change;
+use super::state::{Change, Tally};
 
 /// A message as it enters the store.
 #[derive(Debug, Clone, Copy)]
@@ -118,11 +118,12 @@ pub trait Journal: Send + Sync + Sized + 'static {
         Ok(())
     }
 
-    /// Flushes what was appended and stops.
+    /// Flushes what was appended and stops. A journal that keeps counters reads them from
+    /// `tallies` once the last appends are applied.
     ///
     /// # Errors
     /// What the last writes failed with.
-    fn close(&self) -> Result<(), QueueError> {
+    fn close(&self, _tallies: &dyn Fn() -> Vec<(String, Tally)>) -> Result<(), QueueError> {
         Ok(())
     }
 }

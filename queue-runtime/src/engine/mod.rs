@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 pub use journal::{Appended, Event, Gone, Journal, Produced, Then, Unrun, unwatched};
 pub use keys::KeyWindow;
-pub use state::{Change, ChannelState, Dead, Entry, Held};
+pub use state::{Change, ChannelState, Dead, Entry, Held, Tally};
 
 /// Produce keys kept at most; beyond it the keys whose window ends first are forgotten.
 pub const MAX_PRODUCE_KEYS: usize = 1_000_000;
@@ -76,8 +76,9 @@ pub struct Engine<J: Journal> {
     keys: Mutex<KeyWindow<String, Vec<Receipt>>>,
     /// Held while the paused channels are changed and recorded.
     pausing: Mutex<()>,
-    /// When the engine started: its counters count from here.
-    opened_at: Timestamp,
+    /// When the counters started counting: when the engine started, or earlier when its
+    /// journal kept counts from before.
+    counted_since: AtomicU64,
     journal: J,
     me: Weak<Engine<J>>,
 }
@@ -99,7 +100,7 @@ impl<J: Journal> Engine<J> {
     /// An empty engine reading `clock` and reporting to `journal`. Message ids start at
     /// `next_id` and fencing tokens at `first_token`.
     pub fn new(clock: Arc<dyn Clock>, journal: J, next_id: u64, first_token: u64) -> Arc<Self> {
-        let opened_at = clock.now();
+        let counted_since = AtomicU64::new(clock.now());
         Arc::new_cyclic(|me| Engine {
             channels: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(next_id.max(1)),
@@ -109,7 +110,7 @@ impl<J: Journal> Engine<J> {
             clock,
             keys: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
             pausing: Mutex::new(()),
-            opened_at,
+            counted_since,
             journal,
             me: me.clone(),
         })
@@ -677,7 +678,7 @@ impl<J: Journal> Engine<J> {
             .map(|cell| {
                 self.tick(cell);
                 ChannelStats {
-                    counted_since: self.opened_at,
+                    counted_since: self.counted_since.load(Ordering::Relaxed),
                     ..cell.lock().stats()
                 }
             })
@@ -909,7 +910,29 @@ impl<J: Journal> Engine<J> {
         for cell in self.channels.read().values() {
             cell.wake();
         }
-        self.journal.close()
+        self.journal.close(&|| self.tallies())
+    }
+
+    /// Each channel's counters, by name.
+    pub fn tallies(&self) -> Vec<(String, Tally)> {
+        self.channels
+            .read()
+            .iter()
+            .map(|(name, cell)| (name.to_string(), cell.lock().tally()))
+            .collect()
+    }
+
+    /// Adds counts kept from before this run, counted since `since`.
+    pub fn restore_tallies(&self, since: Timestamp, kept: &[(String, Tally)]) {
+        self.counted_since.store(since, Ordering::Relaxed);
+        for (name, tally) in kept {
+            self.channel_named(name).lock().restore_tally(tally);
+        }
+    }
+
+    /// When the counters started counting.
+    pub fn counted_since(&self) -> Timestamp {
+        self.counted_since.load(Ordering::Relaxed)
     }
 }
 

@@ -142,14 +142,33 @@ pub fn lost_text(attempts: u32, max_attempts: u32) -> String {
     texts::WORKER_LOST.format(attempts, max_attempts)
 }
 
-#[derive(Debug, Default, Clone)]
-struct Counters {
-    produced: u64,
-    duplicates: u64,
-    acked: u64,
-    retried: u64,
-    dead_lettered: u64,
-    lease_expiries: u64,
+/// A channel's counters: what [`ChannelStats`] reports beside the depths.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Messages accepted.
+    pub produced: u64,
+    /// Produces dropped as duplicates.
+    pub duplicates: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Deliveries failed and retried.
+    pub retried: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Leases that lapsed.
+    pub lease_expiries: u64,
+}
+
+impl Tally {
+    /// Adds `other` to each counter.
+    pub fn add(&mut self, other: &Tally) {
+        self.produced += other.produced;
+        self.duplicates += other.duplicates;
+        self.acked += other.acked;
+        self.retried += other.retried;
+        self.dead_lettered += other.dead_lettered;
+        self.lease_expiries += other.lease_expiries;
+    }
 }
 
 /// The messages of one group that the channel knows.
@@ -200,7 +219,7 @@ pub struct ChannelState<P> {
     dead: BTreeMap<MessageId, Dead<P>>,
     dedup: KeyWindow<u64, MessageId>,
     consumers: HashMap<u64, ConsumerSlot>,
-    counters: Counters,
+    counters: Tally,
     paused: bool,
     /// Leases of cancelled messages, until their deadlines.
     cancelled: KeyWindow<(MessageId, u64), ()>,
@@ -237,7 +256,7 @@ impl<P: Clone> ChannelState<P> {
             dead: BTreeMap::new(),
             dedup: KeyWindow::new(usize::MAX),
             consumers: HashMap::new(),
-            counters: Counters::default(),
+            counters: Tally::default(),
             paused: false,
             cancelled: KeyWindow::new(MAX_CANCELLED),
             groups: HashMap::new(),
@@ -997,6 +1016,16 @@ impl<P: Clone> ChannelState<P> {
             .chain(held)
             .take(limit)
             .collect()
+    }
+
+    /// The counters.
+    pub fn tally(&self) -> Tally {
+        self.counters
+    }
+
+    /// Adds counts kept from before this run.
+    pub fn restore_tally(&mut self, kept: &Tally) {
+        self.counters.add(kept);
     }
 
     /// Counters and depths.

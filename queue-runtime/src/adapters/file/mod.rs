@@ -8,6 +8,7 @@
 //!
 //! The file format, commit protocol and recovery are written up in `docs/design.md`.
 
+mod counters;
 pub mod format;
 mod paused;
 mod recovery;
@@ -31,7 +32,7 @@ use self::format::{MessageRecord, Record};
 use self::writer::{
     Class, OsStorage, Placed, Shared, Storage, Usage, Writer, WriterConfig, segment_path,
 };
-use crate::engine::{Change, Engine, Entry, Event, Gone, Journal, Then, Unrun};
+use crate::engine::{Change, Engine, Entry, Event, Gone, Journal, Tally, Then, Unrun};
 
 /// Where a payload is: segment, byte offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +126,15 @@ pub struct FileJournal {
     seen_live: Mutex<BTreeMap<u64, u64>>,
     report: OpenReport,
     lock: Mutex<Option<File>>,
+    /// When the counters began counting, and what was last saved of them.
+    counted: Mutex<Counted>,
+}
+
+#[derive(Debug)]
+struct Counted {
+    kept: counters::Kept,
+    /// Saved for the last time.
+    closed: bool,
 }
 
 impl std::fmt::Debug for FileJournal {
@@ -314,11 +324,43 @@ impl Journal for FileJournal {
         paused::save(&self.dir, &*self.storage, names)
     }
 
-    fn close(&self) -> Result<(), QueueError> {
+    fn close(&self, tallies: &dyn Fn() -> Vec<(String, Tally)>) -> Result<(), QueueError> {
         self.writer.shutdown();
+        if let Err(e) = self.keep_counters(tallies, true) {
+            tracing::warn!(error = %e, "saving the counters failed");
+        }
         // Another process may open the directory now.
         self.lock.lock().take();
         self.shared.check()
+    }
+}
+
+impl FileJournal {
+    /// Saves the channels' counters unless they are what was saved last; `last` on close,
+    /// after which nothing is saved.
+    fn keep_counters(
+        &self,
+        tallies: &dyn Fn() -> Vec<(String, Tally)>,
+        last: bool,
+    ) -> Result<(), QueueError> {
+        let mut counted = self.counted.lock();
+        if counted.closed {
+            return Ok(());
+        }
+        counted.closed = last;
+        let mut channels = tallies();
+        channels.retain(|(_, t)| *t != Tally::default());
+        channels.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if counted.kept.channels == channels {
+            return Ok(());
+        }
+        let next = counters::Kept {
+            since: counted.kept.since,
+            channels,
+        };
+        counters::save(&self.dir, &*self.storage, &next)?;
+        counted.kept = next;
+        Ok(())
     }
 }
 
@@ -385,6 +427,7 @@ impl Engine<FileJournal> {
         recovery::remove_prepared(&dir, &*storage)?;
         let state = recovery::recover(&dir, &*storage)?;
         let paused = paused::load(&dir, &*storage)?;
+        let kept = counters::load(&dir, &*storage)?;
         let epoch = state.epoch + 1;
 
         let (active, active_len) = match state.segments.last() {
@@ -465,6 +508,13 @@ impl Engine<FileJournal> {
             seen_live: Mutex::default(),
             report,
             lock: Mutex::new(Some(lock)),
+            counted: Mutex::new(Counted {
+                kept: kept.clone().unwrap_or(counters::Kept {
+                    since: clock.now(),
+                    channels: Vec::new(),
+                }),
+                closed: false,
+            }),
         };
         let engine = Engine::new(clock, journal, state.next_id, epoch << 40);
         let now = engine.now();
@@ -505,6 +555,8 @@ impl Engine<FileJournal> {
         for name in paused {
             engine.restore_paused(&name);
         }
+        let since = engine.journal().counted.lock().kept.since;
+        engine.restore_tallies(since, kept.as_ref().map_or(&[][..], |k| &k.channels));
         for (key, p) in state.produced {
             let receipts = p
                 .receipts
@@ -517,10 +569,11 @@ impl Engine<FileJournal> {
             engine.restore_key(key, receipts, p.expires);
         }
         tracing::info!(dir = %dir.display(), records = report.records, messages = report.messages, truncated = report.truncated, "opened store");
-        if options.background_compaction
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(compact_in_background(Arc::downgrade(&engine)));
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(maintain_in_background(
+                Arc::downgrade(&engine),
+                options.background_compaction,
+            ));
         }
         Ok(engine)
     }
@@ -816,7 +869,8 @@ impl Engine<FileJournal> {
     }
 }
 
-async fn compact_in_background(adapter: std::sync::Weak<FileAdapter>) {
+/// Every 2 s: saves the counters when they changed, and compacts when `compact`.
+async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: bool) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -827,7 +881,13 @@ async fn compact_in_background(adapter: std::sync::Weak<FileAdapter>) {
         if adapter.check_open().is_err() {
             return;
         }
-        if let Err(e) = adapter.compact_settled().await {
+        if let Err(e) = adapter
+            .journal()
+            .keep_counters(&|| adapter.tallies(), false)
+        {
+            tracing::warn!(error = %e, "saving the counters failed");
+        }
+        if compact && let Err(e) = adapter.compact_settled().await {
             tracing::warn!(error = %e, "compaction failed");
         }
     }

@@ -226,7 +226,7 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
     {
         let at = std::time::UNIX_EPOCH + Duration::from_millis(since);
         out.push_str(&format!(
-            "PRODUCED, ACKED and RETRIED count since {}, when the store was opened\n",
+            "PRODUCED, ACKED and RETRIED count since {}\n",
             humantime::format_rfc3339_seconds(at)
         ));
     }
