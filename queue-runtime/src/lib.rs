@@ -34,6 +34,8 @@
 pub mod adapters;
 pub mod broker;
 mod connect;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod engine;
 #[cfg(feature = "metrics")]
 pub mod metrics;

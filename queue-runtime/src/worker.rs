@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use queue_core::consume::{ConsumerHandle, DEFAULT_MAX_PARALLEL, start_consumer};
 use queue_core::registry::{self, ConsumerDecl, Deps};
-use queue_core::{Queue, QueueError};
+use queue_core::{Handled, Observer, Queue, QueueError};
 
 /// What is wrong with a worker's setup; every problem is reported at once, before any
 /// message is taken.
@@ -86,6 +86,9 @@ pub struct Worker {
     only: Option<Vec<String>>,
     grace: Duration,
     metrics: Option<std::net::SocketAddr>,
+    dashboard: Option<std::net::SocketAddr>,
+    #[cfg(feature = "dashboard")]
+    dashboard_auth: crate::dashboard::DashboardAuth,
 }
 
 impl fmt::Debug for Worker {
@@ -107,7 +110,29 @@ impl Worker {
             only: None,
             grace: Duration::from_secs(30),
             metrics: None,
+            dashboard: None,
+            #[cfg(feature = "dashboard")]
+            dashboard_auth: crate::dashboard::DashboardAuth::default(),
         }
+    }
+
+    /// Serves the web dashboard on `addr` (`GET /`, and its JSON API under `/api`): the
+    /// queue's channels, with this worker's handler latency and the options its channels
+    /// declare. Open to anyone who reaches `addr` unless [`Worker::dashboard_auth`] sets
+    /// tokens.
+    #[cfg(feature = "dashboard")]
+    #[must_use]
+    pub fn dashboard(mut self, addr: std::net::SocketAddr) -> Self {
+        self.dashboard = Some(addr);
+        self
+    }
+
+    /// The tokens the dashboard asks for.
+    #[cfg(feature = "dashboard")]
+    #[must_use]
+    pub fn dashboard_auth(mut self, auth: crate::dashboard::DashboardAuth) -> Self {
+        self.dashboard_auth = auth;
+        self
     }
 
     /// Serves Prometheus metrics on `addr` (`GET /metrics`): what this worker's consumers
@@ -174,22 +199,40 @@ impl Worker {
     /// As [`Worker::plan`]; the queue's error when a subscription cannot be opened.
     pub async fn start(self) -> Result<RunningWorker, WorkerError> {
         let plan = self.plan()?;
+        let mut observers: Vec<Arc<dyn Observer>> = Vec::new();
         #[cfg(feature = "metrics")]
-        let (queue, metrics_server) = match self.metrics {
-            Some(addr) => {
-                let metrics = crate::metrics::Metrics::new();
-                let queue = self.queue.observed(metrics.clone());
-                let server = metrics
-                    .serve(addr, queue.clone())
-                    .await
-                    .map_err(|e| WorkerError::Queue(QueueError::Io(e)))?;
-                (queue, Some(server))
-            }
-            None => (self.queue.clone(), None),
+        let metrics = self.metrics.map(|addr| {
+            let metrics = crate::metrics::Metrics::new();
+            observers.push(metrics.clone());
+            (addr, metrics)
+        });
+        #[cfg(feature = "dashboard")]
+        let latency = self.dashboard.map(|addr| {
+            let latency = crate::dashboard::HandlerLatency::new();
+            observers.push(latency.clone());
+            (addr, latency)
+        });
+        let queue = match observers.len() {
+            0 => self.queue.clone(),
+            1 => self.queue.observed(observers.remove(0)),
+            _ => self.queue.observed(Arc::new(Observers(observers))),
         };
-        #[cfg(not(feature = "metrics"))]
-        let (queue, metrics_server): (Queue, Option<tokio::task::JoinHandle<()>>) =
-            (self.queue.clone(), None);
+        let io = |e| WorkerError::Queue(QueueError::Io(e));
+        let mut servers = Vec::new();
+        #[cfg(feature = "metrics")]
+        if let Some((addr, metrics)) = metrics {
+            servers.push(metrics.serve(addr, queue.clone()).await.map_err(io)?);
+        }
+        #[cfg(feature = "dashboard")]
+        if let Some((addr, latency)) = latency {
+            let specs: crate::dashboard::Specs =
+                Arc::new(|| registry::channels().map(|c| (c.spec)()).collect());
+            let dashboard =
+                crate::dashboard::Dashboard::new(queue.clone(), self.dashboard_auth.clone(), specs)
+                    .with_latency(latency);
+            let (_, server) = Arc::new(dashboard).serve(addr).await.map_err(io)?;
+            servers.push(server);
+        }
         let mut handles = Vec::with_capacity(plan.len());
         for decl in plan {
             let handler = (decl.build)(&self.deps).ok_or_else(|| {
@@ -212,7 +255,7 @@ impl Worker {
         Ok(RunningWorker {
             handles,
             grace: self.grace,
-            metrics_server,
+            servers,
         })
     }
 
@@ -245,7 +288,8 @@ impl Worker {
 pub struct RunningWorker {
     handles: Vec<ConsumerHandle>,
     grace: Duration,
-    metrics_server: Option<tokio::task::JoinHandle<()>>,
+    /// The metrics and dashboard servers.
+    servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningWorker {
@@ -256,7 +300,7 @@ impl RunningWorker {
 
     /// Stops every consumer, waiting for running handlers up to the grace period.
     pub async fn shutdown(self) {
-        if let Some(server) = &self.metrics_server {
+        for server in &self.servers {
             server.abort();
         }
         let grace = self.grace;
@@ -265,6 +309,17 @@ impl RunningWorker {
             if let Err(e) = r {
                 tracing::warn!(error = %e, "consumer did not stop cleanly");
             }
+        }
+    }
+}
+
+/// Several observers as one.
+struct Observers(Vec<Arc<dyn Observer>>);
+
+impl Observer for Observers {
+    fn handled(&self, channel: &str, handled: Handled, elapsed: Duration) {
+        for o in &self.0 {
+            o.handled(channel, handled, elapsed);
         }
     }
 }

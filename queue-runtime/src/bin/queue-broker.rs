@@ -19,6 +19,7 @@ use clap::Parser;
 use queue_runtime::SystemClock;
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use queue_runtime::broker::{Broker, BrokerConfig, protocol};
+use queue_runtime::dashboard::{Dashboard, DashboardAuth};
 
 /// Serve a durable queue to producer and worker processes.
 #[derive(Debug, Parser)]
@@ -87,6 +88,25 @@ struct Args {
     /// Metrics answer only `Authorization: Bearer TOKEN` with the broker's token.
     #[arg(long, requires = "metrics")]
     metrics_token: bool,
+    /// Serve the web dashboard and its JSON API on this address.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// The dashboard's token: reads and acts. Required when --http is beyond loopback.
+    #[arg(
+        long,
+        env = "QUEUE_HTTP_TOKEN",
+        hide_env_values = true,
+        requires = "http"
+    )]
+    http_token: Option<String>,
+    /// The dashboard's read-only token.
+    #[arg(
+        long,
+        env = "QUEUE_HTTP_READ_TOKEN",
+        hide_env_values = true,
+        requires = "http"
+    )]
+    http_read_token: Option<String>,
     /// Threads serving connections, 0 for one per core (the log writer has its own).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -108,6 +128,14 @@ fn main() -> Result<()> {
         bail!(
             "listening on {} (beyond loopback) needs a token: pass --token or set QUEUE_TOKEN",
             args.listen
+        );
+    }
+    if let Some(http) = args.http
+        && !http.ip().is_loopback()
+        && args.http_token.as_deref().is_none_or(str::is_empty)
+    {
+        bail!(
+            "serving the dashboard on {http} (beyond loopback) needs a token: pass --http-token or set QUEUE_HTTP_TOKEN"
         );
     }
     let rt = match args.threads {
@@ -179,7 +207,8 @@ async fn run(args: Args) -> Result<()> {
         Some(acceptor) => tokio::spawn(broker.clone().serve_tls(listener, acceptor)),
         None => tokio::spawn(broker.clone().serve_tcp(listener)),
     }];
-    let mut metrics_server = None;
+    // The metrics and dashboard servers.
+    let mut http_servers = Vec::new();
     if let Some(addr) = args.metrics {
         // Metrics read the store directly, not through a connection.
         let local = queue_core::Queue::new(
@@ -194,7 +223,28 @@ async fn run(args: Args) -> Result<()> {
             .serve_with_token(addr, local, token)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
-        metrics_server = Some(server);
+        http_servers.push(server);
+    }
+    if let Some(addr) = args.http {
+        // The dashboard reads the store directly, not through a connection.
+        let local = queue_core::Queue::new(
+            adapter.clone(),
+            Arc::new(SystemClock),
+            Arc::new(queue_runtime::TokioSpawner::current()),
+            "dashboard",
+        );
+        let store = adapter.clone();
+        let auth = DashboardAuth {
+            token: args.http_token.clone().filter(|t| !t.is_empty()),
+            read_token: args.http_read_token.clone().filter(|t| !t.is_empty()),
+        };
+        let dashboard = Dashboard::new(local, auth, Arc::new(move || store.channel_specs()));
+        let (bound, server) = Arc::new(dashboard)
+            .serve(addr)
+            .await
+            .with_context(|| format!("binding the dashboard on {addr}"))?;
+        tracing::info!(http = %bound, "dashboard ready");
+        http_servers.push(server);
     }
     if let Some(path) = &args.unix {
         remove_stale_socket(path)?;
@@ -210,8 +260,8 @@ async fn run(args: Args) -> Result<()> {
     }
     tracing::info!("shutting down: closing connections, flushing the store");
     broker.shutdown();
-    if let Some(m) = metrics_server {
-        m.abort();
+    for server in http_servers {
+        server.abort();
     }
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;

@@ -913,6 +913,11 @@ impl<J: Journal> Engine<J> {
         self.journal.close(&|| self.tallies())
     }
 
+    /// The spec each channel is kept by: the one its producers and consumers declared last.
+    pub fn channel_specs(&self) -> Vec<ChannelSpec> {
+        self.all().iter().map(|c| c.lock().spec().clone()).collect()
+    }
+
     /// Each channel's counters, by name.
     pub fn tallies(&self) -> Vec<(String, Tally)> {
         self.channels

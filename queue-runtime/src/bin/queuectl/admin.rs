@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use queue_core::{ChannelSpec, ChannelStats, MessageId, Outgoing, Queue, codec};
+use queue_runtime::dashboard::api;
 
 /// Where the queue is.
 #[derive(Debug, Args)]
@@ -28,7 +29,7 @@ impl Target {
 pub struct StatsArgs {
     #[command(flatten)]
     pub target: Target,
-    /// Print JSON instead of a table.
+    /// Print the dashboard API's overview document instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -56,6 +57,9 @@ pub struct PeekArgs {
     /// How many messages to show.
     #[arg(long, default_value_t = 10)]
     pub limit: usize,
+    /// Print the dashboard API's JSON document instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `queuectl pause` and `queuectl resume`.
@@ -102,6 +106,9 @@ pub enum Dlq {
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print the dashboard API's JSON document (grouped by error) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Move dead letters back into their channel with attempts reset.
     Redrive {
@@ -147,13 +154,6 @@ pub struct ProduceArgs {
     /// Higher leaves first.
     #[arg(long, default_value_t = 0)]
     pub priority: u8,
-}
-
-fn json(payload: &[u8]) -> String {
-    match codec::decode_value(payload) {
-        Ok(v) => serde_json::to_string(&v).unwrap_or_else(|e| format!("<unprintable: {e}>")),
-        Err(e) => format!("<{e}>"),
-    }
 }
 
 fn ids(ids: &[u64]) -> Option<Vec<MessageId>> {
@@ -233,6 +233,15 @@ fn table(stats: &[ChannelStats], rates: Option<(&[ChannelStats], Duration)>) -> 
     out
 }
 
+/// An age to the tenth of a second below a minute, else to the second: `4.2s`, `3m 10s`.
+fn age(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+    }
+}
+
 /// How long until `due`, to the second: `in 4m 10s`, or `now` once it has passed.
 fn due_in(due: u64, now: u64) -> String {
     if due <= now {
@@ -247,11 +256,11 @@ fn due_in(due: u64, now: u64) -> String {
 
 pub async fn stats(args: StatsArgs) -> Result<()> {
     let queue = args.target.open().await?;
-    let stats = queue.stats().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        let overview = api::overview(&queue, |_| (api::Rates::default(), None)).await?;
+        println!("{}", serde_json::to_string_pretty(&overview)?);
     } else {
-        print!("{}", table(&stats, None));
+        print!("{}", table(&queue.stats().await?, None));
     }
     queue.close().await?;
     Ok(())
@@ -293,18 +302,23 @@ pub async fn watch(args: WatchArgs) -> Result<()> {
 
 pub async fn peek(args: PeekArgs) -> Result<()> {
     let queue = args.target.open().await?;
-    let messages = queue.peek(&args.channel, args.limit).await?;
-    if messages.is_empty() {
+    let now = queue.clock().now();
+    let messages = api::messages(&queue, &args.channel, args.limit).await?;
+    if args.json {
+        let doc = serde_json::json!({ "now": now, "messages": messages });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else if messages.is_empty() {
         println!("(no pending messages in {})", args.channel);
     }
-    for m in messages {
+    for m in messages.iter().filter(|_| !args.json) {
         println!(
-            "{} {:?} attempts={} priority={} {}",
+            "{} {:?} attempts={} priority={} age={} {}",
             m.id,
             m.state,
             m.attempts,
             m.priority,
-            json(&m.payload)
+            age(m.age_ms),
+            m.payload
         );
     }
     queue.close().await?;
@@ -317,19 +331,19 @@ pub async fn dlq(command: Dlq) -> Result<()> {
             target,
             channel,
             limit,
+            json,
         } => {
             let queue = target.open().await?;
-            let dead = queue.dead_letters(&channel, limit).await?;
-            if dead.is_empty() {
+            let dead = api::dead_letters(&queue, &channel, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+            } else if dead.letters.is_empty() {
                 println!("(no dead letters in {channel})");
             }
-            for d in dead {
+            for d in dead.letters.iter().filter(|_| !json) {
                 println!(
                     "{} attempts={} error={:?} {}",
-                    d.id,
-                    d.attempts,
-                    d.error,
-                    json(&d.payload)
+                    d.id, d.attempts, d.error, d.payload
                 );
             }
             queue.close().await?;
