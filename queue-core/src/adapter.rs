@@ -429,6 +429,44 @@ pub trait Adapter: Send + Sync + 'static {
     fn keyed(&self) -> Option<&dyn KeyedProduce> {
         None
     }
+
+    /// Delivery histories, where the adapter can keep them (the engine of the local stores
+    /// and the broker, in process).
+    fn histories(&self) -> Option<&dyn Histories> {
+        None
+    }
+}
+
+/// Each message's deliveries and their outcomes, kept in memory while enabled, for the
+/// dashboard: a store restart forgets them, an ack or deletion drops a message's history,
+/// and past [`HISTORIES_KEPT`] messages the oldest history is dropped.
+pub trait Histories: Send + Sync {
+    /// Starts keeping histories (off by default: it costs a map update per delivery).
+    fn keep_histories(&self);
+
+    /// What happened to message `id` of `channel` since histories were kept, in order.
+    fn history(&self, channel: &str, id: MessageId) -> Vec<Step>;
+}
+
+/// The most messages whose history is kept.
+pub const HISTORIES_KEPT: usize = 10_000;
+
+/// One step of a message's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// When.
+    pub at: Timestamp,
+    /// `delivered`, `acked`, `retried`, `released`, `snoozed`, `dead_lettered`, `lapsed`
+    /// (its lease lapsed or its holder went away) or `redriven`.
+    pub event: String,
+    /// The attempt it concerns.
+    pub attempt: u32,
+    /// The delivery's fencing token, 0 where none applies.
+    pub token: u64,
+    /// The subscription that held it (a worker's consumer), 0 where none applies.
+    pub consumer: u64,
+    /// The error, for a retry or a dead letter.
+    pub error: Option<String>,
 }
 
 /// Produce under a key the producer chose: the same key sent again within `window` of the

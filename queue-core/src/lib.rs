@@ -57,8 +57,8 @@ pub mod telemetry;
 pub mod texts;
 
 pub use adapter::{
-    Adapter, Cancelled, ChannelStats, DeadLetter, KeyedProduce, Lease, MessageId, MessageState,
-    Outcome, Outgoing, RawDelivery, Receipt, StoredMessage, Subscription,
+    Adapter, Cancelled, ChannelStats, DeadLetter, Histories, KeyedProduce, Lease, MessageId,
+    MessageState, Outcome, Outgoing, RawDelivery, Receipt, Step, StoredMessage, Subscription,
 };
 pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};

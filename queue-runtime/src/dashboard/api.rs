@@ -113,7 +113,7 @@ pub struct DeadGroup {
 pub struct DeadLetters {
     /// The server's time.
     pub now: u64,
-    /// Dead letters listed.
+    /// Dead letters of the channel (`letters` may list fewer).
     pub total: usize,
     /// By error text, largest group first.
     pub groups: Vec<DeadGroup>,
@@ -126,8 +126,10 @@ pub struct DeadLetters {
 pub struct Event {
     /// When.
     pub at: u64,
-    /// `produced`, `delivered`, `due` or `dead_lettered`.
-    pub event: &'static str,
+    /// `produced`, then what [`queue_core::Step::event`] names where the store keeps
+    /// delivery histories, else `delivered`, `due` and `dead_lettered` as far as the
+    /// message's state tells.
+    pub event: String,
     /// What else is known.
     pub detail: String,
 }
@@ -256,6 +258,14 @@ pub async fn dead_letters(
 ) -> Result<DeadLetters, QueueError> {
     let now = queue.clock().now();
     let dead = queue.dead_letters(channel, limit).await?;
+    let total = queue
+        .stats()
+        .await?
+        .iter()
+        .find(|s| s.channel == channel)
+        .map_or(dead.len(), |s| {
+            usize::try_from(s.dead).unwrap_or(usize::MAX)
+        });
     let mut groups: BTreeMap<&str, DeadGroup> = BTreeMap::new();
     for d in &dead {
         let g = groups.entry(&d.error).or_insert_with(|| DeadGroup {
@@ -272,7 +282,7 @@ pub async fn dead_letters(
     groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.error.cmp(&b.error)));
     Ok(DeadLetters {
         now,
-        total: dead.len(),
+        total,
         groups,
         letters: dead.iter().map(dead_view).collect(),
     })
@@ -306,16 +316,51 @@ pub async fn message(
         None
     };
     let mut history = Vec::new();
-    if let Some(m) = &pending {
+    let steps = queue
+        .adapter()
+        .histories()
+        .map(|h| h.history(channel, id))
+        .unwrap_or_default();
+    if !steps.is_empty() {
+        let produced_at = pending.as_ref().map(|m| m.produced_at);
+        let produced_at = produced_at.or(dead.as_ref().map(|d| d.produced_at));
+        if let Some(at) = produced_at {
+            history.push(Event {
+                at,
+                event: "produced".into(),
+                detail: String::new(),
+            });
+        }
+        for s in steps {
+            let mut detail = Vec::new();
+            if s.attempt > 0 {
+                detail.push(format!("attempt {}", s.attempt));
+            }
+            if s.token > 0 {
+                detail.push(format!("token {}", s.token));
+            }
+            if s.consumer > 0 {
+                detail.push(format!("consumer {}", s.consumer));
+            }
+            if let Some(e) = s.error {
+                detail.push(e);
+            }
+            history.push(Event {
+                at: s.at,
+                event: s.event,
+                detail: detail.join(", "),
+            });
+        }
+    } else if let Some(m) = &pending {
         history.push(Event {
             at: m.produced_at,
-            event: "produced",
+            event: "produced".into(),
             detail: format!("priority {}", m.priority),
         });
         if m.attempts > 0 {
             history.push(Event {
                 at: m.produced_at.max(m.due.min(now)),
-                event: "delivered",
+                event: "delivered".into(),
                 detail: format!("attempt {}", m.attempts),
             });
         }
@@ -326,24 +371,24 @@ pub async fn message(
         };
         history.push(Event {
             at: m.due,
-            event,
+            event: event.into(),
             detail,
         });
     }
-    if let Some(d) = &dead {
+    if let Some(d) = dead.as_ref().filter(|_| history.is_empty()) {
         history.push(Event {
             at: d.produced_at,
-            event: "produced",
+            event: "produced".into(),
             detail: String::new(),
         });
         history.push(Event {
             at: d.dead_at,
-            event: "delivered",
+            event: "delivered".into(),
             detail: format!("{} attempt(s)", d.attempts),
         });
         history.push(Event {
             at: d.dead_at,
-            event: "dead_lettered",
+            event: "dead_lettered".into(),
             detail: d.error.clone(),
         });
     }

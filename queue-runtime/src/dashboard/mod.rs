@@ -89,6 +89,9 @@ struct Sample {
 impl Dashboard {
     /// A dashboard over `queue`, showing the options of the channels `specs` lists.
     pub fn new(queue: Queue, auth: DashboardAuth, specs: Specs) -> Dashboard {
+        if let Some(histories) = queue.adapter().histories() {
+            histories.keep_histories();
+        }
         Dashboard {
             queue,
             auth,

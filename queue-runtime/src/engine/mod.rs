@@ -9,6 +9,7 @@
 //! leaves the change either not made or made and visible. The in-memory store is the engine
 //! with a journal that keeps payloads in memory; the embedded store's journal is the log.
 
+mod history;
 pub mod journal;
 pub mod keys;
 pub mod state;
@@ -79,6 +80,8 @@ pub struct Engine<J: Journal> {
     /// When the counters started counting: when the engine started, or earlier when its
     /// journal kept counts from before.
     counted_since: AtomicU64,
+    /// Delivery histories, kept once a dashboard asks.
+    histories: history::Histories,
     journal: J,
     me: Weak<Engine<J>>,
 }
@@ -111,6 +114,7 @@ impl<J: Journal> Engine<J> {
             keys: Mutex::new(KeyWindow::new(MAX_PRODUCE_KEYS)),
             pausing: Mutex::new(()),
             counted_since,
+            histories: history::Histories::default(),
             journal,
             me: me.clone(),
         })
@@ -233,6 +237,7 @@ impl<J: Journal> Engine<J> {
         gone: Gone<J::Payload>,
         then: T,
     ) -> Unrun<T, J::Payload> {
+        self.histories.with(|h| h.changed(changes, self.now()));
         let events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
         self.journal.append(&events, gone, then)
     }
@@ -309,6 +314,7 @@ impl<J: Journal> Engine<J> {
             let keyed = key.map(|(k, window)| (k, due_at(now, window)));
             // The key's record lists the receipts, which the step keeps too.
             let keyed_receipts = keyed.map(|_| receipts.clone());
+            self.histories.with(|h| h.changed(&changes, now));
             let mut events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
             for f in &fresh {
                 let out = &batch[f.index];
@@ -419,6 +425,17 @@ impl<J: Journal> Engine<J> {
                 None => break,
             }
         }
+        self.histories.with(|h| {
+            for held in &taken {
+                h.delivered(
+                    held.entry.id,
+                    held.entry.attempts,
+                    held.token,
+                    consumer,
+                    now,
+                );
+            }
+        });
         taken
     }
 
@@ -591,8 +608,13 @@ impl<J: Journal> Engine<J> {
                 let holder = state
                     .holder_of(lease.id)
                     .filter(|_| outcome != Outcome::Release);
+                let noted = self.histories.on().then(|| outcome.clone());
                 match state.settle(lease.id, lease.token, outcome, now, fastrand::f64()) {
                     Ok((change, freed)) => {
+                        if let Some(outcome) = noted {
+                            self.histories
+                                .with(|h| h.settled(lease.id, lease.token, &outcome, now));
+                        }
                         settled.push(change);
                         gone.extend(freed);
                         if let Some(h) = holder
@@ -1320,6 +1342,20 @@ impl<J: Journal> Adapter for Engine<J> {
 
     fn keyed(&self) -> Option<&dyn KeyedProduce> {
         Some(self)
+    }
+
+    fn histories(&self) -> Option<&dyn queue_core::Histories> {
+        Some(self)
+    }
+}
+
+impl<J: Journal> queue_core::Histories for Engine<J> {
+    fn keep_histories(&self) {
+        self.histories.turn_on();
+    }
+
+    fn history(&self, _channel: &str, id: MessageId) -> Vec<queue_core::Step> {
+        self.histories.of(id)
     }
 }
 
