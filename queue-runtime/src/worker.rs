@@ -40,6 +40,8 @@ pub enum SetupProblem {
     UnknownSelection(String),
     /// Nothing to run.
     NoConsumers,
+    /// The dashboard would serve beyond loopback without a token.
+    OpenDashboard(std::net::SocketAddr),
 }
 
 impl fmt::Display for SetupProblem {
@@ -60,6 +62,10 @@ impl fmt::Display for SetupProblem {
                 )
             }
             SetupProblem::NoConsumers => f.write_str("no `#[consumer]` is linked into this binary"),
+            SetupProblem::OpenDashboard(addr) => write!(
+                f,
+                "the dashboard on {addr} (beyond loopback) needs a token: set one with `Worker::dashboard_auth`"
+            ),
         }
     }
 }
@@ -184,13 +190,31 @@ impl Worker {
     /// [`WorkerError::Setup`] listing missing dependencies, duplicate channel names, unknown
     /// selections and an empty selection together.
     pub fn plan(&self) -> Result<Vec<&'static ConsumerDecl>, WorkerError> {
-        plan(
+        let planned = plan(
             registry::consumers(),
             registry::channels(),
             &self.deps,
             self.only.as_deref(),
-        )
-        .map_err(WorkerError::Setup)
+        );
+        let open = self.open_dashboard();
+        match (planned, open) {
+            (Ok(plan), None) => Ok(plan),
+            (Ok(_), Some(p)) => Err(WorkerError::Setup(vec![p])),
+            (Err(mut problems), open) => {
+                problems.extend(open);
+                Err(WorkerError::Setup(problems))
+            }
+        }
+    }
+
+    /// A dashboard beyond loopback without a token would let anyone who reaches it act.
+    fn open_dashboard(&self) -> Option<SetupProblem> {
+        let addr = self.dashboard?;
+        #[cfg(feature = "dashboard")]
+        let tokened = self.dashboard_auth.token.is_some();
+        #[cfg(not(feature = "dashboard"))]
+        let tokened = false;
+        (!addr.ip().is_loopback() && !tokened).then_some(SetupProblem::OpenDashboard(addr))
     }
 
     /// Starts every planned consumer and returns at once.
@@ -481,6 +505,25 @@ mod tests {
             unknown,
             vec![SetupProblem::UnknownSelection("three".into())]
         );
+    }
+
+    #[cfg(feature = "dashboard")]
+    #[tokio::test]
+    async fn a_dashboard_beyond_loopback_needs_a_token() {
+        let queue = crate::connect("memory://").await.unwrap();
+        let open: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let worker = Worker::new(queue.clone()).dashboard(open);
+        assert_eq!(
+            worker.open_dashboard(),
+            Some(SetupProblem::OpenDashboard(open))
+        );
+        let tokened = worker.dashboard_auth(crate::dashboard::DashboardAuth {
+            token: Some("s3cret".into()),
+            read_token: None,
+        });
+        assert_eq!(tokened.open_dashboard(), None);
+        let local = Worker::new(queue).dashboard("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(local.open_dashboard(), None);
     }
 
     #[test]

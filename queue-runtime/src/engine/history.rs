@@ -11,6 +11,9 @@ use queue_core::{MessageId, Outcome, Step};
 
 use super::state::Change;
 
+/// The most steps kept of one message.
+const STEPS_KEPT: usize = 64;
+
 /// Histories by message, and the order they began in, for eviction.
 #[derive(Debug, Default)]
 pub struct History {
@@ -21,6 +24,10 @@ pub struct History {
 impl History {
     fn push(&mut self, id: MessageId, step: Step) {
         if let Some(steps) = self.steps.get_mut(&id) {
+            // A message snoozed without end keeps only its latest steps.
+            if steps.len() >= STEPS_KEPT {
+                steps.drain(..STEPS_KEPT / 2);
+            }
             steps.push(step);
             return;
         }
@@ -211,6 +218,18 @@ mod tests {
         assert_eq!(h.of(id)[1].error.as_deref(), Some("smtp down"));
         h.changed(&[Change::Acked { id }], 60);
         assert!(h.of(id).is_empty());
+    }
+
+    #[test]
+    fn a_message_keeps_only_its_latest_steps() {
+        let mut h = History::default();
+        let id = MessageId(1);
+        for n in 0..1000 {
+            h.delivered(id, 1, n, 1, n);
+        }
+        let steps = h.of(id);
+        assert!(steps.len() <= STEPS_KEPT, "{}", steps.len());
+        assert_eq!(steps.last().unwrap().token, 999);
     }
 
     #[test]

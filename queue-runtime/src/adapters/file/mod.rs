@@ -873,6 +873,8 @@ impl Engine<FileJournal> {
 async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: bool) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A save that keeps failing (a full disk) is reported once, and again once it passes.
+    let mut saving_fails = false;
     loop {
         tick.tick().await;
         let Some(adapter) = adapter.upgrade() else {
@@ -881,11 +883,19 @@ async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: 
         if adapter.check_open().is_err() {
             return;
         }
-        if let Err(e) = adapter
+        match adapter
             .journal()
             .keep_counters(&|| adapter.tallies(), false)
         {
-            tracing::warn!(error = %e, "saving the counters failed");
+            Err(e) if !saving_fails => {
+                saving_fails = true;
+                tracing::warn!(error = %e, "saving the counters failed; retrying every 2 s");
+            }
+            Ok(()) if saving_fails => {
+                saving_fails = false;
+                tracing::info!("saving the counters works again");
+            }
+            _ => {}
         }
         if compact && let Err(e) = adapter.compact_settled().await {
             tracing::warn!(error = %e, "compaction failed");
