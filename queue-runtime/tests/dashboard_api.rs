@@ -194,6 +194,8 @@ async fn the_documents_show_the_queue_and_the_actions_move_it() {
     let path = format!("/api/message?channel=dash/orders&id={first}");
     let (_, detail) = call(addr, "GET", &path, admin, None).await;
     assert_eq!(detail["message"]["payload"], json!({"n": 1}));
+    let m = &detail["message"];
+    assert!(m["due"].as_u64() >= m["produced_at"].as_u64(), "{m}");
     assert_eq!(detail["history"][0]["event"], "produced");
 
     // Histories are kept from the moment the dashboard runs: a delivery and its retry, by

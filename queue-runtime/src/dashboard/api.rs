@@ -163,7 +163,8 @@ pub fn message_view(m: &StoredMessage, now: u64) -> MessageView {
         attempts: m.attempts,
         priority: m.priority,
         produced_at: m.produced_at,
-        due: m.due,
+        // A store may report a message ready since ever as due at 0.
+        due: m.due.max(m.produced_at),
         age_ms: now.saturating_sub(m.produced_at),
         payload: payload_json(&m.payload),
     }
@@ -370,7 +371,7 @@ pub async fn message(
             MessageState::Ready => ("due", "ready".to_string()),
         };
         history.push(Event {
-            at: m.due,
+            at: m.due.max(m.produced_at),
             event: event.into(),
             detail,
         });
