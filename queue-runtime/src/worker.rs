@@ -91,6 +91,7 @@ pub struct Worker {
     deps: Deps,
     only: Option<Vec<String>>,
     grace: Duration,
+    #[cfg(feature = "metrics")]
     metrics: Option<std::net::SocketAddr>,
     dashboard: Option<std::net::SocketAddr>,
     #[cfg(feature = "dashboard")]
@@ -115,6 +116,7 @@ impl Worker {
             deps: Deps::default(),
             only: None,
             grace: Duration::from_secs(30),
+            #[cfg(feature = "metrics")]
             metrics: None,
             dashboard: None,
             #[cfg(feature = "dashboard")]
@@ -241,8 +243,21 @@ impl Worker {
             1 => self.queue.observed(observers.remove(0)),
             _ => self.queue.observed(Arc::new(Observers(observers))),
         };
+        #[cfg_attr(
+            not(any(feature = "metrics", feature = "dashboard")),
+            expect(unused_variables, reason = "used by the servers")
+        )]
         let io = |e| WorkerError::Queue(QueueError::Io(e));
+        #[cfg_attr(
+            not(any(feature = "metrics", feature = "dashboard")),
+            expect(unused_mut, reason = "filled by the servers")
+        )]
         let mut servers = Vec::new();
+        #[cfg_attr(
+            not(feature = "dashboard"),
+            expect(unused_mut, reason = "set by the dashboard")
+        )]
+        let mut dashboard_addr = None;
         #[cfg(feature = "metrics")]
         if let Some((addr, metrics)) = metrics {
             servers.push(metrics.serve(addr, queue.clone()).await.map_err(io)?);
@@ -254,7 +269,8 @@ impl Worker {
             let dashboard =
                 crate::dashboard::Dashboard::new(queue.clone(), self.dashboard_auth.clone(), specs)
                     .with_latency(latency);
-            let (_, server) = Arc::new(dashboard).serve(addr).await.map_err(io)?;
+            let (bound, server) = Arc::new(dashboard).serve(addr).await.map_err(io)?;
+            dashboard_addr = Some(bound);
             servers.push(server);
         }
         let mut handles = Vec::with_capacity(plan.len());
@@ -280,6 +296,7 @@ impl Worker {
             handles,
             grace: self.grace,
             servers,
+            dashboard_addr,
         })
     }
 
@@ -314,9 +331,15 @@ pub struct RunningWorker {
     grace: Duration,
     /// The metrics and dashboard servers.
     servers: Vec<tokio::task::JoinHandle<()>>,
+    dashboard_addr: Option<std::net::SocketAddr>,
 }
 
 impl RunningWorker {
+    /// Where the dashboard listens (its port, when it was asked for port 0).
+    pub fn dashboard_addr(&self) -> Option<std::net::SocketAddr> {
+        self.dashboard_addr
+    }
+
     /// Names of the running consumers.
     pub fn consumers(&self) -> Vec<&str> {
         self.handles.iter().map(ConsumerHandle::name).collect()

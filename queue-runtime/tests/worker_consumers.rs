@@ -186,3 +186,49 @@ async fn shutdown_lets_the_next_worker_take_over() {
     assert_eq!(outbox.sent.lock()[0], "audit: after");
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_worker_dashboard_shows_its_handlers_latency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let queue = queue("worker-dashboard").await;
+    let outbox = Arc::new(Outbox::default());
+    let worker = Worker::new(queue.clone())
+        .provide_arc(outbox.clone())
+        .only(["send_email"])
+        .dashboard("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let addr = worker.dashboard_addr().expect("the dashboard's address");
+    for to in ["a@example.com", "b@example.com", "c@example.com"] {
+        Email::produce(&queue, Email { to: to.into() })
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while outbox.sent.lock().len() < 3 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the emails sent");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/overview HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    let overview: serde_json::Value = serde_json::from_str(body).unwrap();
+    let emails = overview["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel"] == "worker/emails")
+        .unwrap_or_else(|| panic!("{overview}"));
+    assert_eq!(emails["acked"], 3, "{emails}");
+    assert!(emails["latency"]["p50_ms"].is_f64(), "{emails}");
+    assert!(emails["latency"]["p95_ms"].is_f64(), "{emails}");
+    worker.shutdown().await;
+}
