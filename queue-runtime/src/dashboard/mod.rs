@@ -368,9 +368,7 @@ async fn pause(
     Extension(role): Extension<Role>,
     Json(b): Json<ChannelBody>,
 ) -> ApiResult {
-    dash.queue.pause(&b.channel).await?;
-    tracing::info!(target: "queue_runtime::dashboard", action = "pause", channel = %b.channel, role = role.as_str(), "dashboard action");
-    Ok(Json(json!({ "paused": true })))
+    set_paused(&dash, role, &b.channel, true).await
 }
 
 async fn resume(
@@ -378,9 +376,19 @@ async fn resume(
     Extension(role): Extension<Role>,
     Json(b): Json<ChannelBody>,
 ) -> ApiResult {
-    dash.queue.resume(&b.channel).await?;
-    tracing::info!(target: "queue_runtime::dashboard", action = "resume", channel = %b.channel, role = role.as_str(), "dashboard action");
-    Ok(Json(json!({ "paused": false })))
+    set_paused(&dash, role, &b.channel, false).await
+}
+
+async fn set_paused(dash: &Dashboard, role: Role, channel: &str, paused: bool) -> ApiResult {
+    let action = if paused {
+        dash.queue.pause(channel).await?;
+        "pause"
+    } else {
+        dash.queue.resume(channel).await?;
+        "resume"
+    };
+    tracing::info!(target: "queue_runtime::dashboard", action, channel, role = role.as_str(), "dashboard action");
+    Ok(Json(json!({ "paused": paused })))
 }
 
 #[derive(Deserialize)]

@@ -1,25 +1,23 @@
 //! The channels' counters, in a file of their own (`counters`) beside the segments, so that
 //! they count across restarts: a header line, the time counting began, one line per channel
 //! (`produced duplicates acked retried dead_lettered lease_expiries name`), and a CRC32C line
-//! over what precedes it. Replaced whole like `paused`: written under a temporary name,
-//! synced, renamed into place, the directory synced.
+//! over what precedes it, replaced whole (see `sidecar`).
 //!
 //! The store saves it on close and every few seconds while open, so a crash loses at most
 //! the counts of those last seconds. Counters are not data: a damaged file is reported and
 //! counting starts again from the open, instead of refusing the store.
 
-use std::io;
 use std::path::Path;
 
 use queue_core::QueueError;
 use queue_core::clock::Timestamp;
 
+use super::sidecar;
 use super::writer::Storage;
 use crate::engine::Tally;
 
 const HEADER: &str = "typed-queue counters 1\n";
 const FILE: &str = "counters";
-const TEMPORARY: &str = "counters.tmp";
 
 /// Counters as kept: since when they count, and each channel's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,16 +34,13 @@ pub struct Kept {
 /// # Errors
 /// Read errors other than a missing file.
 pub fn load(dir: &Path, storage: &dyn Storage) -> Result<Option<Kept>, QueueError> {
-    let path = dir.join(FILE);
-    let bytes = match storage.read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(bytes) = sidecar::read(dir, storage, FILE)? else {
+        return Ok(None);
     };
     let kept = parse(&bytes);
     if kept.is_none() {
         tracing::warn!(
-            path = %path.display(),
+            path = %dir.join(FILE).display(),
             "the counters file is damaged: counters start again from zero"
         );
     }
@@ -53,13 +48,7 @@ pub fn load(dir: &Path, storage: &dyn Storage) -> Result<Option<Kept>, QueueErro
 }
 
 fn parse(bytes: &[u8]) -> Option<Kept> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let body = text.strip_prefix(HEADER)?;
-    let (lines, crc_line) = body.split_at(body.rfind("crc32c ")?);
-    if crc_line != crc_line_of(&bytes[..HEADER.len() + lines.len()]) {
-        return None;
-    }
-    let mut lines = lines.lines();
+    let mut lines = sidecar::body(bytes, HEADER)?.lines();
     let since = lines.next()?.strip_prefix("since ")?.parse().ok()?;
     let mut channels = Vec::new();
     for line in lines {
@@ -86,13 +75,7 @@ fn render(kept: &Kept) -> Vec<u8> {
             t.produced, t.duplicates, t.acked, t.retried, t.dead_lettered, t.lease_expiries
         ));
     }
-    let crc = crc_line_of(text.as_bytes());
-    text.push_str(&crc);
-    text.into_bytes()
-}
-
-fn crc_line_of(bytes: &[u8]) -> String {
-    format!("crc32c {:08x}\n", crc32c::crc32c(bytes))
+    sidecar::seal(text)
 }
 
 /// Replaces the kept counters with `kept`, durably.
@@ -100,14 +83,7 @@ fn crc_line_of(bytes: &[u8]) -> String {
 /// # Errors
 /// The write, sync or rename error; the kept counters are then the old ones.
 pub fn save(dir: &Path, storage: &dyn Storage, kept: &Kept) -> Result<(), QueueError> {
-    let temporary = dir.join(TEMPORARY);
-    let file = storage.create(&temporary)?;
-    storage.write_at(&file, &render(kept), 0)?;
-    storage.sync_data(&file)?;
-    drop(file);
-    storage.rename(&temporary, &dir.join(FILE))?;
-    storage.sync_dir(dir)?;
-    Ok(())
+    sidecar::replace(dir, storage, FILE, &render(kept))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod counters;
 pub mod format;
 mod paused;
 mod recovery;
+mod sidecar;
 pub mod writer;
 
 pub use recovery::{Damage, Finding, check};
