@@ -168,8 +168,8 @@ pub struct ChannelStats {
     /// When `produced`, `duplicates`, `acked`, `retried`, `dead_lettered` and
     /// `lease_expiries` started counting (milliseconds since the Unix epoch): when the
     /// embedded store (or the broker's) was created, as it keeps them across restarts (after
-    /// a crash, less the last seconds' counts; when its counters file was lost, from the open
-    /// that found it so); when an in-memory queue was opened; 0 for PostgreSQL, whose
+    /// a crash they are off by at most the last seconds' work; when its counters file was
+    /// lost, they count from the open that found it so); when an in-memory queue was opened; 0 for PostgreSQL, whose
     /// counters are stored with the data.
     pub counted_since: crate::clock::Timestamp,
 }

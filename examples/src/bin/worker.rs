@@ -23,7 +23,9 @@ async fn main() -> anyhow::Result<()> {
     let db = Database::open(&db_path)
         .with_context(|| format!("opening the database {}", db_path.display()))?;
 
-    let mut worker = Worker::new(queue.clone()).provide(db).provide(queue.clone());
+    let mut worker = Worker::new(queue.clone())
+        .provide(db)
+        .provide(queue.clone());
     if let Ok(addr) = std::env::var("WORKER_DASHBOARD") {
         let addr = addr
             .parse()
@@ -33,10 +35,7 @@ async fn main() -> anyhow::Result<()> {
             read_token: None,
         });
     }
-    let running = worker
-        .start()
-        .await
-        .context("starting the consumers")?;
+    let running = worker.start().await.context("starting the consumers")?;
     tracing::info!(
         queue = queue.description(),
         db = %db_path.display(),

@@ -3,8 +3,9 @@
 //! (`produced duplicates acked retried dead_lettered lease_expiries name`), and a CRC32C line
 //! over what precedes it, replaced whole (see `sidecar`).
 //!
-//! The store saves it on close and every few seconds while open, so a crash loses at most
-//! the counts of those last seconds. Counters are not data: a damaged file is reported and
+//! The store saves it on close and every few seconds while open, so after a crash the counts
+//! are off by at most those last seconds' work (a save may count an ack applied in memory
+//! whose record the crash then lost). Counters are not data: a damaged file is reported and
 //! counting starts again from the open, instead of refusing the store.
 
 use std::path::Path;
