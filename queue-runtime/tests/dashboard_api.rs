@@ -229,6 +229,19 @@ async fn the_documents_show_the_queue_and_the_actions_move_it() {
         "{detail}"
     );
 
+    // The settle gives the channel a hold time, where no handler of this process is timed.
+    let (_, overview) = call(addr, "GET", "/api/overview", admin, None).await;
+    let latency = &row(&overview, ORDERS)["latency"];
+    assert_eq!(latency["measured"], "lease", "{latency}");
+    assert!(
+        latency["p95_ms"].as_f64() >= latency["p50_ms"].as_f64(),
+        "{latency}"
+    );
+    assert!(
+        row(&overview, MAIL)["latency"].is_null(),
+        "no settle seen on dash/mail yet"
+    );
+
     let (_, dead) = call(addr, "GET", "/api/dead?channel=dash/mail", admin, None).await;
     assert_eq!(dead["total"], 3);
     let groups = dead["groups"].as_array().unwrap();

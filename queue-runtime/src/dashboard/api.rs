@@ -30,6 +30,9 @@ pub struct Latency {
     pub p50_ms: f64,
     /// The 95th percentile, in milliseconds.
     pub p95_ms: f64,
+    /// `handler`: timed around the handlers of this process (a worker); `lease`: from
+    /// delivery to settle as the store saw it (the broker, to the millisecond).
+    pub measured: &'static str,
 }
 
 /// One channel in the overview.

@@ -197,6 +197,21 @@ impl Dashboard {
         rates
     }
 
+    /// A channel's rates and latency: its handlers' where this process runs them, else how
+    /// long the store saw its deliveries held.
+    fn extra(&self, channel: &str) -> (Rates, Option<Latency>) {
+        let handlers = self.latency.as_ref().and_then(|l| l.percentiles(channel));
+        let leases = || {
+            let (p50, p95) = self.queue.adapter().histories()?.held(channel)?;
+            Some(Latency {
+                p50_ms: p50 as f64,
+                p95_ms: p95 as f64,
+                measured: "lease",
+            })
+        };
+        (self.rates(channel), handlers.or_else(leases))
+    }
+
     fn spec(&self, channel: &str) -> Option<ChannelSpec> {
         (self.specs)().into_iter().find(|s| s.name == channel)
     }
@@ -286,11 +301,7 @@ async fn whoami(Extension(role): Extension<Role>) -> Json<Value> {
 }
 
 async fn overview(State(dash): State<Arc<Dashboard>>) -> ApiResult {
-    let doc = api::overview(&dash.queue, |ch| {
-        let latency = dash.latency.as_ref().and_then(|l| l.percentiles(ch));
-        (dash.rates(ch), latency)
-    })
-    .await?;
+    let doc = api::overview(&dash.queue, |ch| dash.extra(ch)).await?;
     Ok(Json(json!(doc)))
 }
 
@@ -300,11 +311,7 @@ struct NameQuery {
 }
 
 async fn channel(State(dash): State<Arc<Dashboard>>, Query(q): Query<NameQuery>) -> ApiResult {
-    let overview = api::overview(&dash.queue, |ch| {
-        let latency = dash.latency.as_ref().and_then(|l| l.percentiles(ch));
-        (dash.rates(ch), latency)
-    })
-    .await?;
+    let overview = api::overview(&dash.queue, |ch| dash.extra(ch)).await?;
     let stats = overview
         .channels
         .into_iter()
@@ -521,6 +528,7 @@ impl HandlerLatency {
         Some(Latency {
             p50_ms: ms(0.5),
             p95_ms: ms(0.95),
+            measured: "handler",
         })
     }
 }

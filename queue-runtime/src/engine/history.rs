@@ -14,11 +14,16 @@ use super::state::Change;
 /// The most steps kept of one message.
 const STEPS_KEPT: usize = 64;
 
-/// Histories by message, and the order they began in, for eviction.
+/// How many recent lease hold times a channel keeps.
+const HOLDS_KEPT: usize = 1024;
+
+/// Histories by message, and the order they began in, for eviction; and each channel's
+/// recent lease hold times (delivery to settle).
 #[derive(Debug, Default)]
 pub struct History {
     steps: HashMap<MessageId, Vec<Step>>,
     order: VecDeque<MessageId>,
+    holds: HashMap<String, VecDeque<u64>>,
 }
 
 impl History {
@@ -58,9 +63,32 @@ impl History {
         self.push(id, step(at, "delivered", attempt, token, consumer, None));
     }
 
-    /// A delivery was settled with `outcome`.
-    pub fn settled(&mut self, id: MessageId, token: u64, outcome: &Outcome, at: Timestamp) {
+    /// A delivery of `channel` was settled with `outcome`.
+    pub fn settled(
+        &mut self,
+        channel: &str,
+        id: MessageId,
+        token: u64,
+        outcome: &Outcome,
+        at: Timestamp,
+    ) {
         let attempt = self.attempt_of(id, token);
+        let delivered = self.steps.get(&id).and_then(|s| {
+            s.iter()
+                .rev()
+                .find(|s| s.token == token && s.event == "delivered")
+        });
+        if let Some(d) = delivered {
+            let held = at.saturating_sub(d.at);
+            let holds = match self.holds.get_mut(channel) {
+                Some(holds) => holds,
+                None => self.holds.entry(channel.to_string()).or_default(),
+            };
+            if holds.len() == HOLDS_KEPT {
+                holds.pop_front();
+            }
+            holds.push_back(held);
+        }
         let (event, error) = match outcome {
             Outcome::Ack => ("acked", None),
             Outcome::Retry { error, .. } => ("retried", Some(error.clone())),
@@ -117,6 +145,17 @@ impl History {
     pub fn of(&self, id: MessageId) -> Vec<Step> {
         self.steps.get(&id).cloned().unwrap_or_default()
     }
+
+    /// The median and 95th percentile of `channel`'s recent lease hold times, in ms.
+    pub fn held(&self, channel: &str) -> Option<(u64, u64)> {
+        let mut holds: Vec<u64> = self.holds.get(channel)?.iter().copied().collect();
+        if holds.is_empty() {
+            return None;
+        }
+        holds.sort_unstable();
+        let at = |q: f64| holds[((holds.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.95)))
+    }
 }
 
 fn step(
@@ -166,6 +205,11 @@ impl Histories {
     pub fn of(&self, id: MessageId) -> Vec<Step> {
         self.history.lock().of(id)
     }
+
+    /// `channel`'s recent lease hold times: median and 95th percentile, in ms.
+    pub fn held(&self, channel: &str) -> Option<(u64, u64)> {
+        self.history.lock().held(channel)
+    }
 }
 
 #[cfg(test)]
@@ -181,7 +225,7 @@ mod tests {
             after: None,
             error: "smtp down".into(),
         };
-        h.settled(id, 100, &retry, 11);
+        h.settled("c", id, 100, &retry, 11);
         h.changed(
             &[Change::Requeued {
                 id,
@@ -218,6 +262,21 @@ mod tests {
         assert_eq!(h.of(id)[1].error.as_deref(), Some("smtp down"));
         h.changed(&[Change::Acked { id }], 60);
         assert!(h.of(id).is_empty());
+    }
+
+    #[test]
+    fn hold_times_run_from_the_delivery_to_its_settle() {
+        let mut h = History::default();
+        for n in 0..20 {
+            let id = MessageId(n);
+            h.delivered(id, 1, n, 1, 1000);
+            h.settled("c", id, n, &Outcome::Ack, 1000 + n);
+        }
+        assert_eq!(h.held("c"), Some((10, 18)));
+        assert_eq!(h.held("other"), None);
+        // A settle whose delivery is not in the history has no hold time.
+        h.settled("d", MessageId(99), 7, &Outcome::Ack, 5);
+        assert_eq!(h.held("d"), None);
     }
 
     #[test]

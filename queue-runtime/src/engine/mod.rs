@@ -612,8 +612,9 @@ impl<J: Journal> Engine<J> {
                 match state.settle(lease.id, lease.token, outcome, now, fastrand::f64()) {
                     Ok((change, freed)) => {
                         if let Some(outcome) = noted {
-                            self.histories
-                                .with(|h| h.settled(lease.id, lease.token, &outcome, now));
+                            self.histories.with(|h| {
+                                h.settled(&lease.channel, lease.id, lease.token, &outcome, now)
+                            });
                         }
                         settled.push(change);
                         gone.extend(freed);
@@ -1356,6 +1357,10 @@ impl<J: Journal> queue_core::Histories for Engine<J> {
 
     fn history(&self, _channel: &str, id: MessageId) -> Vec<queue_core::Step> {
         self.histories.of(id)
+    }
+
+    fn held(&self, channel: &str) -> Option<(u64, u64)> {
+        self.histories.held(channel)
     }
 }
 
