@@ -121,8 +121,12 @@ pub fn add_trace(payload: &mut Vec<u8>, traceparent: &str, tracestate: &str) {
 /// second empty when none was given.
 pub fn trace_of(payload: &[u8]) -> Option<(&str, &str)> {
     let doc = bson::RawDocument::from_bytes(payload).ok()?;
-    let parent = doc.get_str("tp").ok()?;
-    Some((parent, doc.get_str("ts").unwrap_or("")))
+    // `get` answers a missing key without building an error.
+    let text = |key: &str| match doc.get(key) {
+        Ok(Some(bson::RawBsonRef::String(s))) => Some(s),
+        _ => None,
+    };
+    Some((text("tp")?, text("ts").unwrap_or("")))
 }
 
 /// The length a BSON document's bytes declare.

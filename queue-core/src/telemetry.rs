@@ -43,6 +43,9 @@ pub(crate) fn handle_span(channel: &str, raw: &RawDelivery) -> Span {
         messaging.message.id = %raw.lease.id,
         messaging.typed_queue.attempt = i64::from(raw.attempt),
     );
+    if span.is_disabled() {
+        return span;
+    }
     if let Some(parent) = codec::trace_of(&raw.payload).and_then(|(p, s)| parse(p, s)) {
         let cx = opentelemetry::Context::new().with_remote_span_context(parent);
         // Fails only when no OpenTelemetry layer is installed, where there is nothing to link.
@@ -59,6 +62,9 @@ pub(crate) fn failed(span: &Span, error: &str) {
 
 /// The `(traceparent, tracestate)` of a span, when an OpenTelemetry layer made it a span.
 pub(crate) fn context_of(span: &Span) -> Option<(String, String)> {
+    if span.is_disabled() {
+        return None;
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     if !sc.is_valid() {
