@@ -149,6 +149,20 @@ async fn tokens_decide_who_reads_and_who_acts() {
     )
     .await;
     assert_eq!((status, answer), (200, json!({ "moved": 3 })));
+    // Malformed requests are answered in the API's error shape, and move nothing.
+    let (status, answer) = call(addr, "GET", "/api/messages", Some("admin-secret"), None).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
+    let (status, answer) = call(
+        addr,
+        "POST",
+        "/api/purge_dead",
+        Some("admin-secret"),
+        Some(json!("not an object")),
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert!(answer["error"].is_string(), "{answer}");
     // The page itself is served without a token.
     let (status, page) = call(addr, "GET", "/", None, None).await;
     assert_eq!(status, 200);

@@ -292,6 +292,39 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// A JSON request body; a malformed one is answered like every other error.
+struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(e) => Err(failure(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Query parameters; malformed or missing ones are answered like every other error.
+struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Params(value)),
+            Err(e) => Err(failure(e.status(), e.body_text())),
+        }
+    }
+}
+
 fn bad(text: impl Into<String>) -> ApiError {
     ApiError(QueueError::InvalidRequest(text.into()))
 }
@@ -310,7 +343,7 @@ struct NameQuery {
     name: String,
 }
 
-async fn channel(State(dash): State<Arc<Dashboard>>, Query(q): Query<NameQuery>) -> ApiResult {
+async fn channel(State(dash): State<Arc<Dashboard>>, Params(q): Params<NameQuery>) -> ApiResult {
     let overview = api::overview(&dash.queue, |ch| dash.extra(ch)).await?;
     let stats = overview
         .channels
@@ -334,7 +367,7 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn messages(State(dash): State<Arc<Dashboard>>, Query(q): Query<ListQuery>) -> ApiResult {
+async fn messages(State(dash): State<Arc<Dashboard>>, Params(q): Params<ListQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(100).min(10_000);
     let now = dash.queue.clock().now();
     let list = api::messages(&dash.queue, &q.channel, limit).await?;
@@ -353,12 +386,12 @@ fn parse_id(id: &str) -> Result<MessageId, ApiError> {
         .map_err(|_| bad(format!("`{id}` is not a message id")))
 }
 
-async fn message(State(dash): State<Arc<Dashboard>>, Query(q): Query<MessageQuery>) -> ApiResult {
+async fn message(State(dash): State<Arc<Dashboard>>, Params(q): Params<MessageQuery>) -> ApiResult {
     let detail = api::message(&dash.queue, &q.channel, parse_id(&q.id)?).await?;
     Ok(Json(json!(detail)))
 }
 
-async fn dead(State(dash): State<Arc<Dashboard>>, Query(q): Query<ListQuery>) -> ApiResult {
+async fn dead(State(dash): State<Arc<Dashboard>>, Params(q): Params<ListQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(500).min(10_000);
     Ok(Json(json!(
         api::dead_letters(&dash.queue, &q.channel, limit).await?
@@ -373,7 +406,7 @@ struct ChannelBody {
 async fn pause(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<ChannelBody>,
+    Body(b): Body<ChannelBody>,
 ) -> ApiResult {
     set_paused(&dash, role, &b.channel, true).await
 }
@@ -381,7 +414,7 @@ async fn pause(
 async fn resume(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<ChannelBody>,
+    Body(b): Body<ChannelBody>,
 ) -> ApiResult {
     set_paused(&dash, role, &b.channel, false).await
 }
@@ -407,7 +440,7 @@ struct CancelBody {
 async fn cancel(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<CancelBody>,
+    Body(b): Body<CancelBody>,
 ) -> ApiResult {
     let id = parse_id(&b.id)?;
     let was = dash.queue.cancel(&b.channel, id).await?;
@@ -433,7 +466,7 @@ impl IdsBody {
 async fn redrive(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<IdsBody>,
+    Body(b): Body<IdsBody>,
 ) -> ApiResult {
     let ids = b.ids()?;
     let moved = dash.queue.redrive(&b.channel, ids.as_deref()).await?;
@@ -444,7 +477,7 @@ async fn redrive(
 async fn purge_dead(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<IdsBody>,
+    Body(b): Body<IdsBody>,
 ) -> ApiResult {
     let ids = b.ids()?;
     let purged = dash.queue.purge_dead(&b.channel, ids.as_deref()).await?;
@@ -463,7 +496,7 @@ struct ProduceBody {
 async fn produce(
     State(dash): State<Arc<Dashboard>>,
     Extension(role): Extension<Role>,
-    Json(b): Json<ProduceBody>,
+    Body(b): Body<ProduceBody>,
 ) -> ApiResult {
     let bson = bson::Bson::try_from(b.payload)
         .map_err(|e| bad(format!("the payload cannot be stored as BSON: {e}")))?;
