@@ -884,10 +884,14 @@ async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: 
         if adapter.check_open().is_err() {
             return;
         }
-        match adapter
-            .journal()
-            .keep_counters(&|| adapter.tallies(), false)
-        {
+        // File calls block: off the runtime's threads, so a hung disk stalls only this task.
+        let saving = adapter.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            saving.journal().keep_counters(&|| saving.tallies(), false)
+        })
+        .await
+        .unwrap_or_else(|e| Err(QueueError::Poisoned(format!("saving the counters: {e}"))));
+        match saved {
             Err(e) if !saving_fails => {
                 saving_fails = true;
                 tracing::warn!(error = %e, "saving the counters failed; retrying every 2 s");
