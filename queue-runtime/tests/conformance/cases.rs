@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{Harness, eventually, next, settle, still_waiting, within};
 
 pub use super::flow::*;
+pub use super::traces::a_trace_runs_from_produce_to_handle_through_a_retry;
 
 #[channel("conf/jobs", lease = "10s", max_attempts = 3, backoff = "1s")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

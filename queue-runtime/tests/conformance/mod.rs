@@ -163,26 +163,14 @@ macro_rules! conformance_suite {
             a_rate_limit_delivers_its_budget_per_window_and_no_more,
             a_rate_per_group_bounds_each_group,
             a_periodic_channel_fires_once_per_slot_with_two_workers,
+            a_trace_runs_from_produce_to_handle_through_a_retry,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
-        // On one thread, where the test's trace layer sees every task.
-        #[tokio::test(flavor = "current_thread")]
-        async fn a_trace_runs_from_produce_to_handle_through_a_retry() {
-            let traces = $crate::conformance::traces::Traces::install();
-            let clock = ::queue_core::VirtualClock::default();
-            let (queue, guard) = $factory(clock.clone()).await;
-            let harness = $crate::conformance::Harness { queue, clock, guard };
-            $crate::conformance::traces::a_trace_runs_from_produce_to_handle_through_a_retry(
-                &harness, &traces,
-            )
-            .await;
-            let _ = harness.queue.close().await;
-        }
-
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
+                $crate::conformance::traces::traces();
                 let clock = ::queue_core::VirtualClock::default();
                 let (queue, guard) = $factory(clock.clone()).await;
                 let harness = $crate::conformance::Harness { queue, clock, guard };

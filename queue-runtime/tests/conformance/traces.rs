@@ -1,11 +1,15 @@
-//! Traces across an adapter: spans exported to memory through `tracing-opentelemetry`, on the
-//! test's thread only, so other tests running beside it are not traced.
+//! Traces across an adapter: spans exported to memory through `tracing-opentelemetry`. The
+//! subscriber is the process's global one, installed by every conformance test before it
+//! starts, so that no test records a span's interest without it; only the spans of the
+//! trace case's channel are kept.
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, Status, TraceContextExt as _, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use queue_core::{Delivery, channel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -15,39 +19,55 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use super::{Harness, eventually, within};
 
-/// Spans finished on this thread while the guard lives.
+/// The channel whose spans are kept.
+const TRACED: &str = "conf/traced";
+
+/// Keeps the spans of [`TRACED`] and the test's `request` spans.
+#[derive(Debug, Clone, Default)]
 pub struct Traces {
-    exporter: InMemorySpanExporter,
-    _provider: SdkTracerProvider,
-    _guard: tracing::subscriber::DefaultGuard,
+    kept: Arc<Mutex<Vec<SpanData>>>,
+}
+
+impl SpanExporter for Traces {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let ours = batch.into_iter().filter(|s| {
+            s.name == "request"
+                || attribute(s, "messaging.destination.name") == Some(Value::from(TRACED))
+        });
+        self.kept.lock().unwrap().extend(ours);
+        Ok(())
+    }
 }
 
 impl Traces {
-    /// Traces this thread (a current-thread runtime runs every task of the test on it).
-    pub fn install() -> Traces {
-        let exporter = InMemorySpanExporter::default();
+    /// The finished spans kept.
+    pub fn all(&self) -> Vec<SpanData> {
+        self.kept.lock().unwrap().clone()
+    }
+
+    /// The finished spans named `name` in trace `trace`.
+    pub fn named(&self, name: &str, trace: TraceId) -> Vec<SpanData> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.name == name && s.span_context.trace_id() == trace)
+            .collect()
+    }
+}
+
+/// Installs the global subscriber once, and returns what it keeps.
+pub fn traces() -> &'static Traces {
+    static TRACES: OnceLock<(Traces, SdkTracerProvider)> = OnceLock::new();
+    let (traces, _) = TRACES.get_or_init(|| {
+        let traces = Traces::default();
         let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
+            .with_simple_exporter(traces.clone())
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("conformance"));
-        let subscriber = tracing_subscriber::registry().with(layer);
-        let guard = tracing::subscriber::set_default(subscriber);
-        Traces {
-            exporter,
-            _provider: provider,
-            _guard: guard,
-        }
-    }
-
-    /// The finished spans.
-    pub fn all(&self) -> Vec<SpanData> {
-        self.exporter.get_finished_spans().expect("finished spans")
-    }
-
-    /// The finished spans named `name`.
-    pub fn named(&self, name: &str) -> Vec<SpanData> {
-        self.all().into_iter().filter(|s| s.name == name).collect()
-    }
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .expect("the only global subscriber");
+        (traces, provider)
+    });
+    traces
 }
 
 /// The value of attribute `key` of a span.
@@ -67,7 +87,8 @@ pub struct Traced {
 /// One request span produces a message whose first handling fails and second succeeds: the
 /// produce span is the request's child, and both handle spans are the produce span's
 /// children, in the same trace, with the messaging attributes.
-pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness, traces: &Traces) {
+pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness) {
+    let traces = traces();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _consumer = Traced::consumer(&h.queue)
         .deliveries(move |d: Delivery<Traced>| {
@@ -103,7 +124,9 @@ pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness, tr
         h.stats("conf/traced").await.acked == 1
     })
     .await;
-    let ended = || traces.named("handle").len() == 2 && traces.named("produce").len() == 1;
+    let ended = || {
+        traces.named("handle", trace_id).len() == 2 && traces.named("produce", trace_id).len() == 1
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !ended() {
         let names: Vec<String> = traces.all().iter().map(|s| s.name.to_string()).collect();
@@ -114,7 +137,7 @@ pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness, tr
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let produced = traces.named("produce");
+    let produced = traces.named("produce", trace_id);
     let produce = &produced[0];
     assert_eq!(produce.span_context.trace_id(), trace_id);
     assert_eq!(produce.parent_span_id, request_id);
@@ -128,7 +151,7 @@ pub async fn a_trace_runs_from_produce_to_handle_through_a_retry(h: &Harness, tr
         Some(Value::from(receipt.id.to_string()))
     );
 
-    let mut handled = traces.named("handle");
+    let mut handled = traces.named("handle", trace_id);
     handled.sort_by_key(|s| s.start_time);
     for (span, attempt) in handled.iter().zip(1_i64..) {
         assert_eq!(span.span_context.trace_id(), trace_id, "attempt {attempt}");
