@@ -15,7 +15,7 @@ use queue_core::{
 };
 use queue_runtime::TokioSpawner;
 use queue_runtime::adapters::file::format::{self, Read, Record};
-use queue_runtime::adapters::file::writer::{Handle, Storage, segment_path};
+use queue_runtime::adapters::file::writer::{Handle, OsStorage, Storage, segment_path};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
@@ -1059,16 +1059,11 @@ struct WatchedSync {
 impl Storage for WatchedSync {
     fn create(&self, path: &Path) -> io::Result<Handle> {
         use std::os::fd::AsRawFd as _;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(path)?;
+        let handle = OsStorage.create(path)?;
         if !path.to_string_lossy().contains(".qlog") {
-            self.others.lock().push(file.as_raw_fd());
+            self.others.lock().push(handle.file()?.as_raw_fd());
         }
-        Ok(Handle::File(file))
+        Ok(handle)
     }
 
     fn sync_data(&self, file: &Handle) -> io::Result<()> {

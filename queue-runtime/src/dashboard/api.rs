@@ -188,17 +188,20 @@ pub fn dead_view(d: &DeadLetter) -> DeadView {
 /// How many pending messages are read to find the oldest ready one.
 const AGE_SCAN: usize = 100;
 
-/// The overview: each channel's stats with the age of its oldest ready message (among the
-/// next [`AGE_SCAN`] to leave), and what `extra` adds (rates, latency).
+/// The overview: each channel's stats (only channel `only`'s when given) with the age of its
+/// oldest ready message (among the next [`AGE_SCAN`] to leave), and what `extra` adds
+/// (rates, latency).
 ///
 /// # Errors
 /// The queue's errors.
 pub async fn overview(
     queue: &Queue,
+    only: Option<&str>,
     extra: impl Fn(&str) -> (Rates, Option<Latency>),
 ) -> Result<Overview, QueueError> {
     let now = queue.clock().now();
     let mut stats = queue.stats().await?;
+    stats.retain(|s| only.is_none_or(|name| s.channel == name));
     stats.sort_by(|a, b| a.channel.cmp(&b.channel));
     let mut channels = Vec::with_capacity(stats.len());
     for s in stats {

@@ -334,7 +334,7 @@ async fn whoami(Extension(role): Extension<Role>) -> Json<Value> {
 }
 
 async fn overview(State(dash): State<Arc<Dashboard>>) -> ApiResult {
-    let doc = api::overview(&dash.queue, |ch| dash.extra(ch)).await?;
+    let doc = api::overview(&dash.queue, None, |ch| dash.extra(ch)).await?;
     Ok(Json(json!(doc)))
 }
 
@@ -344,7 +344,7 @@ struct NameQuery {
 }
 
 async fn channel(State(dash): State<Arc<Dashboard>>, Params(q): Params<NameQuery>) -> ApiResult {
-    let overview = api::overview(&dash.queue, |ch| dash.extra(ch)).await?;
+    let overview = api::overview(&dash.queue, Some(&q.name), |ch| dash.extra(ch)).await?;
     let stats = overview
         .channels
         .into_iter()

@@ -957,11 +957,6 @@ impl<J: Journal> Engine<J> {
             self.channel_named(name).lock().restore_tally(tally);
         }
     }
-
-    /// When the counters started counting.
-    pub fn counted_since(&self) -> Timestamp {
-        self.counted_since.load(Ordering::Relaxed)
-    }
 }
 
 /// Deliveries taken in one go (a settle usually frees one slot).

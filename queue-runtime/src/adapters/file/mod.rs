@@ -428,7 +428,10 @@ impl Engine<FileJournal> {
         recovery::remove_prepared(&dir, &*storage)?;
         let state = recovery::recover(&dir, &*storage)?;
         let paused = paused::load(&dir, &*storage)?;
-        let kept = counters::load(&dir, &*storage)?;
+        let kept = counters::load(&dir, &*storage)?.unwrap_or(counters::Kept {
+            since: clock.now(),
+            channels: Vec::new(),
+        });
         let epoch = state.epoch + 1;
 
         let (active, active_len) = match state.segments.last() {
@@ -510,10 +513,7 @@ impl Engine<FileJournal> {
             report,
             lock: Mutex::new(Some(lock)),
             counted: Mutex::new(Counted {
-                kept: kept.clone().unwrap_or(counters::Kept {
-                    since: clock.now(),
-                    channels: Vec::new(),
-                }),
+                kept,
                 closed: false,
             }),
         };
@@ -556,8 +556,10 @@ impl Engine<FileJournal> {
         for name in paused {
             engine.restore_paused(&name);
         }
-        let since = engine.journal().counted.lock().kept.since;
-        engine.restore_tallies(since, kept.as_ref().map_or(&[][..], |k| &k.channels));
+        {
+            let counted = engine.journal().counted.lock();
+            engine.restore_tallies(counted.kept.since, &counted.kept.channels);
+        }
         for (key, p) in state.produced {
             let receipts = p
                 .receipts

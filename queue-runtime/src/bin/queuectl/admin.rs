@@ -257,7 +257,7 @@ fn due_in(due: u64, now: u64) -> String {
 pub async fn stats(args: StatsArgs) -> Result<()> {
     let queue = args.target.open().await?;
     if args.json {
-        let overview = api::overview(&queue, |_| (api::Rates::default(), None)).await?;
+        let overview = api::overview(&queue, None, |_| (api::Rates::default(), None)).await?;
         println!("{}", serde_json::to_string_pretty(&overview)?);
     } else {
         print!("{}", table(&queue.stats().await?, None));
