@@ -52,6 +52,7 @@ impl ConnectOptions {
 /// | `file://PATH` or a plain path | embedded durable log |
 /// | `queue://HOST:PORT`, `queue+unix://PATH` | client of `queue-broker` |
 /// | `postgres://…` | PostgreSQL |
+/// | `nats://HOST:PORT[,…][/NAMESPACE]` | NATS JetStream ([`crate::adapters::nats`]) |
 ///
 /// A broker URL takes `?token=…` and timeouts in seconds: `connect_timeout` (10),
 /// `handshake_timeout` (5), `request_timeout` (30), `heartbeat` (5), `idle_timeout` (20).
@@ -179,8 +180,21 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Queue, Q
         "postgres" | "postgresql" => Err(QueueError::Unsupported(
             "this build has no postgres adapter; enable the `postgres` feature of queue-runtime",
         )),
+        #[cfg(feature = "nats")]
+        "nats" => {
+            let options =
+                crate::adapters::nats::NatsOptions::parse(rest).map_err(|r| invalid(&r))?;
+            let adapter =
+                crate::adapters::nats::NatsAdapter::connect(options, clock.clone()).await?;
+            let shown = adapter.description().to_string();
+            Ok(Queue::new(adapter, clock, spawner, shown))
+        }
+        #[cfg(not(feature = "nats"))]
+        "nats" => Err(QueueError::Unsupported(
+            "this build has no nats adapter; enable the `nats` feature of queue-runtime",
+        )),
         other => Err(invalid(&format!(
-            "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix:// or postgres://"
+            "unknown scheme `{other}`; expected memory://, file://, queue://, queue+unix://, postgres:// or nats://"
         ))),
     }
 }

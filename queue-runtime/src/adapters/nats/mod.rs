@@ -1,0 +1,1093 @@
+//! `nats://`: the queue on NATS JetStream, for many machines sharing one replicated log.
+//!
+//! Each channel is one JetStream stream of commands (`produce`, `take`, `settle`, …, see
+//! [`command`]). A client appends a command and waits for JetStream's acknowledgement, which
+//! means the command is stored on the stream's replicas; every client reads the stream in
+//! order and applies each command to its own copy of the channel's state, the embedded
+//! store's engine rules ([`replica`]). A command's answer (receipts, deliveries, a stale
+//! lease) is what applying it gives, the same on every client, so the rules hold across
+//! processes without a lock: two workers that take at once are ordered by the stream, and
+//! the second finds the message taken.
+//!
+//! Time is the clients' clock: each command carries its sender's time, and a replica applies
+//! it at that time or the latest earlier one, whichever is later. Leases, backoff, delays,
+//! dedup windows and rates run on it, as they do on PostgreSQL. Every client keeps the
+//! pending payloads of the channels it uses in memory.
+//!
+//! The URL: `nats://HOST:PORT[,HOST:PORT…][/NAMESPACE][?options]`, with options `replicas`
+//! (the streams' replica count, 1 by default), `creds` (a credentials file), `user` and
+//! `password`, `token`, `tls=true`, `ca` (a PEM file of trusted roots, implies TLS) and
+//! `connect_timeout` (seconds). The namespace (`typed_queue` by default) prefixes every
+//! stream and bucket, so several queues can share one server.
+
+pub mod command;
+pub mod replica;
+mod subscription;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
+use parking_lot::Mutex;
+use queue_core::clock::{Clock, Timestamp};
+use queue_core::{
+    Adapter, Cancelled, ChannelSpec, ChannelStats, DeadLetter, Lease, MessageId, Outcome, Outgoing,
+    QueueError, Receipt, StoredMessage, Subscription, limits,
+};
+use tokio::sync::{Notify, oneshot};
+
+use crate::broker::protocol::{WireLease, WireOutcome, WireOutgoing, WireSpec};
+use command::{Command, Op};
+use replica::{Answer, Replica};
+use subscription::{Inbox, NatsSubscription};
+
+/// The namespace of a URL without one.
+pub const DEFAULT_NAMESPACE: &str = "typed_queue";
+
+/// How long a command's publish waits for JetStream's acknowledgement, per try.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tries of a publish whose acknowledgement did not come (the retry carries the same
+/// `Nats-Msg-Id`, so JetStream stores the command once).
+const PUBLISH_TRIES: u32 = 3;
+
+/// The window in which JetStream drops a command published again under the same id.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Room kept in a command for everything but payloads.
+const COMMAND_OVERHEAD: usize = 16 << 10;
+
+/// Options of a `nats://` URL.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// `host:port` of each seed server.
+    pub servers: Vec<String>,
+    /// Prefix of the streams and buckets.
+    pub namespace: String,
+    /// Replicas of each stream (1, 3 or 5).
+    pub replicas: usize,
+    /// A credentials file.
+    pub creds: Option<std::path::PathBuf>,
+    /// User and password.
+    pub user: Option<(String, String)>,
+    /// A token.
+    pub token: Option<String>,
+    /// Require TLS.
+    pub tls: bool,
+    /// Trusted roots for TLS (PEM).
+    pub ca: Option<std::path::PathBuf>,
+    /// How long to try to connect.
+    pub connect_timeout: Duration,
+}
+
+impl NatsOptions {
+    /// Parses the part of a `nats://` URL after the scheme.
+    ///
+    /// # Errors
+    /// A description of what is wrong.
+    pub fn parse(rest: &str) -> Result<Self, String> {
+        let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (hosts, namespace) = address.split_once('/').unwrap_or((address, ""));
+        let namespace = namespace.trim_end_matches('/');
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE.to_string()
+        } else {
+            namespace.to_string()
+        };
+        if namespace.len() > 32
+            || !namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "the namespace `{namespace}` must be 1 to 32 letters, digits, `_` or `-`"
+            ));
+        }
+        let servers: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect();
+        if servers.is_empty() {
+            return Err("no server address".into());
+        }
+        let mut options = NatsOptions {
+            servers,
+            namespace,
+            replicas: 1,
+            creds: None,
+            user: None,
+            token: None,
+            tls: false,
+            ca: None,
+            connect_timeout: Duration::from_secs(10),
+        };
+        let mut user = None;
+        let mut password = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("replicas", v)) => {
+                    options.replicas = match v.parse() {
+                        Ok(n @ (1 | 3 | 5)) => n,
+                        _ => return Err(format!("`replicas` must be 1, 3 or 5, not `{v}`")),
+                    }
+                }
+                Some(("creds", v)) => options.creds = Some(v.into()),
+                Some(("user", v)) => user = Some(v.to_string()),
+                Some(("password", v)) => password = Some(v.to_string()),
+                Some(("token", v)) => options.token = Some(v.to_string()),
+                Some(("tls", "true")) => options.tls = true,
+                Some(("tls", "false")) => options.tls = false,
+                Some(("ca", v)) => {
+                    options.ca = Some(v.into());
+                    options.tls = true;
+                }
+                Some(("connect_timeout", v)) => {
+                    options.connect_timeout = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e6)
+                        .map(Duration::from_secs_f64)
+                        .ok_or_else(|| format!("`{pair}` needs a number of seconds"))?;
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown option `{pair}`; nats:// takes `replicas`, `creds`, `user`, \
+                         `password`, `token`, `tls`, `ca` and `connect_timeout`"
+                    ));
+                }
+            }
+        }
+        match (user, password) {
+            (Some(u), Some(p)) => options.user = Some((u, p)),
+            (None, None) => {}
+            _ => return Err("`user` and `password` go together".into()),
+        }
+        Ok(options)
+    }
+}
+
+/// The `nats://` adapter.
+pub struct NatsAdapter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    options: NatsOptions,
+    registry: kv::Store,
+    /// This client's id in the commands it sends.
+    me: i64,
+    nonce: AtomicI64,
+    clock: Arc<dyn Clock>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Serializes opening links, so a channel is opened once.
+    opening: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+    max_payload: usize,
+    runtime: tokio::runtime::Handle,
+    description: String,
+}
+
+/// This client's view of one channel: its stream and its replica.
+pub(crate) struct Link {
+    name: String,
+    subject: String,
+    replica: Mutex<Replica>,
+    /// Woken when the replica changes.
+    notify: Notify,
+    /// Callers waiting for their commands' answers, by nonce.
+    waiters: Mutex<HashMap<i64, oneshot::Sender<Answer>>>,
+    /// This client's subscriptions, by consumer.
+    inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox>>>>,
+    /// In-flight messages cancelled so far (a delivery taken ahead is checked then).
+    cancels: AtomicU64,
+    /// Why the stream can no longer be read.
+    failed: Mutex<Option<String>>,
+    applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NatsAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAdapter")
+            .field("url", &self.inner.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsAdapter {
+    /// Connects to the servers of `options`.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`] when no server answers or JetStream is not enabled.
+    pub async fn connect(
+        options: NatsOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, QueueError> {
+        let mut connect = async_nats::ConnectOptions::new()
+            .name("typed_queue")
+            .connection_timeout(options.connect_timeout)
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        if let Some(path) = &options.creds {
+            connect = connect.credentials_file(path).await.map_err(|e| {
+                QueueError::backend(format!("reading credentials {}", path.display()), e)
+            })?;
+        }
+        if let Some((user, password)) = &options.user {
+            connect = connect.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &options.token {
+            connect = connect.token(token.clone());
+        }
+        if options.tls {
+            connect = connect.require_tls(true);
+        }
+        if let Some(ca) = &options.ca {
+            connect = connect.add_root_certificates(ca.clone());
+        }
+        let addresses: Vec<async_nats::ServerAddr> = options
+            .servers
+            .iter()
+            .map(|s| {
+                let url = if s.contains("://") {
+                    s.clone()
+                } else if options.tls {
+                    format!("tls://{s}")
+                } else {
+                    format!("nats://{s}")
+                };
+                url.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| QueueError::InvalidUrl {
+                        url: s.clone(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let client = tokio::time::timeout(options.connect_timeout, connect.connect(addresses))
+            .await
+            .map_err(|_| QueueError::Timeout(options.connect_timeout))?
+            .map_err(|e| QueueError::backend("connecting to NATS", e))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(PUBLISH_TIMEOUT);
+        let bucket = format!("{}_channels", options.namespace);
+        let registry = match js.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => match js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "typed_queue channels: name and number".into(),
+                    history: 1,
+                    num_replicas: options.replicas,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(store) => store,
+                // Created meanwhile by another client, or refused.
+                Err(create) => js.get_key_value(&bucket).await.map_err(|_| {
+                    QueueError::backend("creating the channel registry (is JetStream on?)", create)
+                })?,
+            },
+        };
+        let max_payload = client.server_info().max_payload;
+        let description = format!("nats://{}/{}", options.servers.join(","), options.namespace);
+        Ok(Arc::new(NatsAdapter {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                options,
+                registry,
+                me: (fastrand::u64(..) >> 1) as i64,
+                nonce: AtomicI64::new(1),
+                clock,
+                links: Mutex::new(HashMap::new()),
+                opening: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+                max_payload,
+                runtime: tokio::runtime::Handle::current(),
+                description,
+            }),
+        }))
+    }
+
+    /// The URL this adapter was opened with, without credentials.
+    pub fn description(&self) -> &str {
+        &self.inner.description
+    }
+}
+
+/// The settings a replica starts with before its stream's commands bring the channel's own.
+fn default_spec(name: &str) -> ChannelSpec {
+    ChannelSpec {
+        name: std::borrow::Cow::Owned(name.to_string()),
+        ..ChannelSpec::new("")
+    }
+}
+
+/// The stream of channel `name` in `namespace`: readable, unique by the name's hash.
+fn stream_name(namespace: &str, name: &str, hash: u64) -> String {
+    let readable: String = name
+        .chars()
+        .take(48)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{namespace}_{readable}_{hash:016x}")
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<(), QueueError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(QueueError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The link of channel `name`, opened on first use: registered and its stream created
+    /// when `create`; `None` for a channel the store has never seen otherwise.
+    async fn link(
+        self: &Arc<Self>,
+        name: &str,
+        create: bool,
+    ) -> Result<Option<Arc<Link>>, QueueError> {
+        self.check_open()?;
+        if let Some(link) = self.links.lock().get(name) {
+            return Ok(Some(link.clone()));
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(link) = self.links.lock().get(name) {
+            return Ok(Some(link.clone()));
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+        let key = format!("c{hash:016x}");
+        let registered = |entry: Option<kv::Entry>| -> Result<Option<u64>, QueueError> {
+            match entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    if e.value.as_ref() != name.as_bytes() {
+                        return Err(QueueError::InvalidRequest(format!(
+                            "channel `{name}` hashes like channel `{}`; rename one",
+                            String::from_utf8_lossy(&e.value)
+                        )));
+                    }
+                    Ok(Some(e.revision))
+                }
+                _ => Ok(None),
+            }
+        };
+        let read = |e| QueueError::backend("reading the channel registry", e);
+        let number = match registered(self.registry.entry(key.as_str()).await.map_err(read)?)? {
+            Some(n) => n,
+            None if !create => return Ok(None),
+            None => match self
+                .registry
+                .create(key.as_str(), bytes::Bytes::copy_from_slice(name.as_bytes()))
+                .await
+            {
+                Ok(revision) => revision,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    registered(self.registry.entry(key.as_str()).await.map_err(read)?)?
+                        .ok_or_else(|| QueueError::backend("registering a channel", e))?
+                }
+                Err(e) => return Err(QueueError::backend("registering a channel", e)),
+            },
+        };
+        if number >= 1 << (63 - replica::ID_BITS) {
+            return Err(QueueError::InvalidRequest(
+                "the channel registry has used every channel number".into(),
+            ));
+        }
+        let subject = format!("{}.c.{hash:016x}", self.options.namespace);
+        let config = stream::Config {
+            name: stream_name(&self.options.namespace, name, hash),
+            description: Some(format!("typed_queue channel {name}")),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.options.replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_message_size: -1,
+            allow_direct: true,
+            metadata: HashMap::from([("typed_queue.channel".to_string(), name.to_string())]),
+            ..Default::default()
+        };
+        let mut stream = self.js.get_or_create_stream(config).await.map_err(|e| {
+            QueueError::backend(format!("opening the stream of channel `{name}`"), e)
+        })?;
+        let replicas = stream.cached_info().config.num_replicas;
+        if replicas != self.options.replicas {
+            tracing::warn!(
+                channel = name,
+                replicas,
+                wanted = self.options.replicas,
+                "the channel's stream keeps a different number of replicas than the URL asks for"
+            );
+        }
+        let _ = stream.info().await;
+        let link = Arc::new(Link {
+            name: name.to_string(),
+            subject,
+            replica: Mutex::new(Replica::new(default_spec(name), number)),
+            notify: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
+            cancels: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            applier: Mutex::new(None),
+        });
+        let task = self
+            .runtime
+            .spawn(follow(Arc::downgrade(&link), Arc::downgrade(self), stream));
+        *link.applier.lock() = Some(task);
+        self.links.lock().insert(name.to_string(), link.clone());
+        Ok(Some(link))
+    }
+
+    /// Appends a command to `link`'s stream and waits until this client has applied it.
+    ///
+    /// # Errors
+    /// [`QueueError::Closed`]; [`QueueError::PayloadTooLarge`] for a command past the
+    /// server's message size; [`QueueError::Backend`] when JetStream does not store it (it
+    /// may have, if its acknowledgement was lost) or the stream cannot be read.
+    async fn submit(&self, link: &Arc<Link>, op: Op) -> Result<Answer, QueueError> {
+        self.check_open()?;
+        link.check()?;
+        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed);
+        let command = Command {
+            from: self.me,
+            nonce,
+            at: i64::try_from(self.clock.now()).unwrap_or(i64::MAX),
+            op,
+        };
+        let bytes = command::encode(&command)?;
+        if bytes.len() > self.max_payload {
+            return Err(QueueError::PayloadTooLarge {
+                size: bytes.len(),
+                max: self.max_payload.saturating_sub(COMMAND_OVERHEAD),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        link.waiters.lock().insert(nonce, tx);
+        let forget = Forget { link, nonce };
+        self.publish(&link.subject, nonce, bytes::Bytes::from(bytes))
+            .await?;
+        let answer = rx.await;
+        drop(forget);
+        match answer {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                link.check()?;
+                Err(QueueError::Closed)
+            }
+        }
+    }
+
+    /// Publishes a command until JetStream acknowledges it.
+    async fn publish(
+        &self,
+        subject: &str,
+        nonce: i64,
+        bytes: bytes::Bytes,
+    ) -> Result<(), QueueError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("{:x}-{nonce:x}", self.me).as_str(),
+        );
+        let mut last = None;
+        for _ in 0..PUBLISH_TRIES {
+            let acked = match self
+                .js
+                .publish_with_headers(subject.to_string(), headers.clone(), bytes.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    self.check_open()?;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(QueueError::backend(
+            "storing a command in JetStream",
+            last.map_or_else(|| "no try".to_string(), |e| e.to_string()),
+        ))
+    }
+
+    /// Every channel in the registry, by name.
+    async fn channel_names(&self) -> Result<Vec<String>, QueueError> {
+        let mut keys = match self.registry.keys().await {
+            Ok(keys) => keys,
+            Err(e) => return Err(QueueError::backend("listing the channel registry", e)),
+        };
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| QueueError::backend("listing the channel registry", e))?;
+            if let Some(value) = self
+                .registry
+                .get(key)
+                .await
+                .map_err(|e| QueueError::backend("reading the channel registry", e))?
+            {
+                names.push(String::from_utf8_lossy(&value).into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Fires a command nobody waits for (a dropped subscription's release).
+    fn send_later(self: &Arc<Self>, link: Arc<Link>, op: Op) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let inner = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = inner.submit(&link, op).await {
+                tracing::warn!(channel = %link.name, error = %e, "a release did not reach the stream; its leases lapse instead");
+            }
+        });
+    }
+}
+
+/// Removes a waiter whose caller went away.
+struct Forget<'a> {
+    link: &'a Link,
+    nonce: i64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.link.waiters.lock().remove(&self.nonce);
+    }
+}
+
+impl Link {
+    fn check(&self) -> Result<(), QueueError> {
+        match &*self.failed.lock() {
+            Some(why) => Err(QueueError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies one command read from the stream.
+    fn apply(self: &Arc<Self>, inner: &Arc<Inner>, bytes: &[u8], seq: u64) {
+        let command = match command::decode(bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(channel = %self.name, seq, error = %e, "skipping a stream message that is no command");
+                return;
+            }
+        };
+        let mine = command.from == inner.me;
+        let nonce = command.nonce;
+        let (answer, handed) = self.replica.lock().apply(command);
+        if let Some((consumer, taken)) = handed
+            && mine
+        {
+            let inbox = self.inboxes.lock().get(&consumer).and_then(Weak::upgrade);
+            let back = match inbox {
+                Some(inbox) => inbox.lock().hand(taken),
+                // Dropped meanwhile: its unsubscribe gives them back.
+                None => Vec::new(),
+            };
+            if !back.is_empty() {
+                inner.send_later(self.clone(), subscription::release_op(&self.name, &back));
+            }
+        }
+        if mine && let Some(tx) = self.waiters.lock().remove(&nonce) {
+            let _ = tx.send(answer);
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Marks the stream unreadable and fails every waiter.
+    fn fail(&self, why: String) {
+        tracing::error!(channel = %self.name, error = %why, "the channel's stream can no longer be read");
+        *self.failed.lock() = Some(why);
+        self.waiters.lock().clear();
+        self.notify.notify_waiters();
+    }
+}
+
+/// Reads a channel's stream from its start and applies every command, for as long as the
+/// link lives.
+async fn follow(link: Weak<Link>, inner: Weak<Inner>, stream: stream::Stream) {
+    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let messages = match stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut messages = match messages {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(link) = link.upgrade() {
+                link.fail(format!("reading the channel's stream: {e}"));
+            }
+            return;
+        }
+    };
+    while let Some(next) = messages.next().await {
+        let (Some(link), Some(inner)) = (link.upgrade(), inner.upgrade()) else {
+            return;
+        };
+        match next {
+            Ok(message) => {
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                link.apply(&inner, &message.payload, seq);
+            }
+            Err(e) => {
+                tracing::warn!(channel = %link.name, error = %e, "reading the channel's stream; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    if let Some(link) = link.upgrade() {
+        link.fail("the channel's stream ended".into());
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for link in self.links.lock().values() {
+            if let Some(task) = link.applier.lock().take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// An answer of the wrong kind: a bug, reported rather than panicking a worker.
+fn unexpected(answer: &Answer) -> QueueError {
+    QueueError::Poisoned(format!("a command was answered with {answer:?}"))
+}
+
+/// Splits a batch into commands that fit the server's message size.
+fn chunks(batch: Vec<Outgoing>, room: usize) -> Result<Vec<Vec<WireOutgoing>>, QueueError> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for message in batch {
+        let len = message.payload.len() + 64;
+        if len > room {
+            return Err(QueueError::PayloadTooLarge {
+                size: message.payload.len(),
+                max: room.saturating_sub(64),
+            });
+        }
+        if size + len > room && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(WireOutgoing::from(message));
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    Ok(out)
+}
+
+impl NatsAdapter {
+    async fn put(
+        &self,
+        spec: &ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> Result<Vec<Receipt>, QueueError> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        spec.check()?;
+        limits::check_batch(&batch)?;
+        let room = inner.max_payload.saturating_sub(COMMAND_OVERHEAD);
+        let commands = chunks(batch, room)?;
+        let link = inner
+            .link(&spec.name, true)
+            .await?
+            .ok_or(QueueError::Closed)?;
+        let wire = WireSpec::from(spec);
+        let mut receipts = Vec::new();
+        for batch in commands {
+            let op = Op::Produce {
+                spec: wire.clone(),
+                batch,
+            };
+            match inner.submit(&link, op).await? {
+                Answer::Receipts(r) => receipts.extend(r?),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(receipts)
+    }
+
+    async fn open_subscription(
+        &self,
+        spec: &ChannelSpec,
+        max_parallel: u32,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        spec.check()?;
+        let link = inner
+            .link(&spec.name, true)
+            .await?
+            .ok_or(QueueError::Closed)?;
+        let consumer = fastrand::u64(..) >> 1;
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        link.inboxes.lock().insert(consumer, Arc::downgrade(&inbox));
+        let subscription = NatsSubscription {
+            inner: inner.clone(),
+            link: link.clone(),
+            consumer,
+            inbox,
+        };
+        // Dropped on failure: its unsubscribe follows the subscribe, if that was stored.
+        let op = Op::Subscribe {
+            spec: WireSpec::from(spec),
+            consumer: consumer as i64,
+            max_parallel: i64::from(max_parallel),
+        };
+        inner.submit(&link, op).await?;
+        Ok(Box::new(subscription))
+    }
+
+    async fn settle_batch(&self, settles: Vec<(Lease, Outcome)>) -> Vec<Result<(), QueueError>> {
+        let mut results: Vec<Result<(), QueueError>> = settles.iter().map(|_| Ok(())).collect();
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, (lease, _)) in settles.iter().enumerate() {
+            match groups.iter_mut().find(|(c, _)| *c == lease.channel) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((lease.channel.clone(), vec![i])),
+            }
+        }
+        for (channel, members) in groups {
+            let link = match self.inner.link(&channel, false).await {
+                Ok(Some(link)) => link,
+                Ok(None) => {
+                    for &i in &members {
+                        results[i] = Err(QueueError::StaleLease {
+                            id: settles[i].0.id,
+                        });
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    for &i in &members {
+                        results[i] = Err(copy_error(&e));
+                    }
+                    continue;
+                }
+            };
+            let items = members
+                .iter()
+                .map(|&i| {
+                    (
+                        WireLease::from(&settles[i].0),
+                        WireOutcome::from(settles[i].1.clone()),
+                    )
+                })
+                .collect();
+            let op = Op::Settle {
+                items,
+                unit: fastrand::f64(),
+            };
+            match self.inner.submit(&link, op).await {
+                Ok(Answer::Settled(each)) => {
+                    for (&i, r) in members.iter().zip(each) {
+                        results[i] = r;
+                    }
+                }
+                Ok(other) => {
+                    for &i in &members {
+                        results[i] = Err(unexpected(&other));
+                    }
+                }
+                Err(e) => {
+                    for &i in &members {
+                        results[i] = Err(copy_error(&e));
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    async fn extend_lease(&self, lease: &Lease, by: Duration) -> Result<Timestamp, QueueError> {
+        let link = self
+            .inner
+            .link(&lease.channel, false)
+            .await?
+            .ok_or(QueueError::StaleLease { id: lease.id })?;
+        let op = Op::Extend {
+            lease: WireLease::from(lease),
+            by_ms: i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
+        };
+        match self.inner.submit(&link, op).await? {
+            Answer::Extended(r) => r,
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The link of a known channel, brought up to date with every command stored so far.
+    async fn synced(&self, channel: &str) -> Result<Option<Arc<Link>>, QueueError> {
+        let Some(link) = self.inner.link(channel, false).await? else {
+            return Ok(None);
+        };
+        self.inner.submit(&link, Op::Sync).await?;
+        Ok(Some(link))
+    }
+
+    async fn channel_stats(&self) -> Result<Vec<ChannelStats>, QueueError> {
+        self.inner.check_open()?;
+        let mut all = Vec::new();
+        for name in self.inner.channel_names().await? {
+            if let Some(link) = self.synced(&name).await? {
+                all.push(ChannelStats {
+                    counted_since: 0,
+                    ..link.replica.lock().state.stats()
+                });
+            }
+        }
+        Ok(all)
+    }
+
+    async fn pending(&self, channel: &str, limit: usize) -> Result<Vec<StoredMessage>, QueueError> {
+        let link = self
+            .synced(channel)
+            .await?
+            .ok_or_else(|| QueueError::UnknownChannel(channel.to_string()))?;
+        let replica = link.replica.lock();
+        Ok(replica
+            .state
+            .peek(limit, replica.now())
+            .into_iter()
+            .map(|(e, state, due)| StoredMessage {
+                id: e.id,
+                payload: e.payload.to_vec(),
+                state,
+                attempts: e.attempts,
+                priority: e.priority,
+                produced_at: e.produced_at,
+                due,
+            })
+            .collect())
+    }
+
+    async fn dead_list(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let Some(link) = self.synced(channel).await? else {
+            return Ok(Vec::new());
+        };
+        let replica = link.replica.lock();
+        Ok(replica
+            .state
+            .dead_letters(limit)
+            .map(|d| DeadLetter {
+                id: d.entry.id,
+                channel: channel.to_string(),
+                payload: d.entry.payload.to_vec(),
+                attempts: d.entry.attempts,
+                error: d.error.clone(),
+                produced_at: d.entry.produced_at,
+                dead_at: d.dead_at,
+            })
+            .collect())
+    }
+
+    /// Applies a command that changes stored messages; 0 for a channel never seen.
+    async fn count(&self, channel: &str, op: Op) -> Result<u64, QueueError> {
+        let Some(link) = self.inner.link(channel, false).await? else {
+            return Ok(0);
+        };
+        match self.inner.submit(&link, op).await? {
+            Answer::Count(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn cancel_now(&self, channel: &str, id: MessageId) -> Result<Cancelled, QueueError> {
+        let unknown = || QueueError::UnknownMessage {
+            channel: channel.to_string(),
+            id,
+        };
+        let link = self.inner.link(channel, false).await?.ok_or_else(unknown)?;
+        match self
+            .inner
+            .submit(&link, Op::Cancel { id: id.0 as i64 })
+            .await?
+        {
+            Answer::Cancelled(r) => {
+                if matches!(r, Ok(Cancelled::InFlight)) {
+                    link.cancels.fetch_add(1, Ordering::AcqRel);
+                }
+                r
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn pause(&self, channel: &str, paused: bool) -> Result<(), QueueError> {
+        let link = self.inner.link(channel, false).await?.ok_or_else(|| {
+            QueueError::InvalidRequest(format!("no channel `{channel}` in this store"))
+        })?;
+        self.inner.submit(&link, Op::Pause { paused }).await?;
+        Ok(())
+    }
+
+    async fn shut_down(&self) -> Result<(), QueueError> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let links: Vec<Arc<Link>> = self.inner.links.lock().values().cloned().collect();
+        for link in links {
+            if let Some(task) = link.applier.lock().take() {
+                task.abort();
+            }
+            link.waiters.lock().clear();
+            link.notify.notify_waiters();
+        }
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| QueueError::backend("flushing the NATS connection", e))
+    }
+}
+
+/// The same failure again, for a second party to report.
+fn copy_error(e: &QueueError) -> QueueError {
+    match e {
+        QueueError::Closed => QueueError::Closed,
+        QueueError::Poisoned(reason) => QueueError::Poisoned(reason.clone()),
+        other => QueueError::Poisoned(other.to_string()),
+    }
+}
+
+impl Adapter for NatsAdapter {
+    fn produce<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        batch: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+        self.put(spec, batch).boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        spec: &'a ChannelSpec,
+        max_parallel: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>> {
+        self.open_subscription(spec, max_parallel).boxed()
+    }
+
+    fn settle<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: Outcome,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        async move {
+            self.settle_batch(vec![(lease.clone(), outcome)])
+                .await
+                .pop()
+                .unwrap_or(Err(QueueError::Closed))
+        }
+        .boxed()
+    }
+
+    fn settle_many(
+        &self,
+        settles: Vec<(Lease, Outcome)>,
+    ) -> BoxFuture<'_, Vec<Result<(), QueueError>>> {
+        self.settle_batch(settles).boxed()
+    }
+
+    fn extend<'a>(
+        &'a self,
+        lease: &'a Lease,
+        by: Duration,
+    ) -> BoxFuture<'a, Result<Timestamp, QueueError>> {
+        self.extend_lease(lease, by).boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>> {
+        self.channel_stats().boxed()
+    }
+
+    fn peek<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>> {
+        self.pending(channel, limit).boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>> {
+        self.dead_list(channel, limit).boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        let ids = ids.map(|ids| ids.iter().map(|id| id.0 as i64).collect());
+        self.count(channel, Op::Redrive { ids }).boxed()
+    }
+
+    fn purge_dead<'a>(
+        &'a self,
+        channel: &'a str,
+        ids: Option<&'a [MessageId]>,
+    ) -> BoxFuture<'a, Result<u64, QueueError>> {
+        let ids = ids.map(|ids| ids.iter().map(|id| id.0 as i64).collect());
+        self.count(channel, Op::PurgeDead { ids }).boxed()
+    }
+
+    fn purge<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+        self.count(channel, Op::Purge).boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        channel: &'a str,
+        id: MessageId,
+    ) -> BoxFuture<'a, Result<Cancelled, QueueError>> {
+        self.cancel_now(channel, id).boxed()
+    }
+
+    fn set_paused<'a>(
+        &'a self,
+        channel: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.pause(channel, paused).boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        self.shut_down().boxed()
+    }
+}
