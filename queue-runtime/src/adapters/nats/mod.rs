@@ -51,9 +51,35 @@ pub const DEFAULT_NAMESPACE: &str = "typed_queue";
 /// How long a command's publish waits for JetStream's acknowledgement, per try.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Tries of a publish whose acknowledgement did not come (the retry carries the same
-/// `Nats-Msg-Id`, so JetStream stores the command once).
-const PUBLISH_TRIES: u32 = 3;
+/// How long a request to NATS is tried again while it fails (a cluster electing a leader
+/// after losing a node, a server restarting). A command published again carries the same
+/// `Nats-Msg-Id`, so JetStream stores it once: this stays well inside [`DUPLICATE_WINDOW`].
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs `f` until it succeeds or [`RETRY_FOR`] has passed, pausing between tries.
+///
+/// # Errors
+/// [`QueueError::Backend`] with `what` and the last failure.
+async fn retry<T, E, F, Fut>(what: &str, mut f: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "{what}: trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => return Err(QueueError::backend(what.to_string(), e)),
+        }
+    }
+}
 
 /// The window in which JetStream drops a command published again under the same id.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -207,6 +233,8 @@ pub(crate) struct Link {
     inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox>>>>,
     /// In-flight messages cancelled so far (a delivery taken ahead is checked then).
     cancels: AtomicU64,
+    /// The stream sequence of the last command applied.
+    applied: AtomicU64,
     /// Why the stream can no longer be read.
     failed: Mutex<Option<String>>,
     applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -276,26 +304,28 @@ impl NatsAdapter {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(PUBLISH_TIMEOUT);
         let bucket = format!("{}_channels", options.namespace);
-        let registry = match js.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => match js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: "typed_queue channels: name and number".into(),
-                    history: 1,
-                    num_replicas: options.replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(store) => store,
-                // Created meanwhile by another client, or refused.
-                Err(create) => js.get_key_value(&bucket).await.map_err(|_| {
-                    QueueError::backend("creating the channel registry (is JetStream on?)", create)
-                })?,
-            },
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: "typed_queue channels: name and number".into(),
+            history: 1,
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
         };
+        let registry = retry(
+            "opening the channel registry (is JetStream on?)",
+            || async {
+                match js.get_key_value(&bucket).await {
+                    Ok(store) => Ok(store),
+                    // Created meanwhile by another client, or not yet.
+                    Err(_) => match js.create_key_value(config.clone()).await {
+                        Ok(store) => Ok(store),
+                        Err(e) => js.get_key_value(&bucket).await.map_err(|_| e),
+                    },
+                }
+            },
+        )
+        .await?;
         let max_payload = client.server_info().max_payload;
         let description = format!("nats://{}/{}", options.servers.join(","), options.namespace);
         Ok(Arc::new(NatsAdapter {
@@ -387,22 +417,33 @@ impl Inner {
                 _ => Ok(None),
             }
         };
-        let read = |e| QueueError::backend("reading the channel registry", e);
-        let number = match registered(self.registry.entry(key.as_str()).await.map_err(read)?)? {
+        let read = || {
+            retry("reading the channel registry", || {
+                self.registry.entry(key.as_str())
+            })
+        };
+        let number = match registered(read().await?)? {
             Some(n) => n,
             None if !create => return Ok(None),
-            None => match self
-                .registry
-                .create(key.as_str(), bytes::Bytes::copy_from_slice(name.as_bytes()))
-                .await
-            {
-                Ok(revision) => revision,
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    registered(self.registry.entry(key.as_str()).await.map_err(read)?)?
-                        .ok_or_else(|| QueueError::backend("registering a channel", e))?
+            None => {
+                let value = bytes::Bytes::copy_from_slice(name.as_bytes());
+                let created = retry("registering a channel", || async {
+                    match self.registry.create(key.as_str(), value.clone()).await {
+                        Ok(revision) => Ok(Some(revision)),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+                match created {
+                    Some(revision) => revision,
+                    None => registered(read().await?)?.ok_or_else(|| {
+                        QueueError::Poisoned(format!(
+                            "channel `{name}` is registered and deleted at once"
+                        ))
+                    })?,
                 }
-                Err(e) => return Err(QueueError::backend("registering a channel", e)),
-            },
+            }
         };
         if number >= 1 << (63 - replica::ID_BITS) {
             return Err(QueueError::InvalidRequest(
@@ -423,9 +464,8 @@ impl Inner {
             metadata: HashMap::from([("typed_queue.channel".to_string(), name.to_string())]),
             ..Default::default()
         };
-        let mut stream = self.js.get_or_create_stream(config).await.map_err(|e| {
-            QueueError::backend(format!("opening the stream of channel `{name}`"), e)
-        })?;
+        let what = format!("opening the stream of channel `{name}`");
+        let mut stream = retry(&what, || self.js.get_or_create_stream(config.clone())).await?;
         let replicas = stream.cached_info().config.num_replicas;
         if replicas != self.options.replicas {
             tracing::warn!(
@@ -444,6 +484,7 @@ impl Inner {
             waiters: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
             cancels: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
             failed: Mutex::new(None),
             applier: Mutex::new(None),
         });
@@ -506,45 +547,36 @@ impl Inner {
             async_nats::header::NATS_MESSAGE_ID,
             format!("{:x}-{nonce:x}", self.me).as_str(),
         );
-        let mut last = None;
-        for _ in 0..PUBLISH_TRIES {
-            let acked = match self
+        retry("storing a command in JetStream", || async {
+            self.check_open().map_err(|e| e.to_string())?;
+            let ack = self
                 .js
                 .publish_with_headers(subject.to_string(), headers.clone(), bytes.clone())
                 .await
-            {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    self.check_open()?;
-                    last = Some(e);
-                }
-            }
-        }
-        Err(QueueError::backend(
-            "storing a command in JetStream",
-            last.map_or_else(|| "no try".to_string(), |e| e.to_string()),
-        ))
+                .map_err(|e| e.to_string())?;
+            ack.await.map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Every channel in the registry, by name.
     async fn channel_names(&self) -> Result<Vec<String>, QueueError> {
-        let mut keys = match self.registry.keys().await {
-            Ok(keys) => keys,
-            Err(e) => return Err(QueueError::backend("listing the channel registry", e)),
-        };
-        let mut names = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| QueueError::backend("listing the channel registry", e))?;
-            if let Some(value) = self
-                .registry
-                .get(key)
+        let keys: Vec<String> = retry("listing the channel registry", || async {
+            let keys = self.registry.keys().await.map_err(|e| e.to_string())?;
+            keys.collect::<Vec<_>>()
                 .await
-                .map_err(|e| QueueError::backend("reading the channel registry", e))?
-            {
+                .into_iter()
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        let mut names = Vec::new();
+        for key in keys {
+            let value = retry("reading the channel registry", || {
+                self.registry.get(key.as_str())
+            })
+            .await?;
+            if let Some(value) = value {
                 names.push(String::from_utf8_lossy(&value).into_owned());
             }
         }
@@ -586,13 +618,27 @@ impl Link {
         }
     }
 
-    /// Applies one command read from the stream.
-    fn apply(self: &Arc<Self>, inner: &Arc<Inner>, bytes: &[u8], seq: u64) {
+    /// Applies the command at `seq` of the stream. Returns false, and fails the link, when
+    /// commands are missing before it: the replica would no longer be the channel's state.
+    fn apply(self: &Arc<Self>, inner: &Arc<Inner>, bytes: &[u8], seq: u64) -> bool {
+        let applied = self.applied.load(Ordering::Acquire);
+        if seq <= applied {
+            return true;
+        }
+        if seq != applied + 1 {
+            self.fail(format!(
+                "the channel's stream lost commands {} to {}: its state cannot be rebuilt",
+                applied + 1,
+                seq - 1
+            ));
+            return false;
+        }
+        self.applied.store(seq, Ordering::Release);
         let command = match command::decode(bytes) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(channel = %self.name, seq, error = %e, "skipping a stream message that is no command");
-                return;
+                return true;
             }
         };
         let mine = command.from == inner.me;
@@ -615,6 +661,7 @@ impl Link {
             let _ = tx.send(answer);
         }
         self.notify.notify_waiters();
+        true
     }
 
     /// Marks the stream unreadable and fails every waiter.
@@ -627,45 +674,65 @@ impl Link {
 }
 
 /// Reads a channel's stream from its start and applies every command, for as long as the
-/// link lives.
+/// link lives. A read that fails (a server restarting, a cluster electing a leader) starts
+/// again after the last command applied.
 async fn follow(link: Weak<Link>, inner: Weak<Inner>, stream: stream::Stream) {
     use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let messages = match stream
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let mut messages = match messages {
-        Ok(m) => m,
-        Err(e) => {
-            if let Some(link) = link.upgrade() {
-                link.fail(format!("reading the channel's stream: {e}"));
-            }
-            return;
-        }
-    };
-    while let Some(next) = messages.next().await {
-        let (Some(link), Some(inner)) = (link.upgrade(), inner.upgrade()) else {
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let Some(start) = link
+            .upgrade()
+            .map(|l| l.applied.load(Ordering::Acquire) + 1)
+        else {
             return;
         };
-        match next {
-            Ok(message) => {
-                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                link.apply(&inner, &message.payload, seq);
+        let messages = match stream
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(mut messages) => {
+                while let Some(next) = messages.next().await {
+                    let (Some(link), Some(inner)) = (link.upgrade(), inner.upgrade()) else {
+                        return;
+                    };
+                    match next {
+                        Ok(message) => {
+                            pause = Duration::from_millis(20);
+                            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            if !link.apply(&inner, &message.payload, seq) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(channel = %link.name, error = %e, "reading the channel's stream; reading again");
+                            break;
+                        }
+                    }
+                }
             }
             Err(e) => {
-                tracing::warn!(channel = %link.name, error = %e, "reading the channel's stream; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(link) = link.upgrade() {
+                    tracing::debug!(channel = %link.name, error = %e, "opening a reader of the channel's stream; trying again");
+                }
             }
         }
-    }
-    if let Some(link) = link.upgrade() {
-        link.fail("the channel's stream ended".into());
+        if inner
+            .upgrade()
+            .is_none_or(|i| i.closed.load(Ordering::Acquire))
+        {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

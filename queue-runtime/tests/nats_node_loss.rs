@@ -1,0 +1,199 @@
+//! A node of a three-node NATS cluster killed (SIGKILL) and restarted while producers and
+//! workers run on `nats://…?replicas=3`: every confirmed produce is delivered and acked or
+//! still stored, and no message whose ack was confirmed is delivered again.
+//!
+//! `QUEUE_NATS_KILLS` sets how many kills (each of the next node, round robin; 2 by
+//! default), `QUEUE_NATS_RUN_SECS` how long producers run around them (6 by default).
+
+mod nats;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use queue_core::{Channel, MessageId, Outcome, Queue, channel, codec};
+use serde::{Deserialize, Serialize};
+
+#[channel("loss/jobs", lease = "3s", max_attempts = 1000, backoff = "100ms")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub n: u64,
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct Record {
+    /// Confirmed produces: id → n.
+    produced: HashMap<MessageId, u64>,
+    /// Confirmed acks: id → when confirmed.
+    acked: HashMap<MessageId, Instant>,
+    /// Deliveries after their message's ack was confirmed.
+    came_back: Vec<MessageId>,
+    produce_errors: u64,
+    settle_errors: u64,
+}
+
+async fn open(url: &str) -> Queue {
+    queue_runtime::connect(url).await.expect("nats cluster queue")
+}
+
+async fn work(queue: Queue, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
+    let spec = JobChannel::SPEC;
+    let sub = loop {
+        match queue.adapter().subscribe(&spec, 8).await {
+            Ok(sub) => break sub,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    while !stop.load(Ordering::Acquire) {
+        let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await else {
+            continue;
+        };
+        {
+            let mut r = record.lock();
+            if r.acked.contains_key(&d.lease.id) {
+                r.came_back.push(d.lease.id);
+            }
+        }
+        let _: Job = codec::decode(&d.payload).expect("payload");
+        match queue.adapter().settle(&d.lease, Outcome::Ack).await {
+            Ok(()) => {
+                record.lock().acked.insert(d.lease.id, Instant::now());
+            }
+            Err(_) => record.lock().settle_errors += 1,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_ack() {
+    let mut servers = nats::Servers::cluster();
+    let url = servers.url("replicas=3");
+    let kills = env("QUEUE_NATS_KILLS", 2) as usize;
+    let run = Duration::from_secs(env("QUEUE_NATS_RUN_SECS", 6));
+    let record = Arc::new(Mutex::new(Record::default()));
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let stop_working = Arc::new(AtomicBool::new(false));
+    let next_n = Arc::new(AtomicU64::new(0));
+
+    let mut producers = Vec::new();
+    for _ in 0..2 {
+        let queue = open(&url).await;
+        let (record, stop, next_n) = (record.clone(), stop_producing.clone(), next_n.clone());
+        producers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let n = next_n.fetch_add(1, Ordering::Relaxed);
+                match Job::produce(&queue, Job { n }).await {
+                    Ok(receipt) => {
+                        record.lock().produced.insert(receipt.id, n);
+                    }
+                    Err(_) => record.lock().produce_errors += 1,
+                }
+            }
+            queue.close().await.ok();
+        }));
+    }
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let queue = open(&url).await;
+        workers.push(tokio::spawn(work(
+            queue,
+            record.clone(),
+            stop_working.clone(),
+        )));
+    }
+
+    let started = Instant::now();
+    let mut killed = Vec::new();
+    for k in 0..kills {
+        let at = run.mul_f64((k as f64 + 0.5) / kills as f64);
+        tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+        let node = k % servers.nodes.len();
+        let before = record.lock().produced.len();
+        tokio::task::block_in_place(|| servers.nodes[node].kill());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::task::block_in_place(|| servers.nodes[node].restart());
+        killed.push((node, before));
+    }
+    tokio::time::sleep(run.saturating_sub(started.elapsed())).await;
+    stop_producing.store(true, Ordering::Release);
+    for p in producers {
+        p.await.unwrap();
+    }
+
+    // Drain: everything confirmed is acked, or still stored.
+    let checker = open(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acked_all = {
+            let r = record.lock();
+            r.produced.keys().all(|id| r.acked.contains_key(id))
+        };
+        if acked_all || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_working.store(true, Ordering::Release);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let r = record.lock();
+    let stats = checker
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.channel == "loss/jobs")
+        .expect("the channel");
+    let stored: HashSet<MessageId> = checker
+        .peek("loss/jobs", 1_000_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let missing: Vec<&MessageId> = r
+        .produced
+        .keys()
+        .filter(|id| !r.acked.contains_key(id) && !stored.contains(id))
+        .collect();
+    let acked_confirmed = r.acked.len();
+    println!(
+        "kills (node, confirmed produces before): {killed:?}; confirmed produces {}, \
+         produce errors {}, confirmed acks {acked_confirmed}, settle errors {}, \
+         stats: produced {} acked {} ready {} in flight {} lease expiries {}",
+        r.produced.len(),
+        r.produce_errors,
+        r.settle_errors,
+        stats.produced,
+        stats.acked,
+        stats.ready,
+        stats.in_flight,
+        stats.lease_expiries,
+    );
+    assert!(!r.produced.is_empty(), "nothing was produced");
+    assert!(
+        missing.is_empty(),
+        "confirmed produces neither acked nor stored: {missing:?}"
+    );
+    assert!(
+        r.came_back.is_empty(),
+        "delivered again after a confirmed ack: {:?}",
+        r.came_back
+    );
+    for id in r.acked.keys() {
+        assert!(!stored.contains(id), "message {id} acked and still stored");
+    }
+    assert!(stats.acked >= acked_confirmed as u64);
+    checker.close().await.unwrap();
+}
