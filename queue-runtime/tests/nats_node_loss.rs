@@ -39,10 +39,15 @@ struct Record {
     came_back: Vec<MessageId>,
     produce_errors: u64,
     settle_errors: u64,
+    /// The last confirmed produce, and the longest time between two.
+    last_produce: Option<Instant>,
+    longest_gap: Duration,
 }
 
 async fn open(url: &str) -> Queue {
-    queue_runtime::connect(url).await.expect("nats cluster queue")
+    queue_runtime::connect(url)
+        .await
+        .expect("nats cluster queue")
 }
 
 async fn work(queue: Queue, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
@@ -75,6 +80,11 @@ async fn work(queue: Queue, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_ack() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let mut servers = nats::Servers::cluster();
     let url = servers.url("replicas=3");
     let kills = env("QUEUE_NATS_KILLS", 2) as usize;
@@ -93,7 +103,13 @@ async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_a
                 let n = next_n.fetch_add(1, Ordering::Relaxed);
                 match Job::produce(&queue, Job { n }).await {
                     Ok(receipt) => {
-                        record.lock().produced.insert(receipt.id, n);
+                        let mut r = record.lock();
+                        r.produced.insert(receipt.id, n);
+                        let now = Instant::now();
+                        if let Some(last) = r.last_produce {
+                            r.longest_gap = r.longest_gap.max(now - last);
+                        }
+                        r.last_produce = Some(now);
                     }
                     Err(_) => record.lock().produce_errors += 1,
                 }
@@ -170,10 +186,11 @@ async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_a
     let acked_confirmed = r.acked.len();
     println!(
         "kills (node, confirmed produces before): {killed:?}; confirmed produces {}, \
-         produce errors {}, confirmed acks {acked_confirmed}, settle errors {}, \
+         produce errors {}, longest pause between confirmed produces {:?}, confirmed acks {acked_confirmed}, settle errors {}, \
          stats: produced {} acked {} ready {} in flight {} lease expiries {}",
         r.produced.len(),
         r.produce_errors,
+        r.longest_gap,
         r.settle_errors,
         stats.produced,
         stats.acked,

@@ -49,7 +49,7 @@ use subscription::{Inbox, NatsSubscription};
 pub const DEFAULT_NAMESPACE: &str = "typed_queue";
 
 /// How long a command's publish waits for JetStream's acknowledgement, per try.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a request to NATS is tried again while it fails (a cluster electing a leader
 /// after losing a node, a server restarting). A command published again carries the same
@@ -83,6 +83,11 @@ where
 
 /// The window in which JetStream drops a command published again under the same id.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long a caller waits for its stored command to be read back, with the reader making no
+/// progress, before it tells the reader to start again (its consumer may have lived on a
+/// server that died).
+const STALLED: Duration = Duration::from_secs(1);
 
 /// Room kept in a command for everything but payloads.
 const COMMAND_OVERHEAD: usize = 16 << 10;
@@ -231,10 +236,10 @@ pub(crate) struct Link {
     waiters: Mutex<HashMap<i64, oneshot::Sender<Answer>>>,
     /// This client's subscriptions, by consumer.
     inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox>>>>,
-    /// In-flight messages cancelled so far (a delivery taken ahead is checked then).
-    cancels: AtomicU64,
     /// The stream sequence of the last command applied.
     applied: AtomicU64,
+    /// Tells the reader to start again: a command was stored and has not come back.
+    reread: Notify,
     /// Why the stream can no longer be read.
     failed: Mutex<Option<String>>,
     applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -483,8 +488,8 @@ impl Inner {
             notify: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
-            cancels: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            reread: Notify::new(),
             failed: Mutex::new(None),
             applier: Mutex::new(None),
         });
@@ -522,9 +527,24 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         link.waiters.lock().insert(nonce, tx);
         let forget = Forget { link, nonce };
-        self.publish(&link.subject, nonce, bytes::Bytes::from(bytes))
+        let seq = self
+            .publish(&link.subject, nonce, bytes::Bytes::from(bytes))
             .await?;
-        let answer = rx.await;
+        let mut rx = rx;
+        let mut seen = link.applied.load(Ordering::Acquire);
+        let answer = loop {
+            match tokio::time::timeout(STALLED, &mut rx).await {
+                Ok(answer) => break answer,
+                Err(_) => {
+                    // Stored, and the reader has not moved since: its server may be gone.
+                    let applied = link.applied.load(Ordering::Acquire);
+                    if applied < seq && applied == seen {
+                        link.reread.notify_one();
+                    }
+                    seen = applied;
+                }
+            }
+        };
         drop(forget);
         match answer {
             Ok(answer) => Ok(answer),
@@ -541,7 +561,7 @@ impl Inner {
         subject: &str,
         nonce: i64,
         bytes: bytes::Bytes,
-    ) -> Result<(), QueueError> {
+    ) -> Result<u64, QueueError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
@@ -554,7 +574,7 @@ impl Inner {
                 .publish_with_headers(subject.to_string(), headers.clone(), bytes.clone())
                 .await
                 .map_err(|e| e.to_string())?;
-            ack.await.map(|_| ()).map_err(|e| e.to_string())
+            ack.await.map(|a| a.sequence).map_err(|e| e.to_string())
         })
         .await
     }
@@ -699,26 +719,38 @@ async fn follow(link: Weak<Link>, inner: Weak<Inner>, stream: stream::Stream) {
             Err(e) => Err(e.to_string()),
         };
         match messages {
-            Ok(mut messages) => {
-                while let Some(next) = messages.next().await {
-                    let (Some(link), Some(inner)) = (link.upgrade(), inner.upgrade()) else {
-                        return;
-                    };
-                    match next {
-                        Ok(message) => {
-                            pause = Duration::from_millis(20);
-                            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            if !link.apply(&inner, &message.payload, seq) {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(channel = %link.name, error = %e, "reading the channel's stream; reading again");
-                            break;
+            Ok(mut messages) => loop {
+                let Some(reread) = link.upgrade() else {
+                    return;
+                };
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    () = reread.reread.notified() => {
+                        tracing::debug!(channel = %reread.name, "the stream's reader is behind a stored command; reading again");
+                        break;
+                    }
+                };
+                drop(reread);
+                let Some(next) = next else {
+                    break;
+                };
+                let (Some(link), Some(inner)) = (link.upgrade(), inner.upgrade()) else {
+                    return;
+                };
+                match next {
+                    Ok(message) => {
+                        pause = Duration::from_millis(20);
+                        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        if !link.apply(&inner, &message.payload, seq) {
+                            return;
                         }
                     }
+                    Err(e) => {
+                        tracing::debug!(channel = %link.name, error = %e, "reading the channel's stream; reading again");
+                        break;
+                    }
                 }
-            }
+            },
             Err(e) => {
                 if let Some(link) = link.upgrade() {
                     tracing::debug!(channel = %link.name, error = %e, "opening a reader of the channel's stream; trying again");
@@ -1003,12 +1035,7 @@ impl NatsAdapter {
             .submit(&link, Op::Cancel { id: id.0 as i64 })
             .await?
         {
-            Answer::Cancelled(r) => {
-                if matches!(r, Ok(Cancelled::InFlight)) {
-                    link.cancels.fetch_add(1, Ordering::AcqRel);
-                }
-                r
-            }
+            Answer::Cancelled(r) => r,
             other => Err(unexpected(&other)),
         }
     }

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::future::{BoxFuture, FutureExt, select};
 use parking_lot::Mutex;
@@ -89,9 +88,9 @@ async fn next_delivery(
         notified.as_mut().enable();
         let held = inbox.lock().ready.pop_front();
         if let Some(held) = held {
-            // Taken ahead and cancelled since.
-            if link.cancels.load(Ordering::Acquire) > 0
-                && !link.replica.lock().state.holds(held.entry.id, held.token)
+            // Taken ahead and since lapsed or cancelled: another holder may have it now.
+            if held.deadline <= inner.clock.now()
+                || !link.replica.lock().state.holds(held.entry.id, held.token)
             {
                 continue;
             }
