@@ -163,7 +163,6 @@ async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_a
         w.await.unwrap();
     }
 
-    let r = record.lock();
     let stats = checker
         .stats()
         .await
@@ -178,6 +177,8 @@ async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_a
         .into_iter()
         .map(|m| m.id)
         .collect();
+    checker.close().await.unwrap();
+    let r = record.lock();
     let missing: Vec<&MessageId> = r
         .produced
         .keys()
@@ -212,5 +213,4 @@ async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_a
         assert!(!stored.contains(id), "message {id} acked and still stored");
     }
     assert!(stats.acked >= acked_confirmed as u64);
-    checker.close().await.unwrap();
 }
