@@ -11,7 +11,7 @@ use queue_runtime::dashboard::api;
 /// Where the queue is.
 #[derive(Debug, Args)]
 pub struct Target {
-    /// Queue URL (`file://…`, `queue://…`, `postgres://…`); `QUEUE_URL` by default.
+    /// Queue URL (`file://…`, `queue://…`, `postgres://…`, `nats://…`); `QUEUE_URL` by default.
     #[arg(long, env = "QUEUE_URL", default_value = queue_runtime::DEFAULT_URL)]
     pub url: String,
 }
