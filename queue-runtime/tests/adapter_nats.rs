@@ -36,3 +36,125 @@ async fn a_global_concurrency_holds_across_worker_connections() {
         q.close().await.unwrap();
     }
 }
+
+#[queue_core::channel("snap/jobs", lease = "10s", max_attempts = 2, backoff = "1s")]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapJob {
+    pub n: u32,
+}
+
+/// The stream of channel `name` under the namespace of `url`, as the adapter names it.
+async fn stream_state(url: &str, name: &str) -> async_nats::jetstream::stream::State {
+    let rest = url.trim_start_matches("nats://");
+    let (hosts, tail) = rest.split_once('/').unwrap();
+    let namespace = tail.split('?').next().unwrap();
+    let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+    let client = async_nats::connect(hosts.split(',').next().unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let subject = format!("{namespace}.c.{hash:016x}");
+    let stream_name = js.stream_by_subject(subject).await.unwrap();
+    let mut stream = js.get_stream(stream_name).await.unwrap();
+    stream.info().await.unwrap().state.clone()
+}
+
+async fn channel_view(
+    q: &Queue,
+    name: &str,
+) -> (queue_core::ChannelStats, Vec<u64>, Vec<(u64, String)>) {
+    let mut stats = q
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.channel == name)
+        .unwrap();
+    stats.consumers = 0;
+    let peek = q
+        .peek(name, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id.0)
+        .collect();
+    let dead = q
+        .dead_letters(name, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id.0, d.error))
+        .collect();
+    (stats, peek, dead)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_stream_and_a_new_client_starts_from_one() {
+    use queue_core::{Channel, Outcome, codec};
+    let clock = VirtualClock::default();
+    let url = nats::shared_single().url("compact_every=16");
+    let first = open(&url, &clock).await;
+    for n in 0..100 {
+        SnapJob::produce(&first, SnapJob { n }).await.unwrap();
+    }
+    let sub = first
+        .adapter()
+        .subscribe(&SnapJobChannel::SPEC, 1)
+        .await
+        .unwrap();
+    for i in 0..45u32 {
+        let d = conformance::next(&*sub).await;
+        let job: SnapJob = codec::decode(&d.payload).unwrap();
+        assert_eq!(job.n, i);
+        let outcome = if i < 40 {
+            Outcome::Ack
+        } else {
+            Outcome::DeadLetter {
+                error: format!("bad {i}"),
+            }
+        };
+        first.adapter().settle(&d.lease, outcome).await.unwrap();
+    }
+    drop(sub);
+    // About 200 commands: the stream keeps at most two snapshot intervals of them.
+    conformance::eventually("the stream purged up to a snapshot", || async {
+        let state = stream_state(&url, "snap/jobs").await;
+        state.first_sequence > 100 && state.messages <= 2 * 16 + 2
+    })
+    .await;
+    let state = stream_state(&url, "snap/jobs").await;
+    assert!(state.last_sequence > 180, "{state:?}");
+
+    // A client that starts now loads the snapshot and replays the rest: it sees what the
+    // first sees, and takes over the backlog in order.
+    let second = open(&url, &clock).await;
+    let seen = channel_view(&first, "snap/jobs").await;
+    assert_eq!(channel_view(&second, "snap/jobs").await, seen);
+    assert_eq!(
+        (seen.0.produced, seen.0.acked, seen.0.ready, seen.0.dead),
+        (100, 40, 55, 5)
+    );
+    assert_eq!(seen.2[0].1, "bad 40");
+    let sub = second
+        .adapter()
+        .subscribe(&SnapJobChannel::SPEC, 4)
+        .await
+        .unwrap();
+    for n in 45..100u32 {
+        let d = conformance::next(&*sub).await;
+        let job: SnapJob = codec::decode(&d.payload).unwrap();
+        assert_eq!(job.n, n);
+        second
+            .adapter()
+            .settle(&d.lease, Outcome::Ack)
+            .await
+            .unwrap();
+    }
+    let after = channel_view(&first, "snap/jobs").await;
+    assert_eq!(
+        (after.0.acked, after.0.ready, after.0.in_flight),
+        (95, 0, 0)
+    );
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+}

@@ -9,7 +9,11 @@ use queue_core::clock::Timestamp;
 
 /// Keys with values, each forgotten once the clock reaches its window end, or, beyond `cap`
 /// keys, the one whose window ends first.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(bound(
+    serialize = "K: serde::Serialize, V: serde::Serialize",
+    deserialize = "K: serde::Deserialize<'de> + Hash + Eq + Ord, V: serde::Deserialize<'de>"
+))]
 pub struct KeyWindow<K, V> {
     cap: usize,
     by_key: HashMap<K, (V, Timestamp)>,

@@ -14,6 +14,8 @@ use std::num::{NonZeroU32, NonZeroU64};
 use super::keys::KeyWindow;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use queue_core::clock::{Timestamp, millis};
 use queue_core::texts;
 use queue_core::{
@@ -21,7 +23,8 @@ use queue_core::{
 };
 
 /// A stored message as the engine tracks it; `P` is where its payload lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: Deserialize<'de>"))]
 pub struct Entry<P> {
     /// The message id.
     pub id: MessageId,
@@ -39,11 +42,12 @@ pub struct Entry<P> {
 }
 
 /// A channel's name for one of its groups while the group has messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GroupRef(NonZeroU32);
 
 /// A message held under a lease.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: Deserialize<'de>"))]
 pub struct Held<P> {
     /// The message.
     pub entry: Entry<P>,
@@ -74,7 +78,8 @@ impl<P> Held<P> {
 }
 
 /// A message in the dead-letter queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: Deserialize<'de>"))]
 pub struct Dead<P> {
     /// The message (no longer in a group).
     pub entry: Entry<P>,
@@ -143,7 +148,7 @@ pub fn lost_text(attempts: u32, max_attempts: u32) -> String {
 }
 
 /// A channel's counters: what [`ChannelStats`] reports beside the depths.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     /// Messages accepted.
     pub produced: u64,
@@ -172,7 +177,8 @@ impl Tally {
 }
 
 /// The messages of one group that the channel knows.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: Deserialize<'de>"))]
 struct Group<P> {
     /// The group's hash.
     hash: NonZeroU64,
@@ -184,7 +190,7 @@ struct Group<P> {
 }
 
 /// Deliveries started in the current window of a rate limit.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 struct Window {
     start: Timestamp,
     used: u32,
@@ -201,14 +207,16 @@ impl Window {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct ConsumerSlot {
     max_parallel: u32,
     held: u32,
 }
 
 /// One channel's messages and rules.
-#[derive(Debug)]
+/// Serializable whole, for the snapshots of `nats://` replicas.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: Deserialize<'de>"))]
 pub struct ChannelState<P> {
     spec: ChannelSpec,
     ready: BTreeMap<Reverse<u8>, VecDeque<Entry<P>>>,

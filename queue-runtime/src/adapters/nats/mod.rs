@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv, object_store, stream};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
 use parking_lot::Mutex;
@@ -89,6 +89,9 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// server that died).
 const STALLED: Duration = Duration::from_secs(1);
 
+/// Commands between two snapshots of a channel, by default.
+pub const COMPACT_EVERY: u64 = 10_000;
+
 /// Room kept in a command for everything but payloads.
 const COMMAND_OVERHEAD: usize = 16 << 10;
 
@@ -113,6 +116,8 @@ pub struct NatsOptions {
     pub ca: Option<std::path::PathBuf>,
     /// How long to try to connect.
     pub connect_timeout: Duration,
+    /// Commands between two snapshots of a channel; the stream keeps about twice as many.
+    pub compact_every: u64,
 }
 
 impl NatsOptions {
@@ -156,6 +161,7 @@ impl NatsOptions {
             tls: false,
             ca: None,
             connect_timeout: Duration::from_secs(10),
+            compact_every: COMPACT_EVERY,
         };
         let mut user = None;
         let mut password = None;
@@ -166,6 +172,12 @@ impl NatsOptions {
                         Ok(n @ (1 | 3 | 5)) => n,
                         _ => return Err(format!("`replicas` must be 1, 3 or 5, not `{v}`")),
                     }
+                }
+                Some(("compact_every", v)) => {
+                    options.compact_every =
+                        v.parse().ok().filter(|n| *n >= 16).ok_or_else(|| {
+                            format!("`compact_every` must be a count of at least 16, not `{v}`")
+                        })?;
                 }
                 Some(("creds", v)) => options.creds = Some(v.into()),
                 Some(("user", v)) => user = Some(v.to_string()),
@@ -188,7 +200,7 @@ impl NatsOptions {
                 _ => {
                     return Err(format!(
                         "unknown option `{pair}`; nats:// takes `replicas`, `creds`, `user`, \
-                         `password`, `token`, `tls`, `ca` and `connect_timeout`"
+                         `password`, `token`, `tls`, `ca`, `connect_timeout` and `compact_every`"
                     ));
                 }
             }
@@ -212,6 +224,8 @@ struct Inner {
     js: jetstream::Context,
     options: NatsOptions,
     registry: kv::Store,
+    /// Snapshots of channels, `<hash>-<seq>`.
+    snapshots: object_store::ObjectStore,
     /// This client's id in the commands it sends.
     me: i64,
     nonce: AtomicI64,
@@ -228,6 +242,12 @@ struct Inner {
 /// This client's view of one channel: its stream and its replica.
 pub(crate) struct Link {
     name: String,
+    /// The name's hash: the stream's, the snapshots' and the registry's key.
+    hash: u64,
+    /// The channel's stream, for purging what a snapshot covers.
+    stream: stream::Stream,
+    /// A snapshot is being stored.
+    compacting: AtomicBool,
     subject: String,
     replica: Mutex<Replica>,
     /// Woken when the replica changes.
@@ -331,6 +351,24 @@ impl NatsAdapter {
             },
         )
         .await?;
+        let bucket = format!("{}_snapshots", options.namespace);
+        let config = object_store::Config {
+            bucket: bucket.clone(),
+            description: Some("typed_queue channel snapshots".into()),
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let snapshots = retry("opening the snapshot store", || async {
+            match js.get_object_store(&bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => match js.create_object_store(config.clone()).await {
+                    Ok(store) => Ok(store),
+                    Err(e) => js.get_object_store(&bucket).await.map_err(|_| e),
+                },
+            }
+        })
+        .await?;
         let max_payload = client.server_info().max_payload;
         let description = format!("nats://{}/{}", options.servers.join(","), options.namespace);
         Ok(Arc::new(NatsAdapter {
@@ -339,6 +377,7 @@ impl NatsAdapter {
                 js,
                 options,
                 registry,
+                snapshots,
                 me: (fastrand::u64(..) >> 1) as i64,
                 nonce: AtomicI64::new(1),
                 clock,
@@ -356,6 +395,23 @@ impl NatsAdapter {
     pub fn description(&self) -> &str {
         &self.inner.description
     }
+}
+
+/// The registry key pointing at a channel's latest snapshot.
+fn pointer_key(hash: u64) -> String {
+    format!("s{hash:016x}")
+}
+
+/// The object holding a channel's snapshot at `seq`.
+fn object_name(hash: u64, seq: u64) -> String {
+    format!("{hash:016x}-{seq}")
+}
+
+/// The sequence a snapshot pointer names.
+fn pointed(entry: &kv::Entry) -> Option<u64> {
+    (entry.operation == kv::Operation::Put)
+        .then(|| std::str::from_utf8(&entry.value).ok()?.parse().ok())
+        .flatten()
 }
 
 /// The settings a replica starts with before its stream's commands bring the channel's own.
@@ -481,14 +537,21 @@ impl Inner {
             );
         }
         let _ = stream.info().await;
+        let (applied, replica) = match self.load_snapshot(hash).await? {
+            Some((seq, replica)) => (seq, replica),
+            None => (0, Replica::new(default_spec(name), number)),
+        };
         let link = Arc::new(Link {
             name: name.to_string(),
+            hash,
+            stream: stream.clone(),
+            compacting: AtomicBool::new(false),
             subject,
-            replica: Mutex::new(Replica::new(default_spec(name), number)),
+            replica: Mutex::new(replica),
             notify: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
-            applied: AtomicU64::new(0),
+            applied: AtomicU64::new(applied),
             reread: Notify::new(),
             failed: Mutex::new(None),
             applier: Mutex::new(None),
@@ -547,6 +610,10 @@ impl Inner {
         };
         drop(forget);
         match answer {
+            Ok(Answer::Lost) => Err(QueueError::backend(
+                "the answer was lost: the client fell behind the channel's stream and caught up from a snapshot; the command may have been applied",
+                "caught up from a snapshot",
+            )),
             Ok(answer) => Ok(answer),
             Err(_) => {
                 link.check()?;
@@ -591,7 +658,7 @@ impl Inner {
         })
         .await?;
         let mut names = Vec::new();
-        for key in keys {
+        for key in keys.into_iter().filter(|k| k.starts_with('c')) {
             let value = retry("reading the channel registry", || {
                 self.registry.get(key.as_str())
             })
@@ -602,6 +669,119 @@ impl Inner {
         }
         names.sort();
         Ok(names)
+    }
+
+    /// The latest snapshot of the channel whose name hashes to `hash`: the stream sequence
+    /// it covers, and the replica.
+    async fn load_snapshot(&self, hash: u64) -> Result<Option<(u64, Replica)>, QueueError> {
+        use tokio::io::AsyncReadExt;
+        let key = pointer_key(hash);
+        for _ in 0..10 {
+            let entry = retry("reading a snapshot pointer", || {
+                self.registry.entry(key.as_str())
+            })
+            .await?;
+            let Some(seq) = entry.and_then(|e| pointed(&e)) else {
+                return Ok(None);
+            };
+            let name = object_name(hash, seq);
+            let mut object = match self.snapshots.get(name.as_str()).await {
+                Ok(object) => object,
+                // Replaced by a newer one meanwhile.
+                Err(e) if e.kind() == object_store::GetErrorKind::NotFound => continue,
+                Err(e) => return Err(QueueError::backend("reading a channel snapshot", e)),
+            };
+            let mut bytes = Vec::new();
+            object
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| QueueError::backend("reading a channel snapshot", e))?;
+            return Ok(Some((seq, Replica::from_snapshot(&bytes)?)));
+        }
+        Err(QueueError::Poisoned(
+            "the channel's snapshots kept changing while being read".into(),
+        ))
+    }
+
+    /// Stores the snapshot `bytes` of `link` at `seq`, points the channel at it, and purges
+    /// the stream up to the snapshot it replaces, so the stream keeps one snapshot interval
+    /// more than the snapshot needs (for clients reading it from the previous snapshot).
+    async fn compact(&self, link: &Link, seq: u64, bytes: Vec<u8>) -> Result<(), QueueError> {
+        let name = object_name(link.hash, seq);
+        retry("storing a channel snapshot", || async {
+            self.snapshots
+                .put(name.as_str(), &mut bytes.as_slice())
+                .await
+        })
+        .await?;
+        let key = pointer_key(link.hash);
+        let value = bytes::Bytes::from(seq.to_string());
+        let mut replaced = None;
+        for _ in 0..10 {
+            let entry = retry("reading a snapshot pointer", || {
+                self.registry.entry(key.as_str())
+            })
+            .await?;
+            let (old, moved) = match entry.as_ref().and_then(|e| pointed(e).map(|old| (e, old))) {
+                Some((_, old)) if old >= seq => {
+                    let _ = self.snapshots.delete(name.as_str()).await;
+                    return Ok(());
+                }
+                Some((e, old)) => (
+                    old,
+                    self.registry
+                        .update(key.as_str(), value.clone(), e.revision)
+                        .await
+                        .is_ok(),
+                ),
+                None => (
+                    0,
+                    self.registry
+                        .create(key.as_str(), value.clone())
+                        .await
+                        .is_ok(),
+                ),
+            };
+            if moved {
+                replaced = Some(old);
+                break;
+            }
+        }
+        let Some(old) = replaced else {
+            return Err(QueueError::Poisoned(
+                "the snapshot pointer kept changing".into(),
+            ));
+        };
+        if old > 0 {
+            retry("purging a channel's stream", || {
+                link.stream.purge().sequence(old + 1).into_future()
+            })
+            .await?;
+            let _ = self
+                .snapshots
+                .delete(object_name(link.hash, old).as_str())
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Replaces `link`'s replica with the latest snapshot when it covers the commands before
+    /// `seq` that the stream no longer has. Callers waiting for answers get
+    /// [`Answer::Lost`]: their commands may be in the snapshot.
+    async fn reload(&self, link: &Link, seq: u64) -> bool {
+        match self.load_snapshot(link.hash).await {
+            Ok(Some((covered, replica))) if covered + 1 >= seq => {
+                *link.replica.lock() = replica;
+                link.applied.store(covered, Ordering::Release);
+                for (_, tx) in link.waiters.lock().drain() {
+                    let _ = tx.send(Answer::Lost);
+                }
+                link.notify.notify_waiters();
+                tracing::info!(channel = %link.name, covered, "caught up from a snapshot after falling behind the stream");
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Fires a command nobody waits for (a dropped subscription's release).
@@ -616,6 +796,13 @@ impl Inner {
             }
         });
     }
+}
+
+/// What applying a stream message did.
+enum Applied {
+    Done,
+    /// Commands before it are missing.
+    Gap,
 }
 
 /// Removes a waiter whose caller went away.
@@ -638,32 +825,51 @@ impl Link {
         }
     }
 
-    /// Applies the command at `seq` of the stream. Returns false, and fails the link, when
-    /// commands are missing before it: the replica would no longer be the channel's state.
-    fn apply(self: &Arc<Self>, inner: &Arc<Inner>, bytes: &[u8], seq: u64) -> bool {
+    /// Applies the command at `seq` of the stream; says [`Applied::Gap`] when commands before
+    /// it are missing (purged after a snapshot this replica has not caught up with).
+    fn apply(self: &Arc<Self>, inner: &Arc<Inner>, bytes: &[u8], seq: u64) -> Applied {
         let applied = self.applied.load(Ordering::Acquire);
         if seq <= applied {
-            return true;
+            return Applied::Done;
         }
         if seq != applied + 1 {
-            self.fail(format!(
-                "the channel's stream lost commands {} to {}: its state cannot be rebuilt",
-                applied + 1,
-                seq - 1
-            ));
-            return false;
+            return Applied::Gap;
         }
         self.applied.store(seq, Ordering::Release);
         let command = match command::decode(bytes) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(channel = %self.name, seq, error = %e, "skipping a stream message that is no command");
-                return true;
+                return Applied::Done;
             }
         };
         let mine = command.from == inner.me;
         let nonce = command.nonce;
-        let (answer, handed) = self.replica.lock().apply(command);
+        // The sender of every `compact_every`-th command stores a snapshot.
+        let snapshot = mine
+            && seq.is_multiple_of(inner.options.compact_every)
+            && !self.compacting.swap(true, Ordering::AcqRel);
+        let (answer, handed, snapshot) = {
+            let mut replica = self.replica.lock();
+            let (answer, handed) = replica.apply(command);
+            (answer, handed, snapshot.then(|| replica.to_snapshot()))
+        };
+        match snapshot {
+            Some(Ok(bytes)) => {
+                let (inner, link) = (inner.clone(), self.clone());
+                inner.runtime.clone().spawn(async move {
+                    if let Err(e) = inner.compact(&link, seq, bytes).await {
+                        tracing::warn!(channel = %link.name, seq, error = %e, "storing a snapshot failed; the stream keeps its commands until the next");
+                    }
+                    link.compacting.store(false, Ordering::Release);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(channel = %self.name, seq, error = %e, "encoding a snapshot failed");
+                self.compacting.store(false, Ordering::Release);
+            }
+            None => {}
+        }
         if let Some((consumer, taken)) = handed
             && mine
         {
@@ -681,7 +887,7 @@ impl Link {
             let _ = tx.send(answer);
         }
         self.notify.notify_waiters();
-        true
+        Applied::Done
     }
 
     /// Marks the stream unreadable and fails every waiter.
@@ -741,8 +947,17 @@ async fn follow(link: Weak<Link>, inner: Weak<Inner>, stream: stream::Stream) {
                     Ok(message) => {
                         pause = Duration::from_millis(20);
                         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                        if !link.apply(&inner, &message.payload, seq) {
-                            return;
+                        if let Applied::Gap = link.apply(&inner, &message.payload, seq) {
+                            if !inner.reload(&link, seq).await {
+                                let applied = link.applied.load(Ordering::Acquire);
+                                link.fail(format!(
+                                    "the channel's stream lost commands {} to {} and no snapshot covers them",
+                                    applied + 1,
+                                    seq - 1
+                                ));
+                                return;
+                            }
+                            let _ = link.apply(&inner, &message.payload, seq);
                         }
                     }
                     Err(e) => {

@@ -44,13 +44,15 @@ pub enum Answer {
     Count(u64),
     /// Done.
     Done,
+    /// Not known: the client caught up from a snapshot that may hold the command.
+    Lost,
 }
 
 /// Deliveries a take handed to a subscription.
 pub type Handed = (u64, Vec<Held<Payload>>);
 
-/// One channel's replica.
-#[derive(Debug)]
+/// One channel's replica. Serialized whole, it is a snapshot of the channel.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Replica {
     /// The channel's messages and rules.
     pub state: ChannelState<Payload>,
@@ -64,6 +66,25 @@ pub struct Replica {
     now: Timestamp,
     /// Bumped by every command that may let a take find something.
     pub version: u64,
+}
+
+impl Replica {
+    /// The replica as bytes, for a snapshot.
+    ///
+    /// # Errors
+    /// [`QueueError::Encode`].
+    pub fn to_snapshot(&self) -> Result<Vec<u8>, QueueError> {
+        postcard::to_stdvec(self).map_err(|e| QueueError::Encode(e.to_string()))
+    }
+
+    /// A replica from a snapshot.
+    ///
+    /// # Errors
+    /// [`QueueError::Corrupt`].
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, QueueError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| QueueError::Corrupt(format!("a channel snapshot: {e}")))
+    }
 }
 
 impl Replica {
