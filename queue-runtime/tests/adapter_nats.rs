@@ -158,3 +158,23 @@ async fn snapshots_bound_the_stream_and_a_new_client_starts_from_one() {
     first.close().await.unwrap();
     second.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_wants_a_token_takes_the_one_in_the_url() {
+    let clock = VirtualClock::default();
+    let servers = nats::Servers::single_with("authorization { token: \"s3cret\" }");
+    let queue = open(&servers.url("token=s3cret"), &clock).await;
+    let receipt = SnapJob::produce(&queue, SnapJob { n: 1 }).await.unwrap();
+    let peeked = queue.peek("snap/jobs", 10).await.unwrap();
+    assert_eq!(peeked[0].id, receipt.id);
+    queue.close().await.unwrap();
+    for query in ["token=wrong&connect_timeout=2", "connect_timeout=2"] {
+        let refused = queue_runtime::connect_with(
+            &servers.url(query),
+            ConnectOptions::with_clock(Arc::new(clock.clone())),
+        )
+        .await;
+        let error = refused.expect_err(query).to_string();
+        assert!(error.contains("connecting to NATS"), "{query}: {error}");
+    }
+}

@@ -135,7 +135,16 @@ impl Servers {
         Self::start(3)
     }
 
+    /// One server with `extra` in its configuration (such as an `authorization` block).
+    pub fn single_with(extra: &str) -> Servers {
+        Self::start_with(1, extra)
+    }
+
     fn start(n: usize) -> Servers {
+        Self::start_with(n, "")
+    }
+
+    fn start_with(n: usize, extra: &str) -> Servers {
         check_binary();
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
@@ -160,7 +169,7 @@ impl Servers {
                 &config,
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 33554432\n\
-                     jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{cluster}",
+                     jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{cluster}{extra}\n",
                     store.display()
                 ),
             )

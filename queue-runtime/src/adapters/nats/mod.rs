@@ -285,7 +285,6 @@ impl NatsAdapter {
         let mut connect = async_nats::ConnectOptions::new()
             .name("typed_queue")
             .connection_timeout(options.connect_timeout)
-            .retry_on_initial_connect()
             .max_reconnects(None);
         if let Some(path) = &options.creds {
             connect = connect.credentials_file(path).await.map_err(|e| {
