@@ -59,10 +59,10 @@ async fn stream_state(url: &str, name: &str) -> async_nats::jetstream::stream::S
     stream.info().await.unwrap().state.clone()
 }
 
-async fn channel_view(
-    q: &Queue,
-    name: &str,
-) -> (queue_core::ChannelStats, Vec<u64>, Vec<(u64, String)>) {
+/// A channel as a client sees it: stats, pending ids, dead letters with their errors.
+type View = (queue_core::ChannelStats, Vec<u64>, Vec<(u64, String)>);
+
+async fn channel_view(q: &Queue, name: &str) -> View {
     let mut stats = q
         .stats()
         .await
@@ -177,4 +177,101 @@ async fn a_server_that_wants_a_token_takes_the_one_in_the_url() {
         let error = refused.expect_err(query).to_string();
         assert!(error.contains("connecting to NATS"), "{query}: {error}");
     }
+}
+
+/// A client on a runtime of its own, which the test can freeze.
+struct Frozen {
+    orders: tokio::sync::mpsc::UnboundedSender<Order>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Order {
+    Freeze(std::time::Duration),
+    View(tokio::sync::oneshot::Sender<View>),
+}
+
+impl Frozen {
+    fn open(url: String) -> Frozen {
+        let (orders, mut rx) = tokio::sync::mpsc::unbounded_channel::<Order>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let queue = queue_runtime::connect(&url).await.unwrap();
+                // Opens the channel: its reader runs from now on.
+                let _ = channel_view(&queue, "snap/jobs").await;
+                ready_tx.send(()).unwrap();
+                while let Some(order) = rx.recv().await {
+                    match order {
+                        // Blocks the runtime's only thread: the reader stops.
+                        Order::Freeze(d) => std::thread::sleep(d),
+                        Order::View(reply) => {
+                            let _ = reply.send(channel_view(&queue, "snap/jobs").await);
+                        }
+                    }
+                }
+                queue.close().await.unwrap();
+            });
+        });
+        ready_rx.recv().unwrap();
+        Frozen {
+            orders,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        self.orders = tx;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_falls_behind_a_purge_catches_up_from_the_snapshot() {
+    let url = nats::shared_single().url("compact_every=16");
+    let writer = queue_runtime::connect(&url).await.unwrap();
+    SnapJob::produce(&writer, SnapJob { n: 0 }).await.unwrap();
+    let behind = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || Frozen::open(url)
+    })
+    .await
+    .unwrap();
+    behind
+        .orders
+        .send(Order::Freeze(std::time::Duration::from_secs(4)))
+        .unwrap();
+    // More commands than the frozen reader has asked for (its consumer pulls 500 at a
+    // time), so that the stream is purged past what it can still read.
+    let producer = SnapJob::producer(&writer);
+    for chunk in 0..40u32 {
+        let batch: Vec<SnapJob> = (0..20)
+            .map(|i| SnapJob {
+                n: chunk * 20 + i + 1,
+            })
+            .collect();
+        for job in batch {
+            producer.produce(job).await.unwrap();
+        }
+    }
+    let state = stream_state(&url, "snap/jobs").await;
+    assert!(state.first_sequence > 600, "{state:?}");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    behind.orders.send(Order::View(tx)).unwrap();
+    let seen = conformance::within("the client behind to answer", rx)
+        .await
+        .unwrap();
+    let expected = channel_view(&writer, "snap/jobs").await;
+    assert_eq!(seen, expected);
+    assert_eq!(expected.0.produced, 801);
+    writer.close().await.unwrap();
+    drop(behind);
 }

@@ -253,7 +253,7 @@ pub(crate) struct Link {
     /// Woken when the replica changes.
     notify: Notify,
     /// Callers waiting for their commands' answers, by nonce.
-    waiters: Mutex<HashMap<i64, oneshot::Sender<Answer>>>,
+    waiters: Mutex<HashMap<i64, Waiter>>,
     /// This client's subscriptions, by consumer.
     inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox>>>>,
     /// The stream sequence of the last command applied.
@@ -587,19 +587,27 @@ impl Inner {
             });
         }
         let (tx, rx) = oneshot::channel();
-        link.waiters.lock().insert(nonce, tx);
+        link.waiters.lock().insert(nonce, Waiter { seq: None, tx });
         let forget = Forget { link, nonce };
         let seq = self
             .publish(&link.subject, nonce, bytes::Bytes::from(bytes))
             .await?;
+        if let Some(waiter) = link.waiters.lock().get_mut(&nonce) {
+            waiter.seq = Some(seq);
+        }
         let mut rx = rx;
         let mut seen = link.applied.load(Ordering::Acquire);
         let answer = loop {
             match tokio::time::timeout(STALLED, &mut rx).await {
                 Ok(answer) => break answer,
                 Err(_) => {
-                    // Stored, and the reader has not moved since: its server may be gone.
                     let applied = link.applied.load(Ordering::Acquire);
+                    // Applied long ago and not answered: it was inside a snapshot the
+                    // client caught up from.
+                    if applied >= seq && seen >= seq {
+                        break Ok(Answer::Lost);
+                    }
+                    // Stored, and the reader has not moved since: its server may be gone.
                     if applied < seq && applied == seen {
                         link.reread.notify_one();
                     }
@@ -765,16 +773,25 @@ impl Inner {
     }
 
     /// Replaces `link`'s replica with the latest snapshot when it covers the commands before
-    /// `seq` that the stream no longer has. Callers waiting for answers get
-    /// [`Answer::Lost`]: their commands may be in the snapshot.
+    /// `seq` that the stream no longer has. Callers waiting for commands the snapshot covers
+    /// get [`Answer::Lost`]: applied, with an answer nobody computed here.
     async fn reload(&self, link: &Link, seq: u64) -> bool {
         match self.load_snapshot(link.hash).await {
             Ok(Some((covered, replica))) if covered + 1 >= seq => {
                 *link.replica.lock() = replica;
                 link.applied.store(covered, Ordering::Release);
-                for (_, tx) in link.waiters.lock().drain() {
-                    let _ = tx.send(Answer::Lost);
+                let mut waiters = link.waiters.lock();
+                let lost: Vec<i64> = waiters
+                    .iter()
+                    .filter(|(_, w)| w.seq.is_some_and(|s| s <= covered))
+                    .map(|(nonce, _)| *nonce)
+                    .collect();
+                for nonce in lost {
+                    if let Some(w) = waiters.remove(&nonce) {
+                        let _ = w.tx.send(Answer::Lost);
+                    }
                 }
+                drop(waiters);
                 link.notify.notify_waiters();
                 tracing::info!(channel = %link.name, covered, "caught up from a snapshot after falling behind the stream");
                 true
@@ -795,6 +812,13 @@ impl Inner {
             }
         });
     }
+}
+
+/// A caller waiting for its command's answer.
+struct Waiter {
+    /// The command's stream sequence, once JetStream has acknowledged it.
+    seq: Option<u64>,
+    tx: oneshot::Sender<Answer>,
 }
 
 /// What applying a stream message did.
@@ -882,8 +906,8 @@ impl Link {
                 inner.send_later(self.clone(), subscription::release_op(&self.name, &back));
             }
         }
-        if mine && let Some(tx) = self.waiters.lock().remove(&nonce) {
-            let _ = tx.send(answer);
+        if mine && let Some(waiter) = self.waiters.lock().remove(&nonce) {
+            let _ = waiter.tx.send(answer);
         }
         self.notify.notify_waiters();
         Applied::Done
