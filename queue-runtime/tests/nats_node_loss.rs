@@ -83,6 +83,15 @@ async fn work(queue: Queue, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_confirmed_produce_and_brings_back_no_confirmed_ack() {
+    // Every call is bounded (30 s of retries); a run that does not end fails instead of
+    // holding CI.
+    let bound = Duration::from_secs(120 + 2 * env("QUEUE_NATS_RUN_SECS", 6));
+    tokio::time::timeout(bound, run())
+        .await
+        .expect("the node-loss run did not end");
+}
+
+async fn run() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -597,11 +597,17 @@ impl Inner {
         }
         let mut rx = rx;
         let mut seen = link.applied.load(Ordering::Acquire);
+        let waiting = tokio::time::Instant::now();
         let answer = loop {
             match tokio::time::timeout(STALLED, &mut rx).await {
                 Ok(answer) => break answer,
                 Err(_) => {
                     let applied = link.applied.load(Ordering::Acquire);
+                    // Stored, and not read back for as long as requests are retried: the
+                    // caller learns it; the command is applied whenever the reader gets to it.
+                    if applied < seq && waiting.elapsed() > RETRY_FOR {
+                        return Err(QueueError::Timeout(RETRY_FOR));
+                    }
                     // Applied long ago and not answered: it was inside a snapshot the
                     // client caught up from.
                     if applied >= seq && seen >= seq {
