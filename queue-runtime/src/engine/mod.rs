@@ -1033,7 +1033,7 @@ fn deliver<P>(
 }
 
 /// The same failure again, for a second party to report.
-fn copy_error(e: &QueueError) -> QueueError {
+pub(crate) fn copy_error(e: &QueueError) -> QueueError {
     match e {
         QueueError::Io(io) => QueueError::Io(std::io::Error::new(io.kind(), io.to_string())),
         QueueError::Poisoned(reason) => QueueError::Poisoned(reason.clone()),

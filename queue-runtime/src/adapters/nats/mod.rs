@@ -41,6 +41,7 @@ use queue_core::{
 use tokio::sync::{Notify, oneshot};
 
 use crate::broker::protocol::{WireLease, WireOutcome, WireOutgoing, WireSpec};
+use crate::engine::copy_error;
 use command::{Command, Op};
 use replica::{Answer, Replica};
 use subscription::{Inbox, NatsSubscription};
@@ -525,7 +526,7 @@ impl Inner {
             ..Default::default()
         };
         let what = format!("opening the stream of channel `{name}`");
-        let mut stream = retry(&what, || self.js.get_or_create_stream(config.clone())).await?;
+        let stream = retry(&what, || self.js.get_or_create_stream(config.clone())).await?;
         let replicas = stream.cached_info().config.num_replicas;
         if replicas != self.options.replicas {
             tracing::warn!(
@@ -535,7 +536,6 @@ impl Inner {
                 "the channel's stream keeps a different number of replicas than the URL asks for"
             );
         }
-        let _ = stream.info().await;
         let (applied, replica) = match self.load_snapshot(hash).await? {
             Some((seq, replica)) => (seq, replica),
             None => (0, Replica::new(default_spec(name), number)),
@@ -557,7 +557,7 @@ impl Inner {
         });
         let task = self
             .runtime
-            .spawn(follow(Arc::downgrade(&link), Arc::downgrade(self), stream));
+            .spawn(follow(Arc::downgrade(&link), Arc::downgrade(self)));
         *link.applier.lock() = Some(task);
         self.links.lock().insert(name.to_string(), link.clone());
         Ok(Some(link))
@@ -931,8 +931,11 @@ impl Link {
 /// Reads a channel's stream from its start and applies every command, for as long as the
 /// link lives. A read that fails (a server restarting, a cluster electing a leader) starts
 /// again after the last command applied.
-async fn follow(link: Weak<Link>, inner: Weak<Inner>, stream: stream::Stream) {
+async fn follow(link: Weak<Link>, inner: Weak<Inner>) {
     use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let Some(stream) = link.upgrade().map(|l| l.stream.clone()) else {
+        return;
+    };
     let mut pause = Duration::from_millis(20);
     loop {
         let Some(start) = link
@@ -1309,15 +1312,6 @@ impl NatsAdapter {
             .flush()
             .await
             .map_err(|e| QueueError::backend("flushing the NATS connection", e))
-    }
-}
-
-/// The same failure again, for a second party to report.
-fn copy_error(e: &QueueError) -> QueueError {
-    match e {
-        QueueError::Closed => QueueError::Closed,
-        QueueError::Poisoned(reason) => QueueError::Poisoned(reason.clone()),
-        other => QueueError::Poisoned(other.to_string()),
     }
 }
 
