@@ -6,7 +6,7 @@
 //! payload that does not decode is dead-lettered at once), and on stop waits for running
 //! handlers up to a grace period before giving the rest back with [`Outcome::Release`].
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures_channel::oneshot;
 use futures_util::future::{BoxFuture, Either, FutureExt, Shared, poll_fn, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -412,6 +413,7 @@ impl ConsumerLoop {
         mut stop: oneshot::Receiver<Duration>,
     ) {
         let unsettled: Unsettled = Arc::default();
+        let mut keeper = Keeper::new(self.queue.clone(), self.spec.lease);
         let mut running = FuturesUnordered::new();
         let mut next: Option<BoxFuture<'static, Result<RawDelivery, QueueError>>> = None;
         let mut failures = 0u32;
@@ -421,6 +423,7 @@ impl ConsumerLoop {
                     return Poll::Ready(Step::Stop(g.unwrap_or(Duration::ZERO)));
                 }
                 while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
+                keeper.poll(cx);
                 if next.is_none() && running.len() < self.max_parallel {
                     next = Some(subscription.next());
                 }
@@ -441,7 +444,16 @@ impl ConsumerLoop {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(raw.lease.token, raw.lease.clone());
-                    running.push(self.process(raw, unsettled.clone()));
+                    let (cancel, cancelled) = oneshot::channel();
+                    let cancel: CancelSender = Arc::new(Mutex::new(Some(cancel)));
+                    keeper.hold(&raw.lease, raw.deadline, cancel.clone());
+                    running.push(self.process(
+                        raw,
+                        cancel,
+                        cancelled,
+                        keeper.kept(),
+                        unsettled.clone(),
+                    ));
                 }
                 Step::Delivery(Err(QueueError::Closed)) => {
                     tracing::debug!(consumer = %self.name, "queue closed, consumer ends");
@@ -464,7 +476,15 @@ impl ConsumerLoop {
         if !running.is_empty() && !grace.is_zero() {
             let clock = self.queue.clock().clone();
             let deadline = clock.sleep_until(clock.now() + millis(grace));
-            let drain = async { while running.next().await.is_some() {} };
+            // Leases are still extended while the running handlers finish.
+            let drain = poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
+                if running.is_empty() {
+                    return Poll::Ready(());
+                }
+                keeper.poll(cx);
+                Poll::Pending
+            });
             let _ = select(Box::pin(drain), deadline).await;
         }
         drop(running);
@@ -482,29 +502,33 @@ impl ConsumerLoop {
         drop(subscription);
     }
 
-    fn process(&self, raw: RawDelivery, unsettled: Unsettled) -> BoxFuture<'static, ()> {
+    fn process(
+        &self,
+        raw: RawDelivery,
+        cancel: CancelSender,
+        cancelled: oneshot::Receiver<()>,
+        kept: Arc<Mutex<Kept>>,
+        unsettled: Unsettled,
+    ) -> BoxFuture<'static, ()> {
         let span = crate::telemetry::handle_span(&self.spec.name, &raw);
         let queue = self.queue.clone();
         let spec = self.spec.clone();
         let handler = self.handler.clone();
         async move {
             let lease = raw.lease.clone();
-            let deadline = raw.deadline;
-            let (cancel, cancelled) = oneshot::channel();
-            let cancel: CancelSender = Arc::new(Mutex::new(Some(cancel)));
-            queue.running().enter(&lease, cancel.clone());
+            queue.running().enter(&lease, cancel);
             let cx = HandlerContext {
                 raw,
                 queue: queue.clone(),
                 settled: Arc::new(AtomicBool::new(false)),
                 cancelled: cancelled.shared(),
             };
-            let keeper = keep_lease(queue.clone(), lease.clone(), spec.lease, deadline, cancel);
             let started = std::time::Instant::now();
-            let result = match select(Box::pin(handler.call(&cx)), Box::pin(keeper)).await {
-                Either::Left((r, _)) => r,
-                Either::Right(((), handler)) => handler.await,
-            };
+            let result = handler.call(&cx).await;
+            // The lease is no longer extended once the handler has returned.
+            kept.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(lease.token);
             if let Some(observer) = queue.observer() {
                 let handled = match &result {
                     Ok(()) => crate::queue::Handled::Acked,
@@ -542,31 +566,307 @@ impl ConsumerLoop {
     }
 }
 
-/// Extends a lease while its handler runs: each time a third of the lease has passed. Ends
-/// (leaving the handler running) when an extension is refused; fires `cancel` when it is
-/// refused because the message was cancelled.
-async fn keep_lease(
-    queue: Queue,
+/// The running handlers' leases and when each is next extended, shared by a consumer loop
+/// and its handlers.
+#[derive(Default)]
+struct Kept {
+    held: HashMap<u64, Held>,
+    /// `(when, token)` of the leases waiting for their next extension.
+    due: BTreeSet<(Timestamp, u64)>,
+}
+
+struct Held {
     lease: Lease,
-    period: Duration,
-    mut deadline: Timestamp,
     cancel: CancelSender,
-) {
-    let period_ms = millis(period).max(3);
-    loop {
-        let at = deadline.saturating_sub(period_ms * 2 / 3);
-        queue.clock().sleep_until(at).await;
-        match queue.adapter().extend(&lease, period).await {
-            Ok(d) => deadline = d,
-            Err(QueueError::Cancelled { .. }) => {
-                tracing::info!("message cancelled while its handler runs");
-                fire(&cancel);
+    /// When the next extension is due; `None` while one is being made or once extending
+    /// has stopped.
+    at: Option<Timestamp>,
+}
+
+impl Kept {
+    /// Stops extending lease `token`: its handler has returned.
+    fn release(&mut self, token: u64) {
+        if let Some(Held { at: Some(at), .. }) = self.held.remove(&token) {
+            self.due.remove(&(at, token));
+        }
+    }
+}
+
+/// Extends the leases of a consumer's running handlers, each time a third of the lease has
+/// passed, with one timer for the consumer rather than one per delivery. A refused
+/// extension stops extending that lease (the handler runs on); one refused because the
+/// message was cancelled tells its handler.
+struct Keeper {
+    queue: Queue,
+    period: Duration,
+    period_ms: u64,
+    kept: Arc<Mutex<Kept>>,
+    /// Fires at or before the earliest due extension.
+    timer: Option<(Timestamp, BoxFuture<'static, ()>)>,
+    extending: FuturesUnordered<BoxFuture<'static, (u64, Result<Timestamp, QueueError>)>>,
+}
+
+impl Keeper {
+    fn new(queue: Queue, period: Duration) -> Self {
+        Keeper {
+            queue,
+            period,
+            period_ms: millis(period).max(3),
+            kept: Arc::default(),
+            timer: None,
+            extending: FuturesUnordered::new(),
+        }
+    }
+
+    fn kept(&self) -> Arc<Mutex<Kept>> {
+        self.kept.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn due_at(&self, deadline: Timestamp) -> Timestamp {
+        deadline.saturating_sub(self.period_ms * 2 / 3)
+    }
+
+    /// Starts extending `lease`, which lapses at `deadline`.
+    fn hold(&mut self, lease: &Lease, deadline: Timestamp, cancel: CancelSender) {
+        let at = self.due_at(deadline);
+        let mut kept = self.lock();
+        kept.due.insert((at, lease.token));
+        let held = Held {
+            lease: lease.clone(),
+            cancel,
+            at: Some(at),
+        };
+        kept.held.insert(lease.token, held);
+    }
+
+    /// Makes the extensions that are due and takes their answers. The timer is set again
+    /// only when an earlier extension comes due, or when it fires: a handler returning does
+    /// not move it.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) {
+        loop {
+            while let Poll::Ready(Some((token, result))) = self.extending.poll_next_unpin(cx) {
+                self.extended(token, result);
+            }
+            let earliest = self.lock().due.first().map(|(at, _)| *at);
+            let Some(earliest) = earliest else {
+                return;
+            };
+            if self
+                .timer
+                .as_ref()
+                .is_none_or(|(armed, _)| earliest < *armed)
+            {
+                let sleep = self.queue.clock().sleep_until(earliest);
+                self.timer = Some((earliest, sleep));
+            }
+            let Some((_, sleep)) = self.timer.as_mut() else {
+                return;
+            };
+            if sleep.poll_unpin(cx).is_pending() {
                 return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "lease extension refused; the message may go to another consumer");
-                return;
+            self.timer = None;
+            let now = self.queue.clock().now();
+            let mut kept = self.lock();
+            while let Some(&(at, token)) = kept.due.first()
+                && at <= now
+            {
+                kept.due.pop_first();
+                let Some(held) = kept.held.get_mut(&token) else {
+                    continue;
+                };
+                held.at = None;
+                let (queue, lease, period) = (self.queue.clone(), held.lease.clone(), self.period);
+                self.extending.push(
+                    async move { (token, queue.adapter().extend(&lease, period).await) }.boxed(),
+                );
             }
         }
+    }
+
+    fn extended(&mut self, token: u64, result: Result<Timestamp, QueueError>) {
+        let mut kept = self.lock();
+        let Some(held) = kept.held.get_mut(&token) else {
+            // Its handler returned meanwhile.
+            return;
+        };
+        match result {
+            Ok(deadline) => {
+                let at = self.due_at(deadline);
+                held.at = Some(at);
+                kept.due.insert((at, token));
+            }
+            Err(QueueError::Cancelled { .. }) => {
+                tracing::info!(message_id = %held.lease.id, "message cancelled while its handler runs");
+                fire(&held.cancel);
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %held.lease.id, error = %e, "lease extension refused; the message may go to another consumer");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{Adapter, ChannelStats, DeadLetter, Outgoing, Receipt, StoredMessage};
+    use crate::clock::{Clock, VirtualClock};
+    use crate::queue::Spawn;
+    use crate::{Cancelled, MessageId, Subscription};
+
+    /// Answers extensions from the clock and records them; nothing else is called.
+    struct Extends {
+        clock: VirtualClock,
+        made: Mutex<Vec<(u64, Timestamp)>>,
+    }
+
+    fn unused<T>() -> BoxFuture<'static, Result<T, QueueError>> {
+        unreachable!("the keeper only extends")
+    }
+
+    impl Adapter for Extends {
+        fn produce<'a>(
+            &'a self,
+            _: &'a ChannelSpec,
+            _: Vec<Outgoing>,
+        ) -> BoxFuture<'a, Result<Vec<Receipt>, QueueError>> {
+            unused()
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _: &'a ChannelSpec,
+            _: u32,
+        ) -> BoxFuture<'a, Result<Box<dyn Subscription>, QueueError>> {
+            unused()
+        }
+        fn settle<'a>(&'a self, _: &'a Lease, _: Outcome) -> BoxFuture<'a, Result<(), QueueError>> {
+            unused()
+        }
+        fn extend<'a>(
+            &'a self,
+            lease: &'a Lease,
+            by: Duration,
+        ) -> BoxFuture<'a, Result<Timestamp, QueueError>> {
+            let now = self.clock.now();
+            self.made.lock().unwrap().push((lease.token, now));
+            async move { Ok(now + millis(by)) }.boxed()
+        }
+        fn stats(&self) -> BoxFuture<'_, Result<Vec<ChannelStats>, QueueError>> {
+            unused()
+        }
+        fn peek<'a>(
+            &'a self,
+            _: &'a str,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<StoredMessage>, QueueError>> {
+            unused()
+        }
+        fn dead_letters<'a>(
+            &'a self,
+            _: &'a str,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<DeadLetter>, QueueError>> {
+            unused()
+        }
+        fn redrive<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a [MessageId]>,
+        ) -> BoxFuture<'a, Result<u64, QueueError>> {
+            unused()
+        }
+        fn purge_dead<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a [MessageId]>,
+        ) -> BoxFuture<'a, Result<u64, QueueError>> {
+            unused()
+        }
+        fn purge<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<u64, QueueError>> {
+            unused()
+        }
+        fn cancel<'a>(
+            &'a self,
+            _: &'a str,
+            _: MessageId,
+        ) -> BoxFuture<'a, Result<Cancelled, QueueError>> {
+            unused()
+        }
+        fn set_paused<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, Result<(), QueueError>> {
+            unused()
+        }
+        fn close(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+            unused()
+        }
+    }
+
+    struct NoSpawn;
+
+    impl Spawn for NoSpawn {
+        fn spawn(&self, _: BoxFuture<'static, ()>) {
+            unreachable!("the keeper spawns nothing")
+        }
+    }
+
+    fn lease(token: u64) -> Lease {
+        Lease {
+            channel: "c".into(),
+            id: MessageId(token),
+            token,
+        }
+    }
+
+    fn cancel() -> CancelSender {
+        Arc::new(Mutex::new(Some(oneshot::channel().0)))
+    }
+
+    #[test]
+    fn each_lease_is_extended_when_a_third_has_passed_even_if_an_earlier_one_arrives_later() {
+        let clock = VirtualClock::new(0);
+        let adapter = Arc::new(Extends {
+            clock: clock.clone(),
+            made: Mutex::default(),
+        });
+        let queue = Queue::new(
+            adapter.clone(),
+            Arc::new(clock.clone()),
+            Arc::new(NoSpawn),
+            "test",
+        );
+        let mut keeper = Keeper::new(queue, Duration::from_secs(9));
+        let poll = |keeper: &mut Keeper| {
+            futures_executor::block_on(poll_fn(|cx| {
+                keeper.poll(cx);
+                Poll::Ready(())
+            }));
+        };
+        let made = || adapter.made.lock().unwrap().clone();
+        // Token 1 lapses at 9 s: extended at 3 s, then lapses at 12 s, next due at 6 s.
+        keeper.hold(&lease(1), 9_000, cancel());
+        poll(&mut keeper);
+        clock.advance(Duration::from_millis(2_999));
+        poll(&mut keeper);
+        assert_eq!(made(), vec![]);
+        clock.advance(Duration::from_millis(1));
+        poll(&mut keeper);
+        assert_eq!(made(), vec![(1, 3_000)]);
+        // Token 2 was leased earlier (taken ahead) and is due already: the timer moves.
+        keeper.hold(&lease(2), 7_000, cancel());
+        poll(&mut keeper);
+        assert_eq!(made(), vec![(1, 3_000), (2, 3_000)]);
+        // A returned handler is extended no more; the others are.
+        keeper.kept().lock().unwrap().release(2);
+        clock.advance(Duration::from_secs(3));
+        poll(&mut keeper);
+        assert_eq!(made(), vec![(1, 3_000), (2, 3_000), (1, 6_000)]);
+        // Late polls make one extension, from the time they run.
+        clock.advance(Duration::from_secs(30));
+        poll(&mut keeper);
+        assert_eq!(made()[3..], [(1, 36_000)]);
     }
 }

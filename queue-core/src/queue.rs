@@ -1,11 +1,11 @@
 //! [`Queue`], the handle applications hold, and the typed [`Producer`].
 
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures_channel::oneshot;
 use futures_util::future::BoxFuture;
 use tracing::Instrument;

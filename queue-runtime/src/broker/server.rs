@@ -6,11 +6,11 @@
 //! task per subscription pushing deliveries. Closing a connection aborts its subscription
 //! tasks, which drops their subscriptions: every lease they hold is released at once.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};

@@ -2,11 +2,11 @@
 //! fed by an outbox bounded in bytes, TCP keepalive, the one accept loop of every listener
 //! (TCP, TLS, Unix), and the leases a connection holds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use futures_util::SinkExt;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;

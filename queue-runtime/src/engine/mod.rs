@@ -14,11 +14,12 @@ pub mod journal;
 pub mod keys;
 pub mod state;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, select};
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -105,7 +106,7 @@ impl<J: Journal> Engine<J> {
     pub fn new(clock: Arc<dyn Clock>, journal: J, next_id: u64, first_token: u64) -> Arc<Self> {
         let counted_since = AtomicU64::new(clock.now());
         Arc::new_cyclic(|me| Engine {
-            channels: RwLock::new(HashMap::new()),
+            channels: RwLock::new(HashMap::default()),
             next_id: AtomicU64::new(next_id.max(1)),
             next_token: AtomicU64::new(first_token.max(1)),
             next_consumer: AtomicU64::new(1),
@@ -168,7 +169,7 @@ impl<J: Journal> Engine<J> {
                 Arc::new(Cell {
                     state: Mutex::new(ChannelState::new(spec.clone())),
                     notify: Notify::new(),
-                    inboxes: Mutex::new(HashMap::new()),
+                    inboxes: Mutex::new(HashMap::default()),
                     cancels: AtomicU64::new(0),
                 })
             })

@@ -8,12 +8,13 @@
 //! [`Change`] for the journal.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::{NonZeroU32, NonZeroU64};
 
 use super::keys::KeyWindow;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use queue_core::clock::{Timestamp, millis};
@@ -259,21 +260,21 @@ impl<P: Clone> ChannelState<P> {
             ready: BTreeMap::new(),
             ready_len: 0,
             delayed: BTreeMap::new(),
-            leased: HashMap::new(),
+            leased: HashMap::default(),
             deadlines: BTreeSet::new(),
             dead: BTreeMap::new(),
             dedup: KeyWindow::new(usize::MAX),
-            consumers: HashMap::new(),
+            consumers: HashMap::default(),
             counters: Tally::default(),
             paused: false,
             cancelled: KeyWindow::new(MAX_CANCELLED),
-            groups: HashMap::new(),
-            group_refs: HashMap::new(),
+            groups: HashMap::default(),
+            group_refs: HashMap::default(),
             free_refs: Vec::new(),
             next_ref: 0,
             parked_len: 0,
             rate: Window::default(),
-            group_rates: HashMap::new(),
+            group_rates: HashMap::default(),
             group_window: 0,
             rate_blocked: None,
         }

@@ -1215,6 +1215,61 @@ pub async fn the_consumer_extends_the_lease_while_the_handler_runs(h: &Harness) 
     eventually("the ack", || async { h.stats(JOBS).await.acked == 1 }).await;
 }
 
+/// Every running handler's lease is extended until that handler returns, also while a
+/// stopping consumer waits for its handlers.
+pub async fn the_consumer_extends_each_running_lease_until_its_handler_returns(h: &Harness) {
+    let (started_tx, mut started) = recorder();
+    let (release, released) = tokio::sync::watch::channel(0u32);
+    let consumer = Job::consumer(&h.queue)
+        .max_parallel(3)
+        .handle(move |job: Job| {
+            let started_tx = started_tx.clone();
+            let mut released = released.clone();
+            async move {
+                started_tx.send(job.n).unwrap();
+                let _ = released.wait_for(|n| *n >= job.n).await;
+            }
+        })
+        .await
+        .unwrap();
+    // Three handlers started 3 s apart, so that their extensions fall due at different times.
+    for n in 1..=3 {
+        produce_jobs(h, n..n + 1).await;
+        assert_eq!(recv(&mut started).await, n);
+        h.advance(Duration::from_secs(3)).await;
+    }
+    // Each step waits for every running lease to be ahead of the clock.
+    let steps = |count: usize| async move {
+        for _ in 0..count {
+            h.advance(Duration::from_secs(2)).await;
+            let now = h.clock.now();
+            eventually("the running leases to be extended", || async {
+                let peeked = h.queue.peek(JOBS, 10).await.unwrap();
+                peeked
+                    .iter()
+                    .all(|m| m.state == MessageState::InFlight && m.due > now + 5_000)
+            })
+            .await;
+        }
+    };
+    steps(10).await;
+    release.send(1).unwrap();
+    eventually("the first ack", || async { h.stats(JOBS).await.acked == 1 }).await;
+    steps(10).await;
+    assert_eq!(h.stats(JOBS).await.in_flight, 2);
+    // Stopping waits for the two running handlers, and their leases go on being extended.
+    let stopping = tokio::spawn(consumer.stop(Duration::from_secs(300)));
+    steps(10).await;
+    assert!(
+        !stopping.is_finished(),
+        "stop waits for the running handlers"
+    );
+    release.send(3).unwrap();
+    within("the stop", stopping).await.unwrap().unwrap();
+    let s = h.stats(JOBS).await;
+    assert_eq!((s.acked, s.in_flight, s.lease_expiries), (3, 0, 0));
+}
+
 pub async fn a_delivery_handler_sees_id_attempt_and_token(h: &Harness) {
     let (tx, mut rx) = recorder();
     let _consumer = Job::consumer(&h.queue)

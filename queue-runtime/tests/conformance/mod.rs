@@ -153,6 +153,7 @@ macro_rules! conformance_suite {
             a_poison_payload_is_dead_lettered_at_once,
             a_consumer_dropped_while_handling_gives_the_message_to_another,
             the_consumer_extends_the_lease_while_the_handler_runs,
+            the_consumer_extends_each_running_lease_until_its_handler_returns,
             a_delivery_handler_sees_id_attempt_and_token,
             a_delivery_handler_can_retry_and_dead_letter_by_hand,
             stopping_a_consumer_waits_for_running_handlers,

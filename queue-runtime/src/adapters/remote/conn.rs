@@ -1,11 +1,11 @@
 //! One connection to the broker: the handshake, the reader that routes replies and pushed
 //! deliveries, the heartbeat, and reconnecting.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use queue_core::{QueueError, Receipt};
@@ -295,11 +295,11 @@ impl Inner {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let conn = Arc::new(Conn {
             out,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::default()),
             next_id: AtomicI64::new(1),
             alive: AtomicBool::new(true),
             generation,
-            subs: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::default()),
             closing: tokio::sync::Notify::new(),
             opened: Instant::now(),
             heard: AtomicU64::new(0),

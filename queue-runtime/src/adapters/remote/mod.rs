@@ -24,11 +24,11 @@ mod batch;
 mod conn;
 mod subs;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
@@ -171,12 +171,12 @@ impl RemoteAdapter {
                 options,
                 conn: tokio::sync::Mutex::new(None),
                 current: Mutex::new(None),
-                subs: Mutex::new(HashMap::new()),
+                subs: Mutex::new(HashMap::default()),
                 next_local: AtomicU64::new(1),
                 generation: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 reconnect: Arc::new(tokio::sync::Notify::new()),
-                batches: Mutex::new(HashMap::new()),
+                batches: Mutex::new(HashMap::default()),
                 settles: Mutex::default(),
             }),
         };
