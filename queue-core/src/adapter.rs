@@ -20,6 +20,7 @@
 //!   became ready.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -79,7 +80,7 @@ pub struct Outgoing {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lease {
     /// The channel name.
-    pub channel: String,
+    pub channel: Arc<str>,
     /// The message.
     pub id: MessageId,
     /// The fencing token of this delivery; any other token is stale.

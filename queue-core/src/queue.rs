@@ -64,7 +64,7 @@ pub(crate) struct Running {
 }
 
 /// Running handlers by `(channel, message)`: each lease token with its handler's sender.
-type ByMessage = HashMap<(String, MessageId), Vec<(u64, CancelSender)>>;
+type ByMessage = HashMap<(Arc<str>, MessageId), Vec<(u64, CancelSender)>>;
 
 impl Running {
     fn lock(&self) -> std::sync::MutexGuard<'_, ByMessage> {
@@ -93,7 +93,7 @@ impl Running {
 
     /// Tells every handler of the message that it was cancelled.
     fn cancel(&self, channel: &str, id: MessageId) {
-        let handlers = self.lock().remove(&(channel.to_string(), id));
+        let handlers = self.lock().remove(&(Arc::from(channel), id));
         for (_, cancel) in handlers.into_iter().flatten() {
             fire(&cancel);
         }

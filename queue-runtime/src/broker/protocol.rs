@@ -251,7 +251,7 @@ pub struct WireLease {
 impl From<&Lease> for WireLease {
     fn from(l: &Lease) -> Self {
         WireLease {
-            channel: l.channel.clone(),
+            channel: l.channel.to_string(),
             id: l.id.0 as i64,
             token: l.token as i64,
         }
@@ -261,7 +261,7 @@ impl From<&Lease> for WireLease {
 impl From<WireLease> for Lease {
     fn from(l: WireLease) -> Self {
         Lease {
-            channel: l.channel,
+            channel: l.channel.into(),
             id: MessageId(l.id as u64),
             token: l.token as u64,
         }

@@ -548,7 +548,7 @@ impl<J: Journal> Engine<J> {
         // Indices by channel, in order of first appearance.
         let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
         for (i, lease) in leases.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _)| *c == lease.channel) {
+            match groups.iter_mut().find(|(c, _)| *c == &*lease.channel) {
                 Some((_, members)) => members.push(i),
                 None => groups.push((&lease.channel, vec![i])),
             }

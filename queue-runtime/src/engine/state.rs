@@ -62,10 +62,14 @@ pub struct Held<P> {
 
 impl<P> Held<P> {
     /// The delivery of this lease on `channel`, with the payload read from wherever `P` says.
-    pub fn to_delivery(&self, channel: &str, payload: Vec<u8>) -> queue_core::RawDelivery {
+    pub fn to_delivery(
+        &self,
+        channel: &std::sync::Arc<str>,
+        payload: Vec<u8>,
+    ) -> queue_core::RawDelivery {
         queue_core::RawDelivery {
             lease: queue_core::Lease {
-                channel: channel.to_string(),
+                channel: channel.clone(),
                 id: self.entry.id,
                 token: self.token,
             },

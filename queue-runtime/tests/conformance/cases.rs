@@ -90,7 +90,7 @@ pub async fn a_produced_message_is_delivered_with_its_payload(h: &Harness) {
     let sub = subscribe(h, 1).await;
     let d = next(&*sub).await;
     assert_eq!(d.lease.id, receipt.id);
-    assert_eq!(d.lease.channel, JOBS);
+    assert_eq!(&*d.lease.channel, JOBS);
     assert_eq!(job(&d), 42);
     assert_eq!(d.attempt, 1);
     assert_eq!(d.deadline, h.clock.now() + 10_000);
@@ -873,7 +873,7 @@ pub async fn channels_are_independent(h: &Harness) {
         .await
         .unwrap();
     let d = next(&*other).await;
-    assert_eq!(d.lease.channel, "conf/other");
+    assert_eq!(&*d.lease.channel, "conf/other");
     assert_eq!(codec::decode::<Other>(&d.payload).unwrap().n, 5);
 }
 

@@ -1120,15 +1120,15 @@ impl NatsAdapter {
 
     async fn settle_batch(&self, settles: Vec<(Lease, Outcome)>) -> Vec<Result<(), QueueError>> {
         let mut results: Vec<Result<(), QueueError>> = settles.iter().map(|_| Ok(())).collect();
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
         for (i, (lease, _)) in settles.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _)| *c == lease.channel) {
+            match groups.iter_mut().find(|(c, _)| *c == &*lease.channel) {
                 Some((_, members)) => members.push(i),
-                None => groups.push((lease.channel.clone(), vec![i])),
+                None => groups.push((&lease.channel, vec![i])),
             }
         }
         for (channel, members) in groups {
-            let link = match self.inner.link(&channel, false).await {
+            let link = match self.inner.link(channel, false).await {
                 Ok(Some(link)) => link,
                 Ok(None) => {
                     for &i in &members {

@@ -94,7 +94,9 @@ async fn next_delivery(
             {
                 continue;
             }
-            return Ok(held.to_delivery(&link.name, held.entry.payload.to_vec()));
+            return Ok(
+                held.to_delivery(&Arc::from(link.name.as_str()), held.entry.payload.to_vec())
+            );
         }
         let now = inner.clock.now();
         let (could, version, wakeup) = {

@@ -853,7 +853,7 @@ impl Inner {
         let notify = match outcome {
             Outcome::Ack => {
                 // A lease of a channel the database does not know holds nothing.
-                if !self.channels.read().contains_key(lease.channel.as_str()) {
+                if !self.channels.read().contains_key(&*lease.channel) {
                     self.channel_named(&lease.channel)
                         .await
                         .map_err(|e| match e {

@@ -276,7 +276,7 @@ async fn take(inner: Arc<Inner>, shared: Arc<SubShared>) -> Result<Took, QueueEr
         .iter()
         .map(|r| RawDelivery {
             lease: Lease {
-                channel: shared.name.to_string(),
+                channel: shared.name.clone(),
                 id: MessageId(u64_of(r.get(0))),
                 token: u64_of(r.get(1)),
             },
