@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use foldhash::HashMap;
 use futures_channel::oneshot;
-use futures_util::future::{BoxFuture, Either, FutureExt, Shared, poll_fn, select};
+use futures_util::future::{BoxFuture, Either, FutureExt, poll_fn, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
@@ -27,7 +27,7 @@ use crate::clock::{Timestamp, millis};
 use crate::codec;
 use crate::delivery::Delivery;
 use crate::error::QueueError;
-use crate::queue::{CancelSender, Queue, fire};
+use crate::queue::{Cancellation, Queue};
 use crate::spec::{Channel, ChannelSpec, Message};
 
 /// How many deliveries a consumer holds at once unless told otherwise.
@@ -65,9 +65,8 @@ pub struct HandlerContext {
     pub queue: Queue,
     /// Set once the handler has settled the delivery itself.
     pub settled: Arc<AtomicBool>,
-    /// Resolves with `Ok` once the store refuses the lease as cancelled; with `Err` when the
-    /// delivery ends without that.
-    pub cancelled: Shared<oneshot::Receiver<()>>,
+    /// Fired once the message is cancelled while the handler runs.
+    pub cancelled: Cancellation,
 }
 
 /// The first parameter of a consumer: a channel message type, or [`Delivery`] of one.
@@ -444,16 +443,9 @@ impl ConsumerLoop {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(raw.lease.token, raw.lease.clone());
-                    let (cancel, cancelled) = oneshot::channel();
-                    let cancel: CancelSender = Arc::new(Mutex::new(Some(cancel)));
+                    let cancel = Cancellation::default();
                     keeper.hold(&raw.lease, raw.deadline, cancel.clone());
-                    running.push(self.process(
-                        raw,
-                        cancel,
-                        cancelled,
-                        keeper.kept(),
-                        unsettled.clone(),
-                    ));
+                    running.push(self.process(raw, cancel, keeper.kept(), unsettled.clone()));
                 }
                 Step::Delivery(Err(QueueError::Closed)) => {
                     tracing::debug!(consumer = %self.name, "queue closed, consumer ends");
@@ -505,8 +497,7 @@ impl ConsumerLoop {
     fn process(
         &self,
         raw: RawDelivery,
-        cancel: CancelSender,
-        cancelled: oneshot::Receiver<()>,
+        cancel: Cancellation,
         kept: Arc<Mutex<Kept>>,
         unsettled: Unsettled,
     ) -> BoxFuture<'static, ()> {
@@ -516,12 +507,12 @@ impl ConsumerLoop {
         let handler = self.handler.clone();
         async move {
             let lease = raw.lease.clone();
-            queue.running().enter(&lease, cancel);
+            queue.running().enter(&lease, cancel.clone());
             let cx = HandlerContext {
                 raw,
                 queue: queue.clone(),
                 settled: Arc::new(AtomicBool::new(false)),
-                cancelled: cancelled.shared(),
+                cancelled: cancel,
             };
             let started = std::time::Instant::now();
             let result = handler.call(&cx).await;
@@ -577,7 +568,7 @@ struct Kept {
 
 struct Held {
     lease: Lease,
-    cancel: CancelSender,
+    cancel: Cancellation,
     /// When the next extension is due; `None` while one is being made or once extending
     /// has stopped.
     at: Option<Timestamp>,
@@ -631,7 +622,7 @@ impl Keeper {
     }
 
     /// Starts extending `lease`, which lapses at `deadline`.
-    fn hold(&mut self, lease: &Lease, deadline: Timestamp, cancel: CancelSender) {
+    fn hold(&mut self, lease: &Lease, deadline: Timestamp, cancel: Cancellation) {
         let at = self.due_at(deadline);
         let mut kept = self.lock();
         kept.due.insert((at, lease.token));
@@ -702,7 +693,7 @@ impl Keeper {
             }
             Err(QueueError::Cancelled { .. }) => {
                 tracing::info!(message_id = %held.lease.id, "message cancelled while its handler runs");
-                fire(&held.cancel);
+                held.cancel.fire();
             }
             Err(e) => {
                 tracing::warn!(message_id = %held.lease.id, error = %e, "lease extension refused; the message may go to another consumer");
@@ -821,8 +812,35 @@ mod tests {
         }
     }
 
-    fn cancel() -> CancelSender {
-        Arc::new(Mutex::new(Some(oneshot::channel().0)))
+    fn cancel() -> Cancellation {
+        Cancellation::default()
+    }
+
+    #[test]
+    fn a_cancellation_wakes_its_waiter_once_when_fired() {
+        use futures_util::task::{ArcWake, waker};
+        use std::sync::atomic::AtomicUsize;
+        struct Wakes(AtomicUsize);
+        impl ArcWake for Wakes {
+            fn wake_by_ref(w: &Arc<Self>) {
+                w.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = waker(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let cancel = Cancellation::default();
+        let handler = cancel.clone();
+        let mut waiting = Box::pin(async move { handler.cancelled().await });
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert!(!cancel.is_cancelled());
+        cancel.fire();
+        cancel.fire();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(waiting.as_mut().poll(&mut cx).is_ready());
+        let mut late = Box::pin(async move { cancel.cancelled().await });
+        assert!(late.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

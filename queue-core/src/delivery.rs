@@ -5,13 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_channel::oneshot;
-use futures_util::future::Shared;
-
 use crate::adapter::{Lease, MessageId, Outcome, RawDelivery};
 use crate::clock::Timestamp;
 use crate::error::QueueError;
-use crate::queue::Queue;
+use crate::queue::{Cancellation, Queue};
 use crate::spec::Message;
 
 /// A message with its delivery metadata and the means to settle it by hand.
@@ -27,7 +24,7 @@ pub struct Delivery<T> {
     produced_at: Timestamp,
     queue: Queue,
     settled: Arc<AtomicBool>,
-    cancelled: Shared<oneshot::Receiver<()>>,
+    cancelled: Cancellation,
 }
 
 impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
@@ -46,7 +43,7 @@ impl<T: Message> Delivery<T> {
         raw: &RawDelivery,
         queue: Queue,
         settled: Arc<AtomicBool>,
-        cancelled: Shared<oneshot::Receiver<()>>,
+        cancelled: Cancellation,
     ) -> Self {
         Delivery {
             message,
@@ -69,9 +66,7 @@ impl<T: Message> Delivery<T> {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn cancelled(&self) {
-        if self.cancelled.clone().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        self.cancelled.cancelled().await;
     }
 
     /// The message id, stable across redeliveries.

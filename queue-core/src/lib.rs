@@ -64,7 +64,9 @@ pub use clock::{Clock, Timestamp, VirtualClock};
 pub use consume::{ConsumerBuilder, ConsumerHandle, ErasedHandler, HandlerOutput};
 pub use delivery::Delivery;
 pub use error::QueueError;
-pub use queue::{Handled, Observer, Producer, Queue, Spawn, TransactionalProduce, produce_in};
+pub use queue::{
+    Cancellation, Handled, Observer, Producer, Queue, Spawn, TransactionalProduce, produce_in,
+};
 pub use registry::{Dep, Deps};
 pub use spec::{Channel, ChannelSpec, GroupKey, Message, Processing, Rate, Schedule};
 

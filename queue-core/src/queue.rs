@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use foldhash::HashMap;
-use futures_channel::oneshot;
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
@@ -45,57 +44,100 @@ struct QueueInner {
     running: Arc<Running>,
 }
 
-/// Where a running handler learns that its message was cancelled.
-pub(crate) type CancelSender = Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>;
+/// Where a running handler learns that its message was cancelled: fired at most once, cheap
+/// to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Cancellation(Arc<CancelState>);
 
-/// Tells a handler that its message was cancelled, once.
-pub(crate) fn fire(cancel: &CancelSender) {
-    let taken = cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(tx) = taken {
-        let _ = tx.send(());
-    }
+#[derive(Debug, Default)]
+struct CancelState {
+    fired: std::sync::atomic::AtomicBool,
+    waiting: std::sync::Mutex<Vec<std::task::Waker>>,
 }
 
-/// The handlers running in this process, by message, so that a cancel made through any
-/// handle of the same queue tells them at once instead of at their next lease extension.
-#[derive(Default)]
-pub(crate) struct Running {
-    by_message: std::sync::Mutex<ByMessage>,
-}
-
-/// Running handlers by `(channel, message)`: each lease token with its handler's sender.
-type ByMessage = HashMap<(Arc<str>, MessageId), Vec<(u64, CancelSender)>>;
-
-impl Running {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ByMessage> {
-        self.by_message.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A handler of `lease` starts.
-    pub(crate) fn enter(&self, lease: &Lease, cancel: CancelSender) {
-        self.lock()
-            .entry((lease.channel.clone(), lease.id))
-            .or_default()
-            .push((lease.token, cancel));
-    }
-
-    /// The handler of `lease` ended.
-    pub(crate) fn leave(&self, lease: &Lease) {
-        let mut running = self.lock();
-        let key = (lease.channel.clone(), lease.id);
-        if let Some(handlers) = running.get_mut(&key) {
-            handlers.retain(|(token, _)| *token != lease.token);
-            if handlers.is_empty() {
-                running.remove(&key);
+impl Cancellation {
+    /// Tells the handler, once.
+    pub(crate) fn fire(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.0.fired.swap(true, Ordering::AcqRel) {
+            let waiting = std::mem::take(&mut *self.waiting());
+            for waker in waiting {
+                waker.wake();
             }
         }
     }
 
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<std::task::Waker>> {
+        self.0.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True once the message was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.fired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the message is cancelled, and never otherwise.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            let mut waiting = self.waiting();
+            // Checked again under the lock `fire` takes to wake, so no wake is missed.
+            if self.is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// The handlers running in this process, so that a cancel made through any handle of the
+/// same queue tells them at once instead of at their next lease extension.
+#[derive(Default)]
+pub(crate) struct Running {
+    by_lease: std::sync::Mutex<ByLease>,
+}
+
+/// Running handlers by `(channel, message, lease token)`.
+type ByLease = HashMap<(Arc<str>, MessageId, u64), Cancellation>;
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByLease> {
+        self.by_lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handler of `lease` starts.
+    pub(crate) fn enter(&self, lease: &Lease, cancel: Cancellation) {
+        self.lock()
+            .insert((lease.channel.clone(), lease.id, lease.token), cancel);
+    }
+
+    /// The handler of `lease` ended.
+    pub(crate) fn leave(&self, lease: &Lease) {
+        self.lock()
+            .remove(&(lease.channel.clone(), lease.id, lease.token));
+    }
+
     /// Tells every handler of the message that it was cancelled.
     fn cancel(&self, channel: &str, id: MessageId) {
-        let handlers = self.lock().remove(&(Arc::from(channel), id));
-        for (_, cancel) in handlers.into_iter().flatten() {
-            fire(&cancel);
+        let mut told = Vec::new();
+        self.lock().retain(|(c, m, _), cancel| {
+            let of_it = *m == id && **c == *channel;
+            if of_it {
+                told.push(cancel.clone());
+            }
+            !of_it
+        });
+        for cancel in told {
+            cancel.fire();
         }
     }
 }
