@@ -898,9 +898,132 @@ fn tag<'a>(bytes: &'a [u8], inner: Option<&str>, key: &str) -> Option<&'a str> {
     doc.get_str(key).ok()
 }
 
+fn malformed(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Protocol(format!("malformed frame: {e}"))
+}
+
+/// An integer field, as serde reads an `i64`: BSON int64 or int32.
+fn int(value: bson::RawBsonRef<'_>, field: &str) -> Result<i64, QueueError> {
+    match value {
+        bson::RawBsonRef::Int64(v) => Ok(v),
+        bson::RawBsonRef::Int32(v) => Ok(i64::from(v)),
+        _ => Err(malformed(format!("`{field}` must be an integer"))),
+    }
+}
+
+fn string<'a>(value: bson::RawBsonRef<'a>, field: &str) -> Result<&'a str, QueueError> {
+    value
+        .as_str()
+        .ok_or_else(|| malformed(format!("`{field}` must be a string")))
+}
+
+fn document<'a>(
+    value: bson::RawBsonRef<'a>,
+    field: &str,
+) -> Result<&'a bson::RawDocument, QueueError> {
+    value
+        .as_document()
+        .ok_or_else(|| malformed(format!("`{field}` must be a document")))
+}
+
+fn missing(field: &str) -> QueueError {
+    malformed(format!("missing field `{field}`"))
+}
+
+/// Reads a `settle_many` frame straight from its bytes, each field visited once: the
+/// request a busy consumer sends most.
+fn decode_settle_many(bytes: &[u8]) -> Result<ClientFrame, QueueError> {
+    let doc = bson::RawDocument::from_bytes(bytes).map_err(malformed)?;
+    let (mut id, mut list) = (None, None);
+    for element in doc {
+        let (key, value) = element.map_err(malformed)?;
+        match key.as_str() {
+            "id" => id = Some(int(value, "id")?),
+            "settles" => {
+                let array = value
+                    .as_array()
+                    .ok_or_else(|| malformed("`settles` must be an array"))?;
+                list = Some(array);
+            }
+            _ => {}
+        }
+    }
+    let id = id.ok_or_else(|| missing("id"))?;
+    let mut settles = Vec::new();
+    for item in list.ok_or_else(|| missing("settles"))? {
+        let item = item.map_err(malformed)?;
+        settles.push(read_settle(document(item, "settles")?)?);
+    }
+    Ok(ClientFrame {
+        id,
+        request: Request::SettleMany { settles },
+    })
+}
+
+fn read_settle(doc: &bson::RawDocument) -> Result<WireSettle, QueueError> {
+    let (mut lease, mut outcome) = (None, None);
+    for element in doc {
+        let (key, value) = element.map_err(malformed)?;
+        match key.as_str() {
+            "lease" => lease = Some(read_lease(document(value, "lease")?)?),
+            "outcome" => outcome = Some(read_outcome(document(value, "outcome")?)?),
+            _ => {}
+        }
+    }
+    Ok(WireSettle {
+        lease: lease.ok_or_else(|| missing("lease"))?,
+        outcome: outcome.ok_or_else(|| missing("outcome"))?,
+    })
+}
+
+fn read_lease(doc: &bson::RawDocument) -> Result<WireLease, QueueError> {
+    let (mut channel, mut id, mut token) = (None, None, None);
+    for element in doc {
+        let (key, value) = element.map_err(malformed)?;
+        match key.as_str() {
+            "channel" => channel = Some(string(value, "channel")?.to_string()),
+            "id" => id = Some(int(value, "id")?),
+            "token" => token = Some(int(value, "token")?),
+            _ => {}
+        }
+    }
+    Ok(WireLease {
+        channel: channel.ok_or_else(|| missing("channel"))?,
+        id: id.ok_or_else(|| missing("id"))?,
+        token: token.ok_or_else(|| missing("token"))?,
+    })
+}
+
+fn read_outcome(doc: &bson::RawDocument) -> Result<WireOutcome, QueueError> {
+    let mut flat = FlatOutcome {
+        outcome: String::new(),
+        after_ms: None,
+        error: None,
+    };
+    let mut named = false;
+    for element in doc {
+        let (key, value) = element.map_err(malformed)?;
+        match (key.as_str(), value) {
+            (_, bson::RawBsonRef::Null) => {}
+            ("outcome", value) => {
+                flat.outcome = string(value, "outcome")?.to_string();
+                named = true;
+            }
+            ("after_ms", value) => flat.after_ms = Some(int(value, "after_ms")?),
+            ("error", value) => flat.error = Some(string(value, "error")?.to_string()),
+            _ => {}
+        }
+    }
+    if !named {
+        return Err(missing("outcome"));
+    }
+    WireOutcome::try_from(flat).map_err(malformed)
+}
+
 impl ClientFrame {
-    /// Decodes a request. The frequent ones (produce, settle, extend) are read as plain
-    /// documents, without serde's buffering of tagged enums; the rest through [`decode`].
+    /// Decodes a request. `settle_many` is read straight from the bytes; the other frequent
+    /// ones (produce, settle, extend) as plain documents, without serde's buffering of
+    /// tagged enums; the rest through [`decode`].
     ///
     /// # Errors
     /// A protocol error naming what is wrong.
@@ -919,11 +1042,6 @@ impl ClientFrame {
             outcome: WireOutcome,
         }
         #[derive(Deserialize)]
-        struct SettleMany {
-            id: i64,
-            settles: Vec<WireSettle>,
-        }
-        #[derive(Deserialize)]
         struct Extend {
             id: i64,
             lease: WireLease,
@@ -939,8 +1057,7 @@ impl ClientFrame {
                 };
                 frame(f.id, request)
             }),
-            Some("settle_many") => decode::<SettleMany>(bytes)
-                .map(|f| frame(f.id, Request::SettleMany { settles: f.settles })),
+            Some("settle_many") => decode_settle_many(bytes),
             Some("settle") => decode::<Settle>(bytes).map(|f| {
                 let request = Request::Settle {
                     lease: f.lease,
@@ -1239,6 +1356,37 @@ mod tests {
             let bytes = encode(&frame).unwrap();
             assert_eq!(ServerFrame::decode(&bytes).unwrap(), frame);
             assert_eq!(decode::<ServerFrame>(&bytes).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn settle_many_is_read_as_serde_reads_it_and_refused_where_serde_refuses() {
+        let lease = bson::doc! { "channel": "c", "id": 1_i32, "token": 2_i64, "extra": true };
+        let read = |settles: bson::Bson| {
+            let many = bson::doc! { "op": "settle_many", "settles": settles, "id": 9_i32 };
+            let bytes = bson::serialize_to_vec(&many).unwrap();
+            (ClientFrame::decode(&bytes), decode::<ClientFrame>(&bytes))
+        };
+        let accepted = bson::bson!([
+            { "lease": lease.clone(), "outcome": { "outcome": "ack" } },
+            { "outcome": { "outcome": "retry", "error": "e", "after_ms": null }, "lease": lease.clone() },
+            { "lease": lease.clone(), "outcome": { "outcome": "snooze", "after_ms": 5_i32 } },
+        ]);
+        let (plain, tagged) = read(accepted);
+        assert_eq!(plain.unwrap(), tagged.unwrap());
+        for refused in [
+            bson::bson!([{ "lease": lease.clone() }]),
+            bson::bson!([{ "outcome": { "outcome": "ack" } }]),
+            bson::bson!([{ "lease": { "channel": 1_i32, "id": 1_i64, "token": 1_i64 }, "outcome": { "outcome": "ack" } }]),
+            bson::bson!([{ "lease": { "channel": "c", "id": "1", "token": 1_i64 }, "outcome": { "outcome": "ack" } }]),
+            bson::bson!([{ "lease": lease.clone(), "outcome": { "outcome": "snooze" } }]),
+            bson::bson!([{ "lease": lease.clone(), "outcome": "ack" }]),
+            bson::bson!(["not a settle"]),
+            bson::bson!("not a list"),
+        ] {
+            let (plain, tagged) = read(refused.clone());
+            assert!(matches!(plain, Err(QueueError::Protocol(_))), "{refused}");
+            assert!(tagged.is_err(), "{refused}");
         }
     }
 
