@@ -10,6 +10,7 @@
 //! same bits.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -243,7 +244,7 @@ impl WireOutgoing {
 /// A lease on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireLease {
-    pub channel: String,
+    pub channel: Arc<str>,
     pub id: i64,
     pub token: i64,
 }
@@ -251,7 +252,7 @@ pub struct WireLease {
 impl From<&Lease> for WireLease {
     fn from(l: &Lease) -> Self {
         WireLease {
-            channel: l.channel.to_string(),
+            channel: l.channel.clone(),
             id: l.id.0 as i64,
             token: l.token as i64,
         }
@@ -261,7 +262,7 @@ impl From<&Lease> for WireLease {
 impl From<WireLease> for Lease {
     fn from(l: WireLease) -> Self {
         Lease {
-            channel: l.channel.into(),
+            channel: l.channel,
             id: MessageId(l.id as u64),
             token: l.token as u64,
         }
@@ -981,7 +982,7 @@ fn read_lease(doc: &bson::RawDocument) -> Result<WireLease, QueueError> {
     for element in doc {
         let (key, value) = element.map_err(malformed)?;
         match key.as_str() {
-            "channel" => channel = Some(string(value, "channel")?.to_string()),
+            "channel" => channel = Some(Arc::from(string(value, "channel")?)),
             "id" => id = Some(int(value, "id")?),
             "token" => token = Some(int(value, "token")?),
             _ => {}

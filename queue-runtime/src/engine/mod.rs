@@ -545,14 +545,7 @@ impl<J: Journal> Engine<J> {
         let (leases, outcomes): (Vec<Lease>, Vec<Outcome>) = settles.into_iter().unzip();
         let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
         let mut results: Vec<Result<(), QueueError>> = leases.iter().map(|_| Ok(())).collect();
-        // Indices by channel, in order of first appearance.
-        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (i, lease) in leases.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _)| *c == &*lease.channel) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((&lease.channel, vec![i])),
-            }
-        }
+        let groups = by_channel(leases.iter());
         let mut waits = Vec::new();
         for (channel, members) in &groups {
             let Some(cell) = self.existing_cell(channel) else {
@@ -1031,6 +1024,21 @@ fn deliver<P>(
             taken
         }
     }
+}
+
+/// The indices of `leases` by channel, channels in order of first appearance: a batch of
+/// settles is applied one channel at a time.
+pub(crate) fn by_channel<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+) -> Vec<(&'a str, Vec<usize>)> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, lease) in leases.enumerate() {
+        match groups.iter_mut().find(|(c, _)| *c == &*lease.channel) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((&lease.channel, vec![i])),
+        }
+    }
+    groups
 }
 
 /// The same failure again, for a second party to report.

@@ -41,7 +41,7 @@ use queue_core::{
 use tokio::sync::{Notify, oneshot};
 
 use crate::broker::protocol::{WireLease, WireOutcome, WireOutgoing, WireSpec};
-use crate::engine::copy_error;
+use crate::engine::{by_channel, copy_error};
 use command::{Command, Op};
 use replica::{Answer, Replica};
 use subscription::{Inbox, NatsSubscription};
@@ -242,7 +242,7 @@ struct Inner {
 
 /// This client's view of one channel: its stream and its replica.
 pub(crate) struct Link {
-    name: String,
+    name: Arc<str>,
     /// The name's hash: the stream's, the snapshots' and the registry's key.
     hash: u64,
     /// The channel's stream, for purging what a snapshot covers.
@@ -541,7 +541,7 @@ impl Inner {
             None => (0, Replica::new(default_spec(name), number)),
         };
         let link = Arc::new(Link {
-            name: name.to_string(),
+            name: Arc::from(name),
             hash,
             stream: stream.clone(),
             compacting: AtomicBool::new(false),
@@ -1120,14 +1120,7 @@ impl NatsAdapter {
 
     async fn settle_batch(&self, settles: Vec<(Lease, Outcome)>) -> Vec<Result<(), QueueError>> {
         let mut results: Vec<Result<(), QueueError>> = settles.iter().map(|_| Ok(())).collect();
-        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (i, (lease, _)) in settles.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _)| *c == &*lease.channel) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((&lease.channel, vec![i])),
-            }
-        }
-        for (channel, members) in groups {
+        for (channel, members) in by_channel(settles.iter().map(|(lease, _)| lease)) {
             let link = match self.inner.link(channel, false).await {
                 Ok(Some(link)) => link,
                 Ok(None) => {

@@ -40,14 +40,14 @@ impl Inbox {
 }
 
 /// The command that gives `held` back unprocessed.
-pub(crate) fn release_op(channel: &str, held: &[Held<Payload>]) -> Op {
+pub(crate) fn release_op(channel: &Arc<str>, held: &[Held<Payload>]) -> Op {
     Op::Settle {
         items: held
             .iter()
             .map(|h| {
                 (
                     WireLease {
-                        channel: channel.to_string(),
+                        channel: channel.clone(),
                         id: h.entry.id.0 as i64,
                         token: h.token as i64,
                     },
@@ -94,9 +94,7 @@ async fn next_delivery(
             {
                 continue;
             }
-            return Ok(
-                held.to_delivery(&Arc::from(link.name.as_str()), held.entry.payload.to_vec())
-            );
+            return Ok(held.to_delivery(&link.name, held.entry.payload.to_vec()));
         }
         let now = inner.clock.now();
         let (could, version, wakeup) = {
