@@ -19,6 +19,8 @@ use queue_runtime::adapters::file::writer::{Handle, OsStorage, Storage, segment_
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
+mod store;
+
 #[channel("store/orders", lease = "10s", max_attempts = 5, backoff = "1s")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Order {
@@ -42,7 +44,7 @@ fn options(segment_size: u64) -> FileOptions {
 }
 
 fn open_with(dir: &Path, clock: &VirtualClock, options: FileOptions) -> (Arc<FileAdapter>, Queue) {
-    let adapter = FileAdapter::open(dir, Arc::new(clock.clone()), options).expect("open store");
+    let adapter = store::open(dir, clock, || options.clone());
     let queue = Queue::new(
         adapter.clone(),
         Arc::new(clock.clone()),

@@ -23,6 +23,8 @@ use queue_runtime::adapters::file::writer::{Handle, Storage};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
 use serde::{Deserialize, Serialize};
 
+mod store;
+
 #[channel("power/jobs", lease = "10m", max_attempts = 3)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
@@ -308,24 +310,12 @@ fn open(
     storage: Arc<dyn Storage>,
     segment_size: u64,
 ) -> Arc<FileAdapter> {
-    let options = || FileOptions {
+    store::open(dir, clock, || FileOptions {
         segment_size,
         storage: storage.clone(),
         background_compaction: false,
         lead_commits: true,
-    };
-    // The tmpfs test of this binary runs `mount` and `umount`: a child between its fork and
-    // its exec holds a copy of every descriptor, the `LOCK` file's among them, for a moment.
-    let mut tries = 0;
-    loop {
-        match FileAdapter::open(dir, Arc::new(clock.clone()), options()) {
-            Err(QueueError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            r => return r.expect("open store"),
-        }
-    }
+    })
 }
 
 /// What the store confirmed.
