@@ -880,14 +880,13 @@ async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: 
     let mut saving_fails = false;
     loop {
         tick.tick().await;
-        let Some(adapter) = adapter.upgrade() else {
+        // Only the blocking save holds the store, and drops it on its own thread: a store
+        // whose owner let go closes, and frees its lock, without waiting for this task to be
+        // polled again (on a busy single-threaded runtime, that can take long).
+        let Some(saving) = adapter.upgrade().filter(|a| a.check_open().is_ok()) else {
             return;
         };
-        if adapter.check_open().is_err() {
-            return;
-        }
         // File calls block: off the runtime's threads, so a hung disk stalls only this task.
-        let saving = adapter.clone();
         let saved = tokio::task::spawn_blocking(move || {
             saving.journal().keep_counters(&|| saving.tallies(), false)
         })
@@ -904,8 +903,13 @@ async fn maintain_in_background(adapter: std::sync::Weak<FileAdapter>, compact: 
             }
             _ => {}
         }
-        if compact && let Err(e) = adapter.compact_settled().await {
-            tracing::warn!(error = %e, "compaction failed");
+        if compact {
+            let Some(adapter) = adapter.upgrade() else {
+                return;
+            };
+            if let Err(e) = adapter.compact_settled().await {
+                tracing::warn!(error = %e, "compaction failed");
+            }
         }
     }
 }
