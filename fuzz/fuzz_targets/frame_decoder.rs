@@ -8,7 +8,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use queue_runtime::broker::protocol::{self, ClientFrame, ServerFrame};
+use queue_runtime::broker::protocol::{self, ClientFrame, Incoming, ServerFrame};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 fuzz_target!(|data: &[u8]| {
@@ -19,6 +19,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = protocol::decode::<ClientFrame>(&frame);
         let _ = protocol::decode::<ServerFrame>(&frame);
     }
-    // The body decoders on their own, without framing.
+    // The body decoders on their own, without framing, including the ones that read the
+    // frequent frames straight from their bytes.
     let _ = protocol::decode::<ClientFrame>(data);
+    if let Ok(Incoming::Produce(p)) = Incoming::decode(data) {
+        let _ = p.wire_spec();
+    }
+    let _ = ServerFrame::decode(data);
 });

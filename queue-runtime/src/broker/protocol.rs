@@ -20,6 +20,10 @@ use queue_core::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod hot;
+
+use hot::{Value, fields};
+
 /// The protocol version this build speaks. Version 2 added `settle_many`; version 3 sends
 /// lease deadlines as durations, structured error fields, paginated listings, subscription
 /// ends and heartbeats.
@@ -891,12 +895,24 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, QueueErro
 
 /// The tag of a tagged frame (or of its `inner` document), read without decoding the rest.
 fn tag<'a>(bytes: &'a [u8], inner: Option<&str>, key: &str) -> Option<&'a str> {
-    let doc = bson::RawDocument::from_bytes(bytes).ok()?;
-    let doc = match inner {
-        Some(field) => doc.get_document(field).ok()?,
-        None => doc,
+    let find = |doc: &'a [u8], name: &str| {
+        fields(doc)
+            .ok()?
+            .map_while(Result::ok)
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
     };
-    doc.get_str(key).ok()
+    let doc = match inner {
+        Some(field) => match find(bytes, field)? {
+            Value::Document(d) => d,
+            _ => return None,
+        },
+        None => bytes,
+    };
+    match find(doc, key)? {
+        Value::Str(s) => std::str::from_utf8(s).ok(),
+        _ => None,
+    }
 }
 
 fn malformed(e: impl std::fmt::Display) -> QueueError {
@@ -904,27 +920,37 @@ fn malformed(e: impl std::fmt::Display) -> QueueError {
 }
 
 /// An integer field, as serde reads an `i64`: BSON int64 or int32.
-fn int(value: bson::RawBsonRef<'_>, field: &str) -> Result<i64, QueueError> {
+fn int(value: Value<'_>, field: &str) -> Result<i64, QueueError> {
     match value {
-        bson::RawBsonRef::Int64(v) => Ok(v),
-        bson::RawBsonRef::Int32(v) => Ok(i64::from(v)),
+        Value::Int64(v) => Ok(v),
+        Value::Int32(v) => Ok(i64::from(v)),
         _ => Err(malformed(format!("`{field}` must be an integer"))),
     }
 }
 
-fn string<'a>(value: bson::RawBsonRef<'a>, field: &str) -> Result<&'a str, QueueError> {
-    value
-        .as_str()
-        .ok_or_else(|| malformed(format!("`{field}` must be a string")))
+fn string<'a>(value: Value<'a>, field: &str) -> Result<&'a str, QueueError> {
+    match value {
+        Value::Str(s) => std::str::from_utf8(s).map_err(malformed),
+        _ => Err(malformed(format!("`{field}` must be a string"))),
+    }
 }
 
-fn document<'a>(
-    value: bson::RawBsonRef<'a>,
+fn document<'a>(value: Value<'a>, field: &str) -> Result<&'a [u8], QueueError> {
+    match value {
+        Value::Document(d) => Ok(d),
+        _ => Err(malformed(format!("`{field}` must be a document"))),
+    }
+}
+
+/// The values of an array field, in order.
+fn items<'a>(
+    value: Value<'a>,
     field: &str,
-) -> Result<&'a bson::RawDocument, QueueError> {
-    value
-        .as_document()
-        .ok_or_else(|| malformed(format!("`{field}` must be a document")))
+) -> Result<impl Iterator<Item = Result<Value<'a>, QueueError>>, QueueError> {
+    match value {
+        Value::Array(a) => Ok(fields(a)?.map(|element| element.map(|(_, v)| v))),
+        _ => Err(malformed(format!("`{field}` must be an array"))),
+    }
 }
 
 fn missing(field: &str) -> QueueError {
@@ -934,26 +960,19 @@ fn missing(field: &str) -> QueueError {
 /// Reads a `settle_many` frame straight from its bytes, each field visited once: the
 /// request a busy consumer sends most.
 fn decode_settle_many(bytes: &[u8]) -> Result<ClientFrame, QueueError> {
-    let doc = bson::RawDocument::from_bytes(bytes).map_err(malformed)?;
     let (mut id, mut list) = (None, None);
-    for element in doc {
-        let (key, value) = element.map_err(malformed)?;
-        match key.as_str() {
-            "id" => id = Some(int(value, "id")?),
-            "settles" => {
-                let array = value
-                    .as_array()
-                    .ok_or_else(|| malformed("`settles` must be an array"))?;
-                list = Some(array);
-            }
+    for element in fields(bytes)? {
+        let (key, value) = element?;
+        match key {
+            b"id" => id = Some(int(value, "id")?),
+            b"settles" => list = Some(value),
             _ => {}
         }
     }
     let id = id.ok_or_else(|| missing("id"))?;
     let mut settles = Vec::new();
-    for item in list.ok_or_else(|| missing("settles"))? {
-        let item = item.map_err(malformed)?;
-        settles.push(read_settle(document(item, "settles")?)?);
+    for item in items(list.ok_or_else(|| missing("settles"))?, "settles")? {
+        settles.push(read_settle(document(item?, "settles")?)?);
     }
     Ok(ClientFrame {
         id,
@@ -961,13 +980,122 @@ fn decode_settle_many(bytes: &[u8]) -> Result<ClientFrame, QueueError> {
     })
 }
 
-fn read_settle(doc: &bson::RawDocument) -> Result<WireSettle, QueueError> {
+/// A request as the broker reads it: a produce with its spec left as bytes, or any other.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    Produce(ProduceFrame<'a>),
+    Other(ClientFrame),
+}
+
+impl<'a> Incoming<'a> {
+    /// Reads a request frame.
+    ///
+    /// # Errors
+    /// A protocol error naming what is wrong.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, QueueError> {
+        match tag(bytes, None, "op") {
+            Some("produce") => ProduceFrame::decode(bytes).map(Incoming::Produce),
+            op => ClientFrame::decode_op(bytes, op).map(Incoming::Other),
+        }
+    }
+}
+
+/// A produce request read straight from its bytes. Its spec is left as bytes: the broker
+/// reads it only when it differs from the spec of the connection's last produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProduceFrame<'a> {
+    pub id: i64,
+    /// The spec document's bytes.
+    pub spec: &'a [u8],
+    pub messages: Vec<WireOutgoing>,
+    pub key: Option<String>,
+}
+
+impl<'a> ProduceFrame<'a> {
+    /// Reads a produce request, refusing what serde refuses for [`Request::Produce`]. The
+    /// spec is checked to be a document only.
+    ///
+    /// # Errors
+    /// A protocol error naming what is wrong.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, QueueError> {
+        let (mut id, mut spec, mut list, mut key) = (None, None, None, None);
+        for element in fields(bytes)? {
+            let (name, value) = element?;
+            match name {
+                b"id" => id = Some(int(value, "id")?),
+                b"spec" => spec = Some(document(value, "spec")?),
+                b"messages" => list = Some(value),
+                b"key" => {
+                    key = match value {
+                        Value::Null => None,
+                        value => Some(string(value, "key")?.to_string()),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut messages = Vec::new();
+        for item in items(list.ok_or_else(|| missing("messages"))?, "messages")? {
+            messages.push(read_outgoing(document(item?, "messages")?)?);
+        }
+        Ok(ProduceFrame {
+            id: id.ok_or_else(|| missing("id"))?,
+            spec: spec.ok_or_else(|| missing("spec"))?,
+            messages,
+            key,
+        })
+    }
+
+    /// The spec, read from its bytes.
+    ///
+    /// # Errors
+    /// A protocol error naming what is wrong.
+    pub fn wire_spec(&self) -> Result<WireSpec, QueueError> {
+        decode(self.spec)
+    }
+}
+
+fn read_outgoing(doc: &[u8]) -> Result<WireOutgoing, QueueError> {
+    let (mut payload, mut dedup_key, mut delay_ms, mut priority, mut group) =
+        (None, None, None, None, None);
+    for element in fields(doc)? {
+        let (key, value) = element?;
+        let optional = |field| match value {
+            Value::Null => Ok(None),
+            value => int(value, field).map(Some),
+        };
+        match key {
+            b"payload" => match value {
+                Value::Binary(b) => payload = Some(b.to_vec()),
+                _ => return Err(malformed("`payload` must be binary")),
+            },
+            b"dedup_key" => dedup_key = optional("dedup_key")?,
+            b"delay_ms" => delay_ms = Some(int(value, "delay_ms")?),
+            b"priority" => {
+                let p = int(value, "priority")?;
+                priority =
+                    Some(i32::try_from(p).map_err(|_| malformed("`priority` must be an i32"))?);
+            }
+            b"group" => group = optional("group")?,
+            _ => {}
+        }
+    }
+    Ok(WireOutgoing {
+        payload: Blob(payload.ok_or_else(|| missing("payload"))?),
+        dedup_key,
+        delay_ms: delay_ms.ok_or_else(|| missing("delay_ms"))?,
+        priority: priority.ok_or_else(|| missing("priority"))?,
+        group,
+    })
+}
+
+fn read_settle(doc: &[u8]) -> Result<WireSettle, QueueError> {
     let (mut lease, mut outcome) = (None, None);
-    for element in doc {
-        let (key, value) = element.map_err(malformed)?;
-        match key.as_str() {
-            "lease" => lease = Some(read_lease(document(value, "lease")?)?),
-            "outcome" => outcome = Some(read_outcome(document(value, "outcome")?)?),
+    for element in fields(doc)? {
+        let (key, value) = element?;
+        match key {
+            b"lease" => lease = Some(read_lease(document(value, "lease")?)?),
+            b"outcome" => outcome = Some(read_outcome(document(value, "outcome")?)?),
             _ => {}
         }
     }
@@ -977,14 +1105,14 @@ fn read_settle(doc: &bson::RawDocument) -> Result<WireSettle, QueueError> {
     })
 }
 
-fn read_lease(doc: &bson::RawDocument) -> Result<WireLease, QueueError> {
+fn read_lease(doc: &[u8]) -> Result<WireLease, QueueError> {
     let (mut channel, mut id, mut token) = (None, None, None);
-    for element in doc {
-        let (key, value) = element.map_err(malformed)?;
-        match key.as_str() {
-            "channel" => channel = Some(Arc::from(string(value, "channel")?)),
-            "id" => id = Some(int(value, "id")?),
-            "token" => token = Some(int(value, "token")?),
+    for element in fields(doc)? {
+        let (key, value) = element?;
+        match key {
+            b"channel" => channel = Some(Arc::from(string(value, "channel")?)),
+            b"id" => id = Some(int(value, "id")?),
+            b"token" => token = Some(int(value, "token")?),
             _ => {}
         }
     }
@@ -995,23 +1123,23 @@ fn read_lease(doc: &bson::RawDocument) -> Result<WireLease, QueueError> {
     })
 }
 
-fn read_outcome(doc: &bson::RawDocument) -> Result<WireOutcome, QueueError> {
+fn read_outcome(doc: &[u8]) -> Result<WireOutcome, QueueError> {
     let mut flat = FlatOutcome {
         outcome: String::new(),
         after_ms: None,
         error: None,
     };
     let mut named = false;
-    for element in doc {
-        let (key, value) = element.map_err(malformed)?;
-        match (key.as_str(), value) {
-            (_, bson::RawBsonRef::Null) => {}
-            ("outcome", value) => {
+    for element in fields(doc)? {
+        let (key, value) = element?;
+        match (key, value) {
+            (_, Value::Null) => {}
+            (b"outcome", value) => {
                 flat.outcome = string(value, "outcome")?.to_string();
                 named = true;
             }
-            ("after_ms", value) => flat.after_ms = Some(int(value, "after_ms")?),
-            ("error", value) => flat.error = Some(string(value, "error")?.to_string()),
+            (b"after_ms", value) => flat.after_ms = Some(int(value, "after_ms")?),
+            (b"error", value) => flat.error = Some(string(value, "error")?.to_string()),
             _ => {}
         }
     }
@@ -1024,11 +1152,17 @@ fn read_outcome(doc: &bson::RawDocument) -> Result<WireOutcome, QueueError> {
 impl ClientFrame {
     /// Decodes a request. `settle_many` is read straight from the bytes; the other frequent
     /// ones (produce, settle, extend) as plain documents, without serde's buffering of
-    /// tagged enums; the rest through [`decode`].
+    /// tagged enums; the rest through [`decode`]. The broker reads produces through
+    /// [`Incoming::decode`] instead.
     ///
     /// # Errors
     /// A protocol error naming what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<ClientFrame, QueueError> {
+        Self::decode_op(bytes, tag(bytes, None, "op"))
+    }
+
+    /// [`ClientFrame::decode`] of a frame whose `op` was read already.
+    fn decode_op(bytes: &[u8], op: Option<&str>) -> Result<ClientFrame, QueueError> {
         #[derive(Deserialize)]
         struct Produce {
             id: i64,
@@ -1049,7 +1183,7 @@ impl ClientFrame {
             by_ms: i64,
         }
         let frame = |id, request| ClientFrame { id, request };
-        match tag(bytes, None, "op") {
+        match op {
             Some("produce") => decode::<Produce>(bytes).map(|f| {
                 let request = Request::Produce {
                     spec: f.spec,
@@ -1078,27 +1212,102 @@ impl ClientFrame {
     }
 }
 
+/// Reads a delivery frame straight from its bytes: the frame a consumer gets most.
+fn read_delivery_frame(bytes: &[u8]) -> Result<ServerFrame, QueueError> {
+    let (mut sub, mut delivery) = (None, None);
+    for element in fields(bytes)? {
+        let (key, value) = element?;
+        match key {
+            b"sub" => sub = Some(int(value, "sub")?),
+            b"delivery" => delivery = Some(read_delivery(document(value, "delivery")?)?),
+            _ => {}
+        }
+    }
+    Ok(ServerFrame::Delivery {
+        sub: sub.ok_or_else(|| missing("sub"))?,
+        delivery: delivery.ok_or_else(|| missing("delivery"))?,
+    })
+}
+
+fn read_delivery(doc: &[u8]) -> Result<WireDelivery, QueueError> {
+    let (mut lease, mut payload, mut attempt, mut priority, mut produced_at, mut lease_ms) =
+        (None, None, None, None, None, None);
+    for element in fields(doc)? {
+        let (key, value) = element?;
+        match key {
+            b"lease" => lease = Some(read_lease(document(value, "lease")?)?),
+            b"payload" => match value {
+                Value::Binary(b) => payload = Some(b.to_vec()),
+                _ => return Err(malformed("`payload` must be binary")),
+            },
+            b"attempt" => attempt = Some(int(value, "attempt")?),
+            b"priority" => {
+                let p = int(value, "priority")?;
+                priority =
+                    Some(i32::try_from(p).map_err(|_| malformed("`priority` must be an i32"))?);
+            }
+            b"produced_at" => produced_at = Some(int(value, "produced_at")?),
+            b"lease_ms" => lease_ms = Some(int(value, "lease_ms")?),
+            _ => {}
+        }
+    }
+    Ok(WireDelivery {
+        lease: lease.ok_or_else(|| missing("lease"))?,
+        payload: Blob(payload.ok_or_else(|| missing("payload"))?),
+        attempt: attempt.ok_or_else(|| missing("attempt"))?,
+        priority: priority.ok_or_else(|| missing("priority"))?,
+        produced_at: produced_at.ok_or_else(|| missing("produced_at"))?,
+        lease_ms: lease_ms.ok_or_else(|| missing("lease_ms"))?,
+    })
+}
+
+/// Reads the answer to a produce straight from its bytes.
+fn read_receipts_frame(bytes: &[u8]) -> Result<ServerFrame, QueueError> {
+    let (mut id, mut list) = (None, None);
+    for element in fields(bytes)? {
+        let (key, value) = element?;
+        match key {
+            b"id" => id = Some(int(value, "id")?),
+            b"reply" => {
+                for element in fields(document(value, "reply")?)? {
+                    let (key, value) = element?;
+                    if key == b"receipts" {
+                        list = Some(value);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut receipts = Vec::new();
+    for item in items(list.ok_or_else(|| missing("receipts"))?, "receipts")? {
+        let mut pair = items(item?, "receipts")?;
+        let (Some(id), Some(duplicate), None) = (pair.next(), pair.next(), pair.next()) else {
+            return Err(malformed("a receipt is an id and a flag"));
+        };
+        let Value::Bool(duplicate) = duplicate? else {
+            return Err(malformed("a receipt's flag must be a boolean"));
+        };
+        receipts.push((int(id?, "receipts")?, duplicate));
+    }
+    Ok(ServerFrame::Reply {
+        id: id.ok_or_else(|| missing("id"))?,
+        reply: Reply::Receipts { receipts },
+    })
+}
+
 impl ServerFrame {
-    /// Decodes a server frame. Deliveries and the frequent replies (receipts, settled,
-    /// done, extended) are read as plain documents, without serde's buffering of tagged
-    /// enums; the rest through [`decode`].
+    /// Decodes a server frame. Deliveries and receipts are read straight from the bytes;
+    /// the other frequent replies (settled, done, extended) as plain documents, without
+    /// serde's buffering of tagged enums; the rest through [`decode`].
     ///
     /// # Errors
     /// A protocol error naming what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<ServerFrame, QueueError> {
         #[derive(Deserialize)]
-        struct Delivery {
-            sub: i64,
-            delivery: WireDelivery,
-        }
-        #[derive(Deserialize)]
         struct Answer<R> {
             id: i64,
             reply: R,
-        }
-        #[derive(Deserialize)]
-        struct Receipts {
-            receipts: Vec<(i64, bool)>,
         }
         #[derive(Deserialize)]
         struct Settled {
@@ -1114,15 +1323,9 @@ impl ServerFrame {
         }
         let reply = |id, reply| ServerFrame::Reply { id, reply };
         match tag(bytes, None, "kind") {
-            Some("delivery") => decode::<Delivery>(bytes).map(|f| ServerFrame::Delivery {
-                sub: f.sub,
-                delivery: f.delivery,
-            }),
+            Some("delivery") => read_delivery_frame(bytes),
             Some("reply") => match tag(bytes, Some("reply"), "reply") {
-                Some("receipts") => decode::<Answer<Receipts>>(bytes).map(|f| {
-                    let receipts = f.reply.receipts;
-                    reply(f.id, Reply::Receipts { receipts })
-                }),
+                Some("receipts") => read_receipts_frame(bytes),
                 Some("settled") => decode::<Answer<Settled>>(bytes).map(|f| {
                     let errors = f.reply.errors;
                     reply(f.id, Reply::Settled { errors })
@@ -1357,6 +1560,257 @@ mod tests {
             let bytes = encode(&frame).unwrap();
             assert_eq!(ServerFrame::decode(&bytes).unwrap(), frame);
             assert_eq!(decode::<ServerFrame>(&bytes).unwrap(), frame);
+        }
+    }
+
+    fn binary(bytes: &[u8]) -> bson::Bson {
+        bson::Bson::Binary(bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// A produce frame as the broker reads it, and as serde reads it.
+    fn read_produce(
+        messages: bson::Bson,
+        key: bson::Bson,
+    ) -> (
+        Result<ClientFrame, QueueError>,
+        Result<ClientFrame, QueueError>,
+    ) {
+        let spec = bson::serialize_to_document(&WireSpec::from(
+            &ChannelSpec::new("jobs/a").exactly_once(Duration::from_secs(3)),
+        ))
+        .unwrap();
+        let frame = bson::doc! {
+            "key": key, "op": "produce", "extra": [1_i32, "x"], "messages": messages,
+            "spec": spec, "id": 9_i32,
+        };
+        let bytes = bson::serialize_to_vec(&frame).unwrap();
+        let plain = Incoming::decode(&bytes).and_then(|f| {
+            let Incoming::Produce(p) = f else {
+                panic!("a produce read as another request")
+            };
+            Ok(ClientFrame {
+                id: p.id,
+                request: Request::Produce {
+                    spec: p.wire_spec()?,
+                    messages: p.messages,
+                    key: p.key,
+                },
+            })
+        });
+        (plain, decode::<ClientFrame>(&bytes))
+    }
+
+    #[test]
+    fn produce_is_read_as_serde_reads_it_and_refused_where_serde_refuses() {
+        let payload = binary(&[1, 2, 3]);
+        let accepted = bson::bson!([
+            { "payload": payload.clone(), "dedup_key": null, "delay_ms": 5_i32, "priority": 4_i64, "group": 7_i64, "other": "x" },
+            { "priority": 0_i32, "delay_ms": 0_i64, "dedup_key": -3_i64, "payload": binary(&[]) },
+        ]);
+        for key in [bson::bson!("k-1"), bson::Bson::Null] {
+            let (plain, tagged) = read_produce(accepted.clone(), key);
+            let tagged = tagged.unwrap();
+            assert_eq!(plain.unwrap(), tagged);
+            let Request::Produce { messages, .. } = tagged.request else {
+                panic!()
+            };
+            assert_eq!(messages.len(), 2);
+        }
+        for refused in [
+            bson::bson!([{ "delay_ms": 5_i64, "priority": 4_i32 }]),
+            bson::bson!([{ "payload": "text", "delay_ms": 5_i64, "priority": 4_i32 }]),
+            bson::bson!([{ "payload": payload.clone(), "priority": 4_i32 }]),
+            bson::bson!([{ "payload": payload.clone(), "delay_ms": 5_i64 }]),
+            bson::bson!([{ "payload": payload.clone(), "delay_ms": 5_i64, "priority": 1_i64 << 40 }]),
+            bson::bson!([{ "payload": payload.clone(), "delay_ms": 5_i64, "priority": 1_i32, "dedup_key": "x" }]),
+            bson::bson!([{ "payload": payload.clone(), "delay_ms": 5.5, "priority": 1_i32 }]),
+            bson::bson!(["not a message"]),
+            bson::bson!({ "0": "not a list" }),
+        ] {
+            let (plain, tagged) = read_produce(refused.clone(), bson::Bson::Null);
+            assert!(matches!(plain, Err(QueueError::Protocol(_))), "{refused}");
+            assert!(tagged.is_err(), "{refused}");
+        }
+        let (plain, tagged) = read_produce(accepted, bson::bson!(5_i32));
+        assert!(plain.is_err() && tagged.is_err(), "a key must be a string");
+    }
+
+    #[test]
+    fn deliveries_and_receipts_are_read_as_serde_reads_them() {
+        let d = WireDelivery::new(
+            RawDelivery {
+                lease: Lease {
+                    channel: "jobs/x".into(),
+                    id: MessageId(3),
+                    token: 9,
+                },
+                payload: vec![5; 40],
+                attempt: 2,
+                priority: 7,
+                produced_at: 11,
+                deadline: 0,
+            },
+            Duration::from_millis(500),
+        );
+        let frames = [
+            hot::delivery(3, &d),
+            hot::receipts(
+                4,
+                &[
+                    Receipt {
+                        id: MessageId(1),
+                        duplicate: false,
+                    },
+                    Receipt {
+                        id: MessageId(u64::MAX),
+                        duplicate: true,
+                    },
+                ],
+            ),
+            hot::receipts(5, &[]),
+        ];
+        for bytes in &frames {
+            assert_eq!(
+                ServerFrame::decode(bytes).unwrap(),
+                decode::<ServerFrame>(bytes).unwrap()
+            );
+        }
+        let lease = bson::doc! { "channel": "c", "id": 1_i64, "token": 2_i32 };
+        let delivery = |body: bson::Document| {
+            let frame = bson::doc! { "kind": "delivery", "sub": 1_i64, "delivery": body };
+            bson::serialize_to_vec(&frame).unwrap()
+        };
+        let whole = bson::doc! {
+            "lease": lease.clone(), "payload": binary(&[1]), "attempt": 1_i32, "priority": 2_i32,
+            "produced_at": 3_i64, "lease_ms": 4_i64, "later": true,
+        };
+        let bytes = delivery(whole.clone());
+        assert_eq!(
+            ServerFrame::decode(&bytes).unwrap(),
+            decode::<ServerFrame>(&bytes).unwrap()
+        );
+        for field in [
+            "lease",
+            "payload",
+            "attempt",
+            "priority",
+            "produced_at",
+            "lease_ms",
+        ] {
+            let mut body = whole.clone();
+            body.remove(field);
+            let bytes = delivery(body);
+            assert!(ServerFrame::decode(&bytes).is_err(), "without {field}");
+            assert!(decode::<ServerFrame>(&bytes).is_err(), "without {field}");
+        }
+        let mut body = whole;
+        body.insert("priority", 1_i64 << 33);
+        assert!(ServerFrame::decode(&delivery(body.clone())).is_err());
+        assert!(decode::<ServerFrame>(&delivery(body)).is_err());
+        for receipts in [
+            bson::bson!([[1_i64, true, 3_i32]]),
+            bson::bson!([[1_i64]]),
+            bson::bson!([[1_i64, 1_i32]]),
+            bson::bson!([["1", true]]),
+            bson::bson!([1_i64]),
+        ] {
+            let frame = bson::doc! {
+                "kind": "reply", "id": 1_i64,
+                "reply": { "reply": "receipts", "receipts": receipts.clone() },
+            };
+            let bytes = bson::serialize_to_vec(&frame).unwrap();
+            assert!(ServerFrame::decode(&bytes).is_err(), "{receipts}");
+            assert!(decode::<ServerFrame>(&bytes).is_err(), "{receipts}");
+        }
+    }
+
+    #[test]
+    fn the_element_reader_steps_over_every_bson_type_and_never_reads_past_a_document() {
+        let every = bson::doc! {
+            "double": 1.5,
+            "string": "s",
+            "document": { "a": 1_i32 },
+            "array": [1_i32, "two"],
+            "binary": binary(&[1, 2]),
+            "old binary": bson::Bson::Binary(bson::Binary {
+                subtype: bson::spec::BinarySubtype::BinaryOld,
+                bytes: vec![7, 8, 9],
+            }),
+            "undefined": bson::Bson::Undefined,
+            "object id": bson::oid::ObjectId::from_bytes([3; 12]),
+            "bool": true,
+            "date": bson::DateTime::from_millis(5),
+            "null": null,
+            "regex": bson::Regex { pattern: bson::raw::CString::try_from("a+").unwrap(), options: bson::raw::CString::try_from("i").unwrap() },
+            "code": bson::Bson::JavaScriptCode("f()".into()),
+            "symbol": bson::Bson::Symbol("sym".into()),
+            "code with scope": bson::Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope {
+                code: "g()".into(),
+                scope: bson::doc! { "x": 1_i32 },
+            }),
+            "int32": -4_i32,
+            "timestamp": bson::Timestamp { time: 1, increment: 2 },
+            "int64": -5_i64,
+            "decimal": bson::Decimal128::from_bytes([1; 16]),
+            "min": bson::Bson::MinKey,
+            "max": bson::Bson::MaxKey,
+            "last": "end",
+        };
+        let bytes = bson::serialize_to_vec(&every).unwrap();
+        let read: Vec<(Vec<u8>, Value<'_>)> = fields(&bytes)
+            .unwrap()
+            .map(|e| e.map(|(k, v)| (k.to_vec(), v)).unwrap())
+            .collect();
+        let keys: Vec<&str> = every.keys().map(String::as_str).collect();
+        let read_keys: Vec<&str> = read
+            .iter()
+            .map(|(k, _)| std::str::from_utf8(k).unwrap())
+            .collect();
+        assert_eq!(read_keys, keys);
+        let value = |key: &str| read.iter().find(|(k, _)| k == key.as_bytes()).unwrap().1;
+        assert_eq!(value("string"), Value::Str(b"s"));
+        assert_eq!(value("binary"), Value::Binary(&[1, 2]));
+        assert_eq!(value("old binary"), Value::Binary(&[7, 8, 9]));
+        assert_eq!(value("bool"), Value::Bool(true));
+        assert_eq!(value("null"), Value::Null);
+        assert_eq!(value("int32"), Value::Int32(-4));
+        assert_eq!(value("int64"), Value::Int64(-5));
+        assert_eq!(value("last"), Value::Str(b"end"));
+        assert!(matches!(value("document"), Value::Document(_)));
+        assert!(matches!(value("array"), Value::Array(_)));
+
+        // Cut short or with a byte changed, a frame is refused or read, never read past.
+        let frame = hot::produce(
+            1,
+            &WireSpec::from(&ChannelSpec::new("a")),
+            &[WireOutgoing {
+                payload: Blob(vec![1; 8]),
+                dedup_key: Some(2),
+                delay_ms: 3,
+                priority: 4,
+                group: None,
+            }],
+            Some("k"),
+        );
+        for input in [&bytes[..], &frame[..]] {
+            for cut in 0..input.len() {
+                let _ = fields(&input[..cut]).map(|f| f.count());
+                let _ = Incoming::decode(&input[..cut]);
+            }
+            for at in 0..input.len() {
+                for byte in [0x00, 0x01, 0x05, 0x7F, 0xFF] {
+                    let mut changed = input.to_vec();
+                    changed[at] = byte;
+                    if let Ok(f) = fields(&changed) {
+                        f.for_each(drop);
+                    }
+                    let _ = Incoming::decode(&changed);
+                    let _ = ServerFrame::decode(&changed);
+                }
+            }
         }
     }
 

@@ -18,14 +18,15 @@ use parking_lot::Mutex;
 use queue_core::clock::{Clock, Timestamp};
 
 use crate::engine::KeyWindow;
-use queue_core::{Adapter, Lease, MessageId, QueueError, Receipt};
+use queue_core::{Adapter, ChannelSpec, Lease, MessageId, QueueError, Receipt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 
 use super::protocol::{
-    self, ClientFrame, Reply, Request, ServerFrame, WireDelivery, WireError, code, receipts_to_wire,
+    self, ClientFrame, Incoming, ProduceFrame, Reply, Request, ServerFrame, WireDelivery,
+    WireError, WireOutgoing, code, receipts_to_wire,
 };
 use super::transport::{self, Acceptor, BoxStream, Leases, Outbox, WriteEnd};
 
@@ -373,6 +374,8 @@ struct Connection {
     subs: Arc<Mutex<HashMap<i64, SubControl>>>,
     leases: Arc<Leases>,
     next_serial: u64,
+    /// The spec of the last produce, with its bytes.
+    last_spec: Option<(Vec<u8>, Arc<ChannelSpec>)>,
 }
 
 /// A subscription's pump task: abort it to close the subscription, or ask it to pause.
@@ -400,6 +403,7 @@ impl Connection {
             subs: Arc::default(),
             leases: Arc::default(),
             next_serial: 0,
+            last_spec: None,
         }
     }
 
@@ -519,13 +523,12 @@ impl Connection {
             };
             heard = Instant::now();
             let Some(frame) = frame else { break Ok(()) };
-            let size = frame.as_ref().map_or(0, |b| b.len());
-            match decode_frame(frame) {
-                Ok(frame) => {
-                    if let Some(work) = self.dispatch(frame) {
-                        bytes_in_flight += size;
-                        in_flight.push(work.map(move |()| size).boxed());
-                    }
+            let taken = frame_bytes(frame).and_then(|bytes| Ok((bytes.len(), self.take(&bytes)?)));
+            match taken {
+                Ok((_, None)) => {}
+                Ok((size, Some(work))) => {
+                    bytes_in_flight += size;
+                    in_flight.push(work.map(move |()| size).boxed());
                 }
                 Err(e) => break Err(e),
             }
@@ -536,6 +539,67 @@ impl Connection {
             tokio::spawn(async move { while in_flight.next().await.is_some() {} });
         }
         result
+    }
+
+    /// Starts serving a request frame; `None` when it needs no task.
+    fn take(&mut self, bytes: &[u8]) -> Result<Option<BoxFuture<'static, ()>>, ConnError> {
+        let bad = |e: QueueError| ConnError::Protocol(code::BAD_FRAME, e.to_string());
+        match Incoming::decode(bytes).map_err(bad)? {
+            Incoming::Produce(frame) => {
+                let spec = self.spec_of(&frame).map_err(bad)?;
+                Ok(Some(self.produce(
+                    frame.id,
+                    spec,
+                    frame.messages,
+                    frame.key,
+                )))
+            }
+            Incoming::Other(frame) => Ok(self.dispatch(frame)),
+        }
+    }
+
+    /// The spec of a produce: the connection's last one when the bytes are the same, else
+    /// read from them. Outer error: the bytes are malformed; inner: the spec is refused.
+    fn spec_of(
+        &mut self,
+        frame: &ProduceFrame<'_>,
+    ) -> Result<Result<Arc<ChannelSpec>, QueueError>, QueueError> {
+        if let Some((raw, spec)) = &self.last_spec
+            && raw.as_slice() == frame.spec
+        {
+            return Ok(Ok(spec.clone()));
+        }
+        Ok(frame.wire_spec()?.to_spec().map(|spec| {
+            let spec = Arc::new(spec);
+            self.last_spec = Some((frame.spec.to_vec(), spec.clone()));
+            spec
+        }))
+    }
+
+    fn produce(
+        &self,
+        id: i64,
+        spec: Result<Arc<ChannelSpec>, QueueError>,
+        messages: Vec<WireOutgoing>,
+        key: Option<String>,
+    ) -> BoxFuture<'static, ()> {
+        let broker = self.broker.clone();
+        let out = self.out.clone();
+        async move {
+            let stored = match spec {
+                Ok(spec) => produce(&broker, &spec, messages, key).await,
+                Err(e) => Err(e),
+            };
+            let frame = match stored {
+                Ok(receipts) => protocol::hot::receipts(id, &receipts),
+                Err(e) => {
+                    broker.check(&e);
+                    error_frame(id, WireError::from(&e))
+                }
+            };
+            out.send(frame).await;
+        }
+        .boxed()
     }
 
     fn dispatch(&mut self, frame: ClientFrame) -> Option<BoxFuture<'static, ()>> {
@@ -749,17 +813,9 @@ async fn pump(
                     return Ok(());
                 };
                 let valid = broker.left(d.deadline, spec.lease);
-                let frame = ServerFrame::Delivery {
-                    sub: sub_id,
-                    delivery: WireDelivery::new(d, valid),
-                };
-                match protocol::encode(&frame) {
-                    Ok(bytes) => {
-                        if !out.push(bytes, room) {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot encode a delivery"),
+                let frame = protocol::hot::delivery(sub_id, &WireDelivery::new(d, valid));
+                if !out.push(frame, room) {
+                    return Ok(());
                 }
             }
             Err(e) => return Err((e, true)),
@@ -767,14 +823,20 @@ async fn pump(
     }
 }
 
-fn decode_frame(frame: Result<bytes::BytesMut, std::io::Error>) -> Result<ClientFrame, ConnError> {
-    let bytes = frame.map_err(|e| {
+fn frame_bytes(
+    frame: Result<bytes::BytesMut, std::io::Error>,
+) -> Result<bytes::BytesMut, ConnError> {
+    frame.map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {
             ConnError::Protocol(code::FRAME_TOO_LARGE, e.to_string())
         } else {
             ConnError::Io(e)
         }
-    })?;
+    })
+}
+
+fn decode_frame(frame: Result<bytes::BytesMut, std::io::Error>) -> Result<ClientFrame, ConnError> {
+    let bytes = frame_bytes(frame)?;
     ClientFrame::decode(&bytes).map_err(|e| ConnError::Protocol(code::BAD_FRAME, e.to_string()))
 }
 
@@ -854,6 +916,57 @@ where
     }
 }
 
+/// Stores a produce request's messages, once per produce key within the idempotency window.
+async fn produce(
+    broker: &Broker,
+    spec: &ChannelSpec,
+    messages: Vec<WireOutgoing>,
+    key: Option<String>,
+) -> Result<Vec<Receipt>, QueueError> {
+    let a = &broker.adapter;
+    let batch = messages
+        .into_iter()
+        .map(|m| m.into_outgoing())
+        .collect::<Result<Vec<_>, _>>()?;
+    for m in &batch {
+        if m.payload.len() > queue_core::codec::MAX_PAYLOAD {
+            return Err(QueueError::PayloadTooLarge {
+                size: m.payload.len(),
+                max: queue_core::codec::MAX_PAYLOAD,
+            });
+        }
+    }
+    let Some(key) = key else {
+        return a.produce(spec, batch).await;
+    };
+    if key.is_empty() || key.len() > MAX_PRODUCE_KEY {
+        return Err(QueueError::InvalidRequest(format!(
+            "a produce key has 1 to {MAX_PRODUCE_KEY} bytes, not {}",
+            key.len()
+        )));
+    }
+    let cell = broker.remembered(&key);
+    let mut ran = false;
+    let window = broker.config.idempotency_window;
+    let receipts = cell
+        .get_or_try_init(|| {
+            ran = true;
+            match a.keyed() {
+                Some(keyed) => keyed.produce_keyed(spec, batch, &key, window),
+                None => a.produce(spec, batch),
+            }
+        })
+        .await?
+        .clone();
+    if !ran {
+        broker
+            .counters
+            .replayed_produces
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(receipts)
+}
+
 async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Reply, QueueError> {
     let a = &broker.adapter;
     let owned = |lease: &Lease| -> Result<(), QueueError> {
@@ -868,55 +981,9 @@ async fn answer(broker: &Broker, leases: &Leases, request: Request) -> Result<Re
             spec,
             messages,
             key,
-        } => {
-            let spec = spec.to_spec()?;
-            let batch = messages
-                .into_iter()
-                .map(|m| m.into_outgoing())
-                .collect::<Result<Vec<_>, _>>()?;
-            for m in &batch {
-                if m.payload.len() > queue_core::codec::MAX_PAYLOAD {
-                    return Err(QueueError::PayloadTooLarge {
-                        size: m.payload.len(),
-                        max: queue_core::codec::MAX_PAYLOAD,
-                    });
-                }
-            }
-            let receipts = match key {
-                Some(key) => {
-                    if key.is_empty() || key.len() > MAX_PRODUCE_KEY {
-                        return Err(QueueError::InvalidRequest(format!(
-                            "a produce key has 1 to {MAX_PRODUCE_KEY} bytes, not {}",
-                            key.len()
-                        )));
-                    }
-                    let cell = broker.remembered(&key);
-                    let mut ran = false;
-                    let window = broker.config.idempotency_window;
-                    let r = cell
-                        .get_or_try_init(|| {
-                            ran = true;
-                            match a.keyed() {
-                                Some(keyed) => keyed.produce_keyed(&spec, batch, &key, window),
-                                None => a.produce(&spec, batch),
-                            }
-                        })
-                        .await?
-                        .clone();
-                    if !ran {
-                        broker
-                            .counters
-                            .replayed_produces
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    r
-                }
-                None => a.produce(&spec, batch).await?,
-            };
-            Reply::Receipts {
-                receipts: receipts_to_wire(&receipts),
-            }
-        }
+        } => Reply::Receipts {
+            receipts: receipts_to_wire(&produce(broker, &spec.to_spec()?, messages, key).await?),
+        },
         Request::Settle { lease, outcome } => {
             let lease: Lease = lease.into();
             owned(&lease)?;

@@ -137,7 +137,14 @@ pub(super) struct Conn {
 
 /// A client frame on the wire, refused if it is larger than the broker accepts.
 pub(super) fn encode_frame(conn: &Conn, frame: &ClientFrame) -> Result<bytes::Bytes, QueueError> {
-    let bytes = protocol::encode(frame)?;
+    let bytes = match &frame.request {
+        Request::Produce {
+            spec,
+            messages,
+            key,
+        } => protocol::hot::produce(frame.id, spec, messages, key.as_deref()),
+        _ => protocol::encode(frame)?,
+    };
     let max = conn.max_frame.load(Ordering::Relaxed) as usize;
     if bytes.len() > max {
         return Err(QueueError::PayloadTooLarge {
