@@ -68,3 +68,39 @@ async fn a_global_concurrency_holds_across_worker_connections() {
     }
     conformance::flow::concurrency_holds_across_worker_connections(&queues).await;
 }
+
+/// The broker keeps the spec of a connection's last produce; a produce of another channel on
+/// the same connection must not be stored under it.
+#[tokio::test]
+async fn produces_of_two_channels_on_one_connection_keep_their_own_specs() {
+    use queue_core::{ChannelSpec, Outgoing};
+    let clock = VirtualClock::default();
+    let (queue, _served, _) = serve(clock).await;
+    let plain = ChannelSpec::new("memo/plain");
+    let once = ChannelSpec::new("memo/once").exactly_once(std::time::Duration::from_secs(60));
+    let message = || Outgoing {
+        payload: bson::serialize_to_vec(&bson::doc! { "n": 1 }).unwrap(),
+        dedup_key: Some(7),
+        delay: std::time::Duration::ZERO,
+        priority: 0,
+        group: None,
+    };
+    for _ in 0..3 {
+        for spec in [&plain, &once] {
+            queue
+                .produce_raw(spec, vec![message()])
+                .await
+                .expect("produce");
+        }
+    }
+    let stats = queue.stats().await.expect("stats");
+    let of = |name: &str| stats.iter().find(|s| s.channel == name).expect(name);
+    assert_eq!(
+        (of("memo/plain").produced, of("memo/plain").duplicates),
+        (3, 0)
+    );
+    assert_eq!(
+        (of("memo/once").produced, of("memo/once").duplicates),
+        (1, 2)
+    );
+}
