@@ -57,6 +57,9 @@ pub(super) struct ChannelBatch {
     pub(super) pending: bool,
     /// Flushers spawned and requests out, each holding a [`Slot`].
     pub(super) in_flight: usize,
+    /// The last request carried one produce and was the only one out: a lone producer,
+    /// whose next request is sent without waiting for others to join it.
+    pub(super) alone: bool,
 }
 
 impl ChannelBatch {
@@ -190,14 +193,21 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         inner: Arc::downgrade(&inner),
         channel: channel.clone(),
     };
-    gather(|| {
-        inner
-            .batches
-            .lock()
-            .get(&channel)
-            .map_or(0, |b| b.waiting.len())
-    })
-    .await;
+    let alone = inner
+        .batches
+        .lock()
+        .get(&channel)
+        .is_some_and(|b| b.alone && b.in_flight == 1);
+    if !alone {
+        gather(|| {
+            inner
+                .batches
+                .lock()
+                .get(&channel)
+                .map_or(0, |b| b.waiting.len())
+        })
+        .await;
+    }
     let (spec, messages, waiting) = {
         let mut batches = inner.batches.lock();
         let Some(b) = batches.get_mut(&channel) else {
@@ -219,6 +229,7 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         }
         let messages: Vec<Outgoing> = b.messages.drain(..count).collect();
         let waiting: Vec<Waiting> = b.waiting.drain(..take).collect();
+        b.alone = take == 1 && b.in_flight == 1;
         b.pending = false;
         if b.claim() {
             spawn_flush(inner.clone(), channel.clone());
@@ -253,6 +264,12 @@ async fn flush(inner: Arc<Inner>, channel: String) {
     let _ = conn.send(id, bytes, awaiting).await;
 }
 
+/// A fresh produce key: 32 random hex digits.
 pub(super) fn produce_key() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
+    (0..32)
+        .rev()
+        .map(|i| char::from(HEX[((bits >> (i * 4)) & 0xF) as usize]))
+        .collect()
 }

@@ -284,6 +284,7 @@ impl Adapter for RemoteAdapter {
                         waiting: Vec::new(),
                         pending: false,
                         in_flight: 0,
+                        alone: true,
                     });
                 b.spec = spec.clone();
                 b.waiting.push((batch.len(), tx));
