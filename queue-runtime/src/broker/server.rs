@@ -118,7 +118,7 @@ pub struct Broker {
     slots: Arc<Semaphore>,
     /// Produce keys seen recently, so that a produce retried after a reconnect is not
     /// stored twice.
-    idempotency: Mutex<KeyWindow<String, Remembered>>,
+    idempotency: Mutex<KeyWindow<Arc<str>, Remembered>>,
     /// What the broker has done.
     pub counters: BrokerCounters,
     shutdown: watch::Sender<bool>,
@@ -339,13 +339,12 @@ impl Broker {
             None => crate::SystemClock.now(),
         };
         let mut keys = self.idempotency.lock();
-        let key = key.to_string();
-        if let Some(cell) = keys.get(&key, now) {
+        if let Some(cell) = keys.get(key, now) {
             return cell.clone();
         }
         let cell = Remembered::default();
         let end = now.saturating_add(queue_core::clock::millis(self.config.idempotency_window));
-        keys.insert(key, cell.clone(), end, now);
+        keys.insert(key.into(), cell.clone(), end, now);
         cell
     }
 }

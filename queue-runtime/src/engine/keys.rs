@@ -2,6 +2,8 @@
 //! dedup windows of `exactly_once` channels, the keys of idempotent produces, and the broker's
 //! cache of answered produce requests.
 
+use std::borrow::Borrow;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 
@@ -32,15 +34,20 @@ impl<K: Hash + Eq + Ord + Clone, V> KeyWindow<K, V> {
     }
 
     /// The value of `key` if its window has not ended at `now`.
-    pub fn get(&self, key: &K, now: Timestamp) -> Option<&V> {
-        self.by_key
-            .get(key)
-            .filter(|(_, end)| *end > now)
-            .map(|(v, _)| v)
+    pub fn get<Q>(&self, key: &Q, now: Timestamp) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entry(key, now).map(|(v, _)| v)
     }
 
     /// The value of `key` and its window end, if the window has not ended at `now`.
-    pub fn entry(&self, key: &K, now: Timestamp) -> Option<(&V, Timestamp)> {
+    pub fn entry<Q>(&self, key: &Q, now: Timestamp) -> Option<(&V, Timestamp)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.by_key
             .get(key)
             .filter(|(_, end)| *end > now)
@@ -54,17 +61,26 @@ impl<K: Hash + Eq + Ord + Clone, V> KeyWindow<K, V> {
         if end <= now {
             return;
         }
-        if let Some((_, old)) = self.by_key.remove(&key) {
-            self.order.remove(&(old, key.clone()));
+        if self.by_key.len() >= self.cap && !self.by_key.contains_key(&key) {
+            while self.by_key.len() >= self.cap {
+                let Some((_, oldest)) = self.order.pop_first() else {
+                    break;
+                };
+                self.by_key.remove(&oldest);
+            }
         }
-        while self.by_key.len() >= self.cap {
-            let Some((_, oldest)) = self.order.pop_first() else {
-                break;
-            };
-            self.by_key.remove(&oldest);
+        match self.by_key.entry(key) {
+            Entry::Occupied(mut held) => {
+                let old = held.get().1;
+                self.order.remove(&(old, held.key().clone()));
+                self.order.insert((end, held.key().clone()));
+                held.insert((value, end));
+            }
+            Entry::Vacant(free) => {
+                self.order.insert((end, free.key().clone()));
+                free.insert((value, end));
+            }
         }
-        self.order.insert((end, key.clone()));
-        self.by_key.insert(key, (value, end));
     }
 
     /// Forgets `key` if `keep` says so of its value.
@@ -125,6 +141,13 @@ mod tests {
         assert_eq!(w.get(&"a".to_string(), 0), Some(&1));
         w.insert("d".to_string(), 4, 10, 20);
         assert_eq!(w.get(&"d".to_string(), 0), None, "born expired");
+        // Replacing a key at the cap drops no other key.
+        w.insert("a".to_string(), 5, 400, 20);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.get("c", 20), Some(&3));
+        assert_eq!(w.entry("a", 20), Some((&5, 400)));
+        w.expire(300);
+        assert_eq!(w.len(), 1, "the replaced window is the one kept");
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub struct Engine<J: Journal> {
     closed: AtomicBool,
     clock: Arc<dyn Clock>,
     /// Keys of idempotent produces within their window, with the receipts they were given.
-    keys: Mutex<KeyWindow<String, Vec<Receipt>>>,
+    keys: Mutex<KeyWindow<Arc<str>, Vec<Receipt>>>,
     /// Held while the paused channels are changed and recorded.
     pausing: Mutex<()>,
     /// When the counters started counting: when the engine started, or earlier when its
@@ -206,14 +206,16 @@ impl<J: Journal> Engine<J> {
 
     /// Remembers a produce key after recovery.
     pub fn restore_key(&self, key: String, receipts: Vec<Receipt>, expires: Timestamp) {
-        self.keys.lock().insert(key, receipts, expires, self.now());
+        self.keys
+            .lock()
+            .insert(key.into(), receipts, expires, self.now());
     }
 
     /// The receipts and window end of a produce key inside its window.
     pub fn produce_key(&self, key: &str) -> Option<(Vec<Receipt>, Timestamp)> {
         self.keys
             .lock()
-            .entry(&key.to_string(), self.now())
+            .entry(key, self.now())
             .map(|(r, end)| (r.clone(), end))
     }
 
@@ -271,7 +273,7 @@ impl<J: Journal> Engine<J> {
         let cell = self.channel(spec);
         let now = self.now();
         if let Some((key, _)) = key
-            && let Some(receipts) = self.keys.lock().get(&key.to_string(), now)
+            && let Some(receipts) = self.keys.lock().get(key, now)
         {
             return Ok(receipts.clone());
         }
@@ -1101,7 +1103,7 @@ impl<J: Journal> ProduceDone<J> {
                     engine
                         .keys
                         .lock()
-                        .insert(key, self.receipts.clone(), expires, now);
+                        .insert(key.into(), self.receipts.clone(), expires, now);
                 }
                 let _ = self.reply.send(Ok(self.receipts));
             }
