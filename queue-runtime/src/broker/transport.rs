@@ -103,6 +103,21 @@ impl Outbox {
         self.tx.send((frame, room.0)).is_ok()
     }
 
+    /// Queues a frame if there is room for it now; gives it back otherwise (no room, or the
+    /// writer is gone).
+    ///
+    /// # Errors
+    /// The frame, not queued.
+    pub fn try_send(&self, frame: Bytes) -> Result<(), Bytes> {
+        let n = u32::try_from(frame.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max);
+        match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(room) => self.tx.send((frame, room)).map_err(|e| e.0.0),
+            Err(_) => Err(frame),
+        }
+    }
+
     /// Queues a frame once there is room for it. False once the writer is gone.
     pub async fn send(&self, frame: Bytes) -> bool {
         match self.reserve(frame.len()).await {

@@ -8,7 +8,7 @@ use queue_core::{ChannelSpec, MessageId, Outgoing, QueueError, Receipt};
 use tokio::sync::oneshot;
 
 use super::Inner;
-use super::conn::{Awaiting, copy_of, encode_frame};
+use super::conn::{Awaiting, Conn, copy_of, encode_frame};
 use crate::broker::protocol::{ClientFrame, Request, WireSettle};
 
 /// A settle waiting for its answer: the message, and where the answer goes.
@@ -193,12 +193,7 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         inner: Arc::downgrade(&inner),
         channel: channel.clone(),
     };
-    let alone = inner
-        .batches
-        .lock()
-        .get(&channel)
-        .is_some_and(|b| b.alone && b.in_flight == 1);
-    if !alone {
+    if !lone(&inner, &channel) {
         gather(|| {
             inner
                 .batches
@@ -208,11 +203,61 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         })
         .await;
     }
+    let Some((request, waiting)) = take_request(&inner, &channel) else {
+        return;
+    };
+    let conn = match inner.connection().await {
+        Ok(conn) => conn,
+        Err(e) => return hand_out(waiting, Err(e)),
+    };
+    let Some((id, bytes, awaiting)) = prepare(&inner, &conn, request, waiting, slot) else {
+        return;
+    };
+    // A lost connection sends the request again on the next one, from `Awaiting::lost`.
+    let _ = conn.send(id, bytes, awaiting).await;
+}
+
+/// Sends a lone producer's request from the producer's own task, with no flusher task in
+/// between: when the connection is up and no other request of the channel is out. False
+/// leaves it to a flusher. Nothing in it waits, so a producer that stops waiting for its
+/// receipt cannot strand the request.
+pub(super) fn flush_now(inner: &Arc<Inner>, channel: &str) -> bool {
+    let conn = inner.current.lock().clone();
+    let Some(conn) = conn.filter(|c| c.alive.load(Ordering::Acquire)) else {
+        return false;
+    };
+    if !lone(inner, channel) {
+        return false;
+    }
+    let slot = Slot {
+        inner: Arc::downgrade(inner),
+        channel: channel.to_string(),
+    };
+    let Some((request, waiting)) = take_request(inner, channel) else {
+        return true;
+    };
+    if let Some((id, bytes, awaiting)) = prepare(inner, &conn, request, waiting, slot) {
+        conn.send_now(id, bytes, awaiting);
+    }
+    true
+}
+
+/// Whether the produces waiting on `channel` are a lone producer's: its last request carried
+/// one produce and no other request of the channel is out now.
+fn lone(inner: &Inner, channel: &str) -> bool {
+    inner
+        .batches
+        .lock()
+        .get(channel)
+        .is_some_and(|b| b.alone && b.in_flight == 1)
+}
+
+/// Takes the produces of `channel` that fit in one request, and hands a later batch to a new
+/// flusher if one may start.
+fn take_request(inner: &Arc<Inner>, channel: &str) -> Option<(Request, Vec<Waiting>)> {
     let (spec, messages, waiting) = {
         let mut batches = inner.batches.lock();
-        let Some(b) = batches.get_mut(&channel) else {
-            return;
-        };
+        let b = batches.get_mut(channel)?;
         // Take whole produces while they fit in one request.
         let (mut count, mut bytes, mut take) = (0, 0, 0);
         for (n, _) in &b.waiting {
@@ -232,36 +277,46 @@ async fn flush(inner: Arc<Inner>, channel: String) {
         b.alone = take == 1 && b.in_flight == 1;
         b.pending = false;
         if b.claim() {
-            spawn_flush(inner.clone(), channel.clone());
+            spawn_flush(inner.clone(), channel.to_string());
         }
         (b.spec.clone(), messages, waiting)
     };
     if waiting.is_empty() {
-        return;
+        return None;
     }
     let request = Request::Produce {
         spec: (&spec).into(),
         messages: messages.into_iter().map(Into::into).collect(),
         key: Some(produce_key()),
     };
-    let conn = match inner.connection().await {
-        Ok(conn) => conn,
-        Err(e) => return hand_out(waiting, Err(e)),
-    };
+    Some((request, waiting))
+}
+
+/// The frame of a produce request on `conn`, and who awaits its reply; `None` (the waiting
+/// produces answered with the error) when it cannot be encoded.
+fn prepare(
+    inner: &Arc<Inner>,
+    conn: &Conn,
+    request: Request,
+    waiting: Vec<Waiting>,
+    slot: Slot,
+) -> Option<(i64, bytes::Bytes, Awaiting)> {
     let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
     let frame = ClientFrame { id, request };
-    let bytes = match encode_frame(&conn, &frame) {
+    let bytes = match encode_frame(conn, &frame) {
         Ok(bytes) => bytes,
-        Err(e) => return hand_out(waiting, Err(e)),
+        Err(e) => {
+            hand_out(waiting, Err(e));
+            return None;
+        }
     };
     let awaiting = Awaiting::Producers(Box::new(Produce {
-        inner: Arc::downgrade(&inner),
+        inner: Arc::downgrade(inner),
         request: frame.request,
         waiting,
         _slot: slot,
     }));
-    // A lost connection sends the request again on the next one, from `Awaiting::lost`.
-    let _ = conn.send(id, bytes, awaiting).await;
+    Some((id, bytes, awaiting))
 }
 
 /// A fresh produce key: 32 random hex digits.

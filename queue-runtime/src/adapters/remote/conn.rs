@@ -172,17 +172,41 @@ impl Conn {
         bytes: bytes::Bytes,
         awaiting: Awaiting,
     ) -> Result<(), CallError> {
-        self.pending.lock().insert(id, awaiting);
-        self.said
-            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.register(id, awaiting);
         if !self.out.send(bytes).await {
-            let awaiting = self.pending.lock().remove(&id);
-            if let Some(awaiting) = awaiting {
-                awaiting.lost();
-            }
+            self.unsent(id);
             return Err(CallError::Lost);
         }
         Ok(())
+    }
+
+    /// [`Conn::send`] without waiting: the frame is queued now if the outbox has room, else
+    /// by a task of its own.
+    pub(super) fn send_now(self: &Arc<Self>, id: i64, bytes: bytes::Bytes, awaiting: Awaiting) {
+        self.register(id, awaiting);
+        if let Err(bytes) = self.out.try_send(bytes) {
+            let conn = self.clone();
+            tokio::spawn(async move {
+                if !conn.out.send(bytes).await {
+                    conn.unsent(id);
+                }
+            });
+        }
+    }
+
+    fn register(&self, id: i64, awaiting: Awaiting) {
+        self.pending.lock().insert(id, awaiting);
+        self.said
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The frame of request `id` was not sent: whoever awaits it learns it as from a
+    /// dropped connection.
+    fn unsent(&self, id: i64) {
+        let awaiting = self.pending.lock().remove(&id);
+        if let Some(awaiting) = awaiting {
+            awaiting.lost();
+        }
     }
 
     pub(super) async fn call(&self, request: Request) -> Result<Reply, CallError> {

@@ -39,7 +39,7 @@ use queue_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use self::batch::{ChannelBatch, SettleBatch, spawn_flush, spawn_settle_flush};
+use self::batch::{ChannelBatch, SettleBatch, flush_now, spawn_flush, spawn_settle_flush};
 use self::conn::Conn;
 use self::subs::{LocalSub, RemoteSubscription, subscribe_on};
 use crate::broker::protocol::{self, Reply, Request, WireLease, WireSettle};
@@ -291,7 +291,7 @@ impl Adapter for RemoteAdapter {
                 b.messages.extend(batch);
                 b.claim()
             };
-            if start {
+            if start && !flush_now(&self.inner, &spec.name) {
                 spawn_flush(self.inner.clone(), spec.name.to_string());
             }
             self.inner
