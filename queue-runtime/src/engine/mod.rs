@@ -22,7 +22,7 @@ use std::time::Duration;
 use foldhash::HashMap;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, select};
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
 use queue_core::clock::{Clock, Timestamp, millis};
 use queue_core::limits;
 use queue_core::{
@@ -45,7 +45,11 @@ const TAKE_BATCH: u32 = 256;
 /// One channel: its state and the waiters' wake-up.
 #[derive(Debug)]
 pub struct Cell<P> {
-    state: Mutex<ChannelState<P>>,
+    /// The standard library's mutex, which waits on a futex after a short spin: under
+    /// parking_lot's, whose waiters yield the CPU while spinning, two runtime threads acking
+    /// on one channel spent a fifth of their system calls in `sched_yield`, and 16 embedded
+    /// consumers drained about 9% slower.
+    state: std::sync::Mutex<ChannelState<P>>,
     notify: Notify,
     /// The inbox of each open subscription, to refill when a settle frees its capacity.
     inboxes: Mutex<HashMap<u64, Weak<Mutex<Inbox<P>>>>>,
@@ -56,8 +60,11 @@ pub struct Cell<P> {
 
 impl<P: Clone> Cell<P> {
     /// Locks the channel's state.
-    pub fn lock(&self) -> MutexGuard<'_, ChannelState<P>> {
-        self.state.lock()
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState<P>> {
+        // A panic under the lock leaves the state as parking_lot would: usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Wakes every waiter of this channel to look again.
@@ -167,7 +174,7 @@ impl<J: Journal> Engine<J> {
             .entry(spec.name.to_string())
             .or_insert_with(|| {
                 Arc::new(Cell {
-                    state: Mutex::new(ChannelState::new(spec.clone())),
+                    state: std::sync::Mutex::new(ChannelState::new(spec.clone())),
                     notify: Notify::new(),
                     inboxes: Mutex::new(HashMap::default()),
                     cancels: AtomicU64::new(0),
