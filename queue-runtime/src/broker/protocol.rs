@@ -928,6 +928,19 @@ fn int(value: Value<'_>, field: &str) -> Result<i64, QueueError> {
     }
 }
 
+/// An integer field, as serde reads an `i32`: BSON int32, or int64 in range.
+fn int32(value: Value<'_>, field: &str) -> Result<i32, QueueError> {
+    i32::try_from(int(value, field)?).map_err(|_| malformed(format!("`{field}` must be an i32")))
+}
+
+/// A binary field's bytes.
+fn binary(value: Value<'_>, field: &str) -> Result<Vec<u8>, QueueError> {
+    match value {
+        Value::Binary(b) => Ok(b.to_vec()),
+        _ => Err(malformed(format!("`{field}` must be binary"))),
+    }
+}
+
 fn string<'a>(value: Value<'a>, field: &str) -> Result<&'a str, QueueError> {
     match value {
         Value::Str(s) => std::str::from_utf8(s).map_err(malformed),
@@ -1065,17 +1078,10 @@ fn read_outgoing(doc: &[u8]) -> Result<WireOutgoing, QueueError> {
             value => int(value, field).map(Some),
         };
         match key {
-            b"payload" => match value {
-                Value::Binary(b) => payload = Some(b.to_vec()),
-                _ => return Err(malformed("`payload` must be binary")),
-            },
+            b"payload" => payload = Some(binary(value, "payload")?),
             b"dedup_key" => dedup_key = optional("dedup_key")?,
             b"delay_ms" => delay_ms = Some(int(value, "delay_ms")?),
-            b"priority" => {
-                let p = int(value, "priority")?;
-                priority =
-                    Some(i32::try_from(p).map_err(|_| malformed("`priority` must be an i32"))?);
-            }
+            b"priority" => priority = Some(int32(value, "priority")?),
             b"group" => group = optional("group")?,
             _ => {}
         }
@@ -1236,16 +1242,9 @@ fn read_delivery(doc: &[u8]) -> Result<WireDelivery, QueueError> {
         let (key, value) = element?;
         match key {
             b"lease" => lease = Some(read_lease(document(value, "lease")?)?),
-            b"payload" => match value {
-                Value::Binary(b) => payload = Some(b.to_vec()),
-                _ => return Err(malformed("`payload` must be binary")),
-            },
+            b"payload" => payload = Some(binary(value, "payload")?),
             b"attempt" => attempt = Some(int(value, "attempt")?),
-            b"priority" => {
-                let p = int(value, "priority")?;
-                priority =
-                    Some(i32::try_from(p).map_err(|_| malformed("`priority` must be an i32"))?);
-            }
+            b"priority" => priority = Some(int32(value, "priority")?),
             b"produced_at" => produced_at = Some(int(value, "produced_at")?),
             b"lease_ms" => lease_ms = Some(int(value, "lease_ms")?),
             _ => {}
