@@ -9,7 +9,7 @@
 //! | `queue_messages` | gauge | `channel`, `state` (`ready`, `delayed`, `in_flight`, `dead`) |
 //! | `queue_consumers` | gauge | `channel` |
 //! | `queue_produced`, `queue_duplicates`, `queue_acked`, `queue_retried`, `queue_dead_lettered`, `queue_lease_expiries` | counter | `channel` |
-//! | `queue_broker_connections`, `queue_broker_rejected`, `queue_broker_replayed_produces` | counter | |
+//! | `queue_broker_connections`, `queue_broker_rejected`, `queue_broker_replayed_produces`, `queue_broker_produce_requests` | counter | |
 //! | `queue_broker_open_connections` | gauge | |
 
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ pub struct Metrics {
     consumers: Family<ChannelLabels, Gauge>,
     totals: Vec<Family<ChannelLabels, Counter>>,
     seen: Mutex<HashMap<(usize, String), u64>>,
-    broker: Option<(Arc<Broker>, [Counter; 3], Gauge)>,
+    broker: Option<(Arc<Broker>, [Counter; 4], Gauge)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,7 +119,7 @@ impl Metrics {
             })
             .collect();
         let broker = broker.map(|b| {
-            let counters = [Counter::default(), Counter::default(), Counter::default()];
+            let counters: [Counter; 4] = Default::default();
             registry.register(
                 "queue_broker_connections",
                 "Connections accepted",
@@ -134,6 +134,11 @@ impl Metrics {
                 "queue_broker_replayed_produces",
                 "Produce retries answered from the idempotency cache",
                 counters[2].clone(),
+            );
+            registry.register(
+                "queue_broker_produce_requests",
+                "Produce requests received (each carries one or more messages)",
+                counters[3].clone(),
             );
             let open = Gauge::default();
             registry.register(
@@ -196,6 +201,7 @@ impl Metrics {
                 c.connections.load(Ordering::Relaxed),
                 c.rejected.load(Ordering::Relaxed),
                 c.replayed_produces.load(Ordering::Relaxed),
+                c.produce_requests.load(Ordering::Relaxed),
             ]
             .into_iter()
             .enumerate()

@@ -104,3 +104,45 @@ async fn produces_of_two_channels_on_one_connection_keep_their_own_specs() {
         (1, 2)
     );
 }
+
+/// A lone producer's request goes at once; produces made together on one connection still
+/// travel together, a few requests for many messages.
+#[tokio::test]
+async fn produces_made_together_share_requests_and_a_lone_one_goes_alone() {
+    use queue_core::{ChannelSpec, Outgoing};
+    use std::sync::atomic::Ordering;
+    let clock = VirtualClock::default();
+    let (queue, served, _) = serve(clock).await;
+    let served = served.downcast::<Served>().expect("served");
+    let requests = || {
+        served
+            .broker
+            .counters
+            .produce_requests
+            .load(Ordering::Relaxed)
+    };
+    let spec = ChannelSpec::new("gather/a");
+    let message = || Outgoing {
+        payload: bson::serialize_to_vec(&bson::doc! { "n": 1 }).unwrap(),
+        dedup_key: None,
+        delay: std::time::Duration::ZERO,
+        priority: 0,
+        group: None,
+    };
+    for n in 1..=3 {
+        queue
+            .produce_raw(&spec, vec![message()])
+            .await
+            .expect("produce");
+        assert_eq!(requests(), n, "one request per awaited produce");
+    }
+    let before = requests();
+    let together = (0..64).map(|_| queue.produce_raw(&spec, vec![message()]));
+    for r in futures_util::future::join_all(together).await {
+        r.expect("produce");
+    }
+    let used = requests() - before;
+    assert!(used <= 4, "64 produces made together took {used} requests");
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats[0].produced, 67);
+}

@@ -101,6 +101,8 @@ pub struct BrokerCounters {
     pub idle: AtomicU64,
     /// Produce requests answered from the idempotency cache.
     pub replayed_produces: AtomicU64,
+    /// Produce requests received; against the messages produced, how well clients gather.
+    pub produce_requests: AtomicU64,
 }
 
 type Remembered = Arc<OnceCell<Vec<Receipt>>>;
@@ -545,6 +547,10 @@ impl Connection {
         let bad = |e: QueueError| ConnError::Protocol(code::BAD_FRAME, e.to_string());
         match Incoming::decode(bytes).map_err(bad)? {
             Incoming::Produce(frame) => {
+                self.broker
+                    .counters
+                    .produce_requests
+                    .fetch_add(1, Ordering::Relaxed);
                 let spec = self.spec_of(&frame).map_err(bad)?;
                 Ok(Some(self.produce(
                     frame.id,
