@@ -89,13 +89,17 @@ impl Outbox {
 
     /// Waits for room for a frame of about `size` bytes. `None` once the writer is gone.
     pub async fn reserve(&self, size: usize) -> Option<Room> {
-        let n = u32::try_from(size).unwrap_or(u32::MAX).clamp(1, self.max);
         self.budget
             .clone()
-            .acquire_many_owned(n)
+            .acquire_many_owned(self.units(size))
             .await
             .ok()
             .map(Room)
+    }
+
+    /// The room a frame of `size` bytes takes: a frame larger than the outbox takes all of it.
+    fn units(&self, size: usize) -> u32 {
+        u32::try_from(size).unwrap_or(u32::MAX).clamp(1, self.max)
     }
 
     /// Queues a frame in reserved room. False once the writer is gone.
@@ -109,10 +113,11 @@ impl Outbox {
     /// # Errors
     /// The frame, not queued.
     pub fn try_send(&self, frame: Bytes) -> Result<(), Bytes> {
-        let n = u32::try_from(frame.len())
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.max);
-        match self.budget.clone().try_acquire_many_owned(n) {
+        match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(self.units(frame.len()))
+        {
             Ok(room) => self.tx.send((frame, room)).map_err(|e| e.0.0),
             Err(_) => Err(frame),
         }
