@@ -1232,24 +1232,29 @@ pub async fn the_consumer_extends_each_running_lease_until_its_handler_returns(h
         })
         .await
         .unwrap();
+    // Every running lease ahead of the clock. Awaited after each move of the clock, so that
+    // the clock never passes a lease whose extension is still on its way to the store.
+    let ahead = || async move {
+        let now = h.clock.now();
+        eventually("the running leases to be extended", || async {
+            let peeked = h.queue.peek(JOBS, 10).await.unwrap();
+            peeked
+                .iter()
+                .all(|m| m.state == MessageState::InFlight && m.due > now + 5_000)
+        })
+        .await;
+    };
     // Three handlers started 3 s apart, so that their extensions fall due at different times.
     for n in 1..=3 {
         produce_jobs(h, n..n + 1).await;
         assert_eq!(recv(&mut started).await, n);
         h.advance(Duration::from_secs(3)).await;
+        ahead().await;
     }
-    // Each step waits for every running lease to be ahead of the clock.
     let steps = |count: usize| async move {
         for _ in 0..count {
             h.advance(Duration::from_secs(2)).await;
-            let now = h.clock.now();
-            eventually("the running leases to be extended", || async {
-                let peeked = h.queue.peek(JOBS, 10).await.unwrap();
-                peeked
-                    .iter()
-                    .all(|m| m.state == MessageState::InFlight && m.due > now + 5_000)
-            })
-            .await;
+            ahead().await;
         }
     };
     steps(10).await;
