@@ -5,7 +5,10 @@
 //! - a message that makes its worker process die (abort) is dead-lettered once its attempts
 //!   are used, on the embedded store and through the broker, never handed out forever;
 //! - a store that crashes before its first commit does not hand out a fencing token again;
-//! - a duplicate is confirmed only once its original is durable.
+//! - a duplicate is confirmed only once its original is durable;
+//! - a message produced while a subscription waits is leased in its produce's commit, its
+//!   attempt as durable as the message, without overtaking earlier messages and without
+//!   being lost to a subscription that stops meanwhile.
 //!
 //! Runs without the libtest harness: this binary is also the worker (`FAULTS_WORKER`).
 
@@ -14,11 +17,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use parking_lot::{Condvar, Mutex};
-use queue_core::{Channel, Delivery, Queue, VirtualClock, channel};
+use queue_core::{Channel, Delivery, Outcome, Queue, Subscription, VirtualClock, channel};
 use queue_runtime::TokioSpawner;
 use queue_runtime::adapters::file::writer::{Handle, Storage};
 use queue_runtime::adapters::file::{FileAdapter, FileOptions};
@@ -49,7 +53,7 @@ fn main() {
         worker(&url);
         return;
     }
-    let tests: [Test; 5] = [
+    let tests: [Test; 8] = [
         (
             "a_dropped_produce_is_either_not_stored_or_stored_and_deliverable",
             dropped_produces,
@@ -61,6 +65,18 @@ fn main() {
         (
             "a_crash_before_the_first_commit_does_not_reuse_fencing_tokens",
             epoch_is_durable,
+        ),
+        (
+            "a_message_produced_while_a_subscription_waits_is_leased_in_its_produce_commit",
+            lease_on_arrival,
+        ),
+        (
+            "a_message_leased_on_arrival_does_not_overtake_earlier_ones_still_committing",
+            arrival_keeps_order,
+        ),
+        (
+            "a_message_leased_on_arrival_to_a_subscription_that_stops_goes_to_another",
+            arrival_to_a_stopped_subscription,
         ),
         (
             "a_message_that_kills_its_worker_is_dead_lettered_on_the_embedded_store",
@@ -106,17 +122,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// Storage whose syncs wait while the gate is closed.
+/// Storage whose syncs wait while the gate is closed, and are counted.
 #[derive(Default)]
 struct Gate {
     closed: Mutex<bool>,
     opened: Condvar,
+    syncs: AtomicU64,
 }
 
 impl Gate {
     fn set(&self, closed: bool) {
         *self.closed.lock() = closed;
         self.opened.notify_all();
+    }
+
+    fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
     }
 }
 
@@ -129,6 +150,7 @@ impl Storage for StallingStorage {
             self.0.opened.wait(&mut closed);
         }
         drop(closed);
+        self.0.syncs.fetch_add(1, Ordering::SeqCst);
         file.file()?.sync_data()
     }
 }
@@ -322,6 +344,160 @@ async fn first_token(queue: &Queue) -> Result<u64, String> {
         .map_err(|e| e.to_string())?;
     std::mem::forget(sub);
     Ok(d.lease.token)
+}
+
+async fn subscribe(queue: &Queue, max_parallel: u32) -> Result<Box<dyn Subscription>, String> {
+    let sub = queue
+        .adapter()
+        .subscribe(&JobChannel::SPEC, max_parallel)
+        .await
+        .map_err(|e| e.to_string())?;
+    sub.take_ahead();
+    Ok(sub)
+}
+
+/// The next delivery's job number and attempt, within 5 s.
+async fn next_job(sub: &dyn Subscription) -> Result<(u32, u32, queue_core::Lease), String> {
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .map_err(|_| "no delivery within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let job: Job = queue_core::codec::decode(&d.payload).map_err(|e| e.to_string())?;
+    Ok((job.n, d.attempt, d.lease))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A subscription waits with nothing in hand; a message produced now is in its hands when
+/// the produce is confirmed, after one sync for both, and a crash right then (the files as
+/// they are) finds the delivery counted as an attempt.
+fn lease_on_arrival() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let copy = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        let (_adapter, queue) = open_gated(dir.path(), &gate);
+        let sub = subscribe(&queue, 4).await?;
+        let before = gate.syncs();
+        let receipt = Job::produce(&queue, Job { n: 7 })
+            .await
+            .map_err(|e| e.to_string())?;
+        let synced = gate.syncs() - before;
+        let Some(delivery) = sub.next().now_or_never() else {
+            return Err("the message was not in the subscription's hands at its confirm".into());
+        };
+        let delivery = delivery.map_err(|e| e.to_string())?;
+        if delivery.lease.id != receipt.id || delivery.attempt != 1 {
+            return Err(format!(
+                "delivered {} on attempt {}, produced {}",
+                delivery.lease.id, delivery.attempt, receipt.id
+            ));
+        }
+        if synced != 1 {
+            return Err(format!("{synced} syncs for the produce and its delivery"));
+        }
+        copy_tree(dir.path(), copy.path()).map_err(|e| e.to_string())?;
+        let (_crashed, after) = open_gated(copy.path(), &gate);
+        let stored = after
+            .peek(JobChannel::SPEC.name.as_ref(), 10)
+            .await
+            .map_err(|e| e.to_string())?;
+        match &stored[..] {
+            [m] if m.id == receipt.id && m.attempts == 1 => {}
+            other => {
+                return Err(format!(
+                    "after a crash: {:?}",
+                    other.iter().map(|m| (m.id, m.attempts)).collect::<Vec<_>>()
+                ));
+            }
+        }
+        Ok("one sync for the produce and its delivery; attempt 1 found after a crash".into())
+    })
+}
+
+/// A subscription with one slot frees it while message A's commit is stalled, then B is
+/// produced: B waits for A rather than being leased ahead of it.
+fn arrival_keeps_order() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        let (_adapter, queue) = open_gated(dir.path(), &gate);
+        let sub = subscribe(&queue, 1).await?;
+        Job::produce(&queue, Job { n: 0 })
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, _, first) = next_job(&*sub).await?;
+        gate.set(true);
+        let q = queue.clone();
+        let a = tokio::spawn(async move { Job::produce(&q, Job { n: 1 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Applied when called; durable behind A's commit.
+        let _ = queue.adapter().settle(&first, Outcome::Ack).now_or_never();
+        let q = queue.clone();
+        let b = tokio::spawn(async move { Job::produce(&q, Job { n: 2 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.set(false);
+        for p in [a, b] {
+            p.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        let (n, _, lease) = next_job(&*sub).await?;
+        queue
+            .adapter()
+            .settle(&lease, Outcome::Ack)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (m, _, _) = next_job(&*sub).await?;
+        if (n, m) != (1, 2) {
+            return Err(format!("delivered {n} then {m}, produced 1 then 2"));
+        }
+        Ok("1 then 2".into())
+    })
+}
+
+/// A message is leased on arrival to a subscription that stops and goes away before the
+/// commit is durable: it is given back, unattempted, and another subscription gets it.
+fn arrival_to_a_stopped_subscription() -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let gate = Arc::new(Gate::default());
+    runtime().block_on(async {
+        let (_adapter, queue) = open_gated(dir.path(), &gate);
+        let first = subscribe(&queue, 1).await?;
+        gate.set(true);
+        let q = queue.clone();
+        let produced = tokio::spawn(async move { Job::produce(&q, Job { n: 5 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = queue
+            .adapter()
+            .subscribe(&JobChannel::SPEC, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        first.stop().await;
+        drop(first);
+        gate.set(false);
+        produced
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let (n, attempt, _) = next_job(&*second).await?;
+        if (n, attempt) != (5, 1) {
+            return Err(format!("delivered {n} on attempt {attempt}"));
+        }
+        Ok("given back and delivered to the other subscription on attempt 1".into())
+    })
 }
 
 /// A worker process: prints the attempt of each poison delivery and aborts.

@@ -325,6 +325,15 @@ impl<J: Journal> Engine<J> {
             // The key's record lists the receipts, which the step keeps too.
             let keyed_receipts = keyed.map(|_| receipts.clone());
             self.histories.with(|h| h.changed(&changes, now));
+            let handed = self.lease_on_arrival(&mut state, &cell, &fresh, now);
+            state.arriving(fresh.len() - handed.len(), true);
+            let leases: SmallVec<[Change; 1]> = handed
+                .iter()
+                .map(|h| Change::Leased {
+                    id: fresh[h.index].id,
+                    attempts: 1,
+                })
+                .collect();
             let mut events: SmallVec<[Event<'_>; 4]> = changes.iter().map(Event::Changed).collect();
             for f in &fresh {
                 let out = &batch[f.index];
@@ -339,6 +348,8 @@ impl<J: Journal> Engine<J> {
                     payload: &out.payload,
                 }));
             }
+            // After the messages they lease, so that a replay meets the message first.
+            events.extend(leases.iter().map(Event::Changed));
             if let (Some((k, expires)), Some(receipts)) = (keyed, &keyed_receipts) {
                 events.push(Event::Keyed {
                     key: k,
@@ -350,6 +361,7 @@ impl<J: Journal> Engine<J> {
                 engine: self.me.clone(),
                 cell: cell.clone(),
                 fresh,
+                handed,
                 produced_at: now,
                 receipts,
                 keyed: keyed.map(|(k, expires)| (k.to_string(), expires)),
@@ -364,6 +376,60 @@ impl<J: Journal> Engine<J> {
         }
         self.journal.lead();
         rx.await.unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Leases messages being produced to subscriptions that wait with nothing in hand, so
+    /// that each delivery is journaled in its produce's commit rather than in a second one.
+    /// Only a leading run of `fresh` is leased, and only when nothing ready or still arriving
+    /// would be overtaken; the rest joins the channel when durable, as always.
+    fn lease_on_arrival(
+        &self,
+        state: &mut ChannelState<J::Payload>,
+        cell: &Cell<J::Payload>,
+        fresh: &[Fresh],
+        now: Timestamp,
+    ) -> SmallVec<[HandOff<J::Payload>; 1]> {
+        let mut handed = SmallVec::new();
+        if state.consumer_count() == 0 || !state.leases_on_arrival() {
+            return handed;
+        }
+        let inboxes = cell.inboxes.lock();
+        let mut idle = inboxes.iter().filter_map(|(&consumer, inbox)| {
+            let inbox = inbox.upgrade()?;
+            let waits = {
+                let i = inbox.lock();
+                i.takes_ahead() && i.ready.is_empty() && i.committing == 0 && i.failed.is_none()
+            };
+            waits.then_some((consumer, inbox))
+        });
+        let mut holder = idle.next();
+        for (index, f) in fresh.iter().enumerate() {
+            if f.due > now || f.group.is_some() {
+                break;
+            }
+            let (consumer, inbox) = loop {
+                match holder.take() {
+                    Some((consumer, inbox)) if state.reserve(consumer) => {
+                        break (consumer, inbox);
+                    }
+                    Some(_) => holder = idle.next(),
+                    None => return handed,
+                }
+            };
+            inbox.lock().committing += 1;
+            let token = self.next_token();
+            self.histories
+                .with(|h| h.delivered(f.id, 1, token, consumer, now));
+            handed.push(HandOff {
+                index,
+                consumer,
+                token,
+                deadline: now.saturating_add(millis(state.spec().lease)),
+                inbox: inbox.clone(),
+            });
+            holder = Some((consumer, inbox));
+        }
+        handed
     }
 
     /// Opens a subscription holding at most `max_parallel` deliveries.
@@ -1071,12 +1137,23 @@ struct Fresh {
     group: Option<std::num::NonZeroU64>,
 }
 
+/// A message leased in its produce's commit (`fresh[index]`).
+struct HandOff<P> {
+    index: usize,
+    consumer: u64,
+    token: u64,
+    deadline: Timestamp,
+    inbox: Arc<Mutex<Inbox<P>>>,
+}
+
 /// What a produce does once its journal append is durable (or failed).
 struct ProduceDone<J: Journal> {
     /// Weak: a completion must not keep a store open that its owner has dropped.
     engine: Weak<Engine<J>>,
     cell: Arc<Cell<J::Payload>>,
     fresh: SmallVec<[Fresh; 2]>,
+    /// The leading messages of `fresh` leased on arrival.
+    handed: SmallVec<[HandOff<J::Payload>; 1]>,
     produced_at: Timestamp,
     receipts: Vec<Receipt>,
     keyed: Option<(String, Timestamp)>,
@@ -1085,6 +1162,7 @@ struct ProduceDone<J: Journal> {
 
 impl<J: Journal> ProduceDone<J> {
     fn finish(self, state: &mut ChannelState<J::Payload>, result: Appended<J::Payload>) {
+        state.arriving(self.fresh.len() - self.handed.len(), false);
         match result {
             Ok(payloads) => {
                 let Some(engine) = self.engine.upgrade() else {
@@ -1094,8 +1172,9 @@ impl<J: Journal> ProduceDone<J> {
                 };
                 // Readiness against the clock now; produce and due times as journaled.
                 let now = engine.now();
-                for (f, payload) in self.fresh.into_iter().zip(payloads) {
-                    let entry = Entry {
+                let mut handed = self.handed.into_iter().peekable();
+                for (index, (f, payload)) in self.fresh.into_iter().zip(payloads).enumerate() {
+                    let mut entry = Entry {
                         id: f.id,
                         payload,
                         attempts: 0,
@@ -1103,7 +1182,21 @@ impl<J: Journal> ProduceDone<J> {
                         produced_at: self.produced_at,
                         group: None,
                     };
-                    state.insert(entry, f.group, f.due, now);
+                    let Some(h) = handed.next_if(|h| h.index == index) else {
+                        state.insert(entry, f.group, f.due, now);
+                        continue;
+                    };
+                    entry.attempts = 1;
+                    let held = Held {
+                        entry,
+                        token: h.token,
+                        deadline: h.deadline,
+                        consumer: h.consumer,
+                    };
+                    state.insert_leased(held.clone());
+                    // Given back at once if the subscription stopped meanwhile.
+                    let back = deliver(&h.inbox, smallvec::smallvec![held], Ok(()));
+                    engine.release(state, &back);
                 }
                 self.cell.wake();
                 if let Some((key, expires)) = self.keyed {
@@ -1120,6 +1213,11 @@ impl<J: Journal> ProduceDone<J> {
                         state.forget(key, f.id);
                     }
                 }
+                for h in self.handed {
+                    state.unreserve(h.consumer);
+                    h.inbox.lock().committing -= 1;
+                }
+                self.cell.wake();
                 let _ = self.reply.send(Err(e));
             }
         }

@@ -254,6 +254,10 @@ pub struct ChannelState<P> {
     group_window: Timestamp,
     /// When the channel's rate allows deliveries again, while it holds ready messages back.
     rate_blocked: Option<Timestamp>,
+    /// Produced messages whose commit is pending and that will join the channel when it is
+    /// durable (not leased in it): a later message must not be leased ahead of them.
+    #[serde(skip)]
+    arriving: usize,
 }
 
 impl<P: Clone> ChannelState<P> {
@@ -281,6 +285,7 @@ impl<P: Clone> ChannelState<P> {
             group_rates: HashMap::default(),
             group_window: 0,
             rate_blocked: None,
+            arriving: 0,
         }
     }
 
@@ -666,6 +671,54 @@ impl<P: Clone> ChannelState<P> {
             s.held += 1;
         }
         Some(held)
+    }
+
+    /// Whether a message produced now may be leased in its produce's commit: nothing is ready
+    /// or on its way that it would overtake, and no rule applies that [`Self::take`] would
+    /// weigh (pause, rates, the channel's concurrency, attempts).
+    pub fn leases_on_arrival(&self) -> bool {
+        !self.paused
+            && self.ready_len == 0
+            && self.arriving == 0
+            && self.spec.rate.is_none()
+            && self.spec.rate_per_group.is_none()
+            && self.spec.concurrency == 0
+            && self.spec.max_attempts > 0
+    }
+
+    /// Counts produced messages whose commit is pending and that will join the channel
+    /// (`more`), or that joined or failed (`!more`).
+    pub fn arriving(&mut self, n: usize, more: bool) {
+        if more {
+            self.arriving += n;
+        } else {
+            self.arriving = self.arriving.saturating_sub(n);
+        }
+    }
+
+    /// Reserves one of `consumer`'s slots for a message leased on arrival; false when it has
+    /// none free.
+    pub fn reserve(&mut self, consumer: u64) -> bool {
+        match self.consumers.get_mut(&consumer) {
+            Some(s) if s.held < s.max_parallel => {
+                s.held += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Frees a slot reserved by [`Self::reserve`] whose message did not become durable.
+    pub fn unreserve(&mut self, consumer: u64) {
+        self.release_slot(consumer);
+    }
+
+    /// Adds a produced message leased on arrival under a slot [`Self::reserve`]d for its
+    /// holder; its lease was journaled with it.
+    pub fn insert_leased(&mut self, held: Held<P>) {
+        self.counters.produced += 1;
+        self.deadlines.insert((held.deadline, held.entry.id));
+        self.leased.insert(held.entry.id, held);
     }
 
     /// The subscription holding `id`, if it is leased.
