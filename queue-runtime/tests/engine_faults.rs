@@ -380,9 +380,10 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A subscription waits with nothing in hand; a message produced now is in its hands when
-/// the produce is confirmed, after one sync for both, and a crash right then (the files as
-/// they are) finds the delivery counted as an attempt.
+/// A subscription waits with room; a message produced now is in its hands when the produce
+/// is confirmed, after one sync for both, and a crash right then (the files as they are)
+/// finds the delivery counted as an attempt. So are messages produced while it holds one
+/// and while an earlier one's commit is pending.
 fn lease_on_arrival() -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let copy = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -421,6 +422,32 @@ fn lease_on_arrival() -> Result<String, String> {
                     "after a crash: {:?}",
                     other.iter().map(|m| (m.id, m.attempts)).collect::<Vec<_>>()
                 ));
+            }
+        }
+        // Two more while the subscription still holds the first, the second produced while
+        // the first's commit is stalled: both are in its hands at their confirms.
+        gate.set(true);
+        let q = queue.clone();
+        let a = tokio::spawn(async move { Job::produce(&q, Job { n: 8 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let q = queue.clone();
+        let b = tokio::spawn(async move { Job::produce(&q, Job { n: 9 }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.set(false);
+        for p in [a, b] {
+            p.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        for n in [8, 9] {
+            match sub.next().now_or_never() {
+                Some(Ok(d)) if d.attempt == 1 => {}
+                other => {
+                    return Err(format!(
+                        "job {n} was not in the subscription's hands at its confirm: {:?}",
+                        other.map(|r| r.map(|d| d.attempt))
+                    ));
+                }
             }
         }
         Ok("one sync for the produce and its delivery; attempt 1 found after a crash".into())

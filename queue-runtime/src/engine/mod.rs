@@ -378,10 +378,11 @@ impl<J: Journal> Engine<J> {
         rx.await.unwrap_or(Err(QueueError::Closed))
     }
 
-    /// Leases messages being produced to subscriptions that wait with nothing in hand, so
+    /// Leases messages being produced to subscriptions that take ahead and have room, so
     /// that each delivery is journaled in its produce's commit rather than in a second one.
-    /// Only a leading run of `fresh` is leased, and only when nothing ready or still arriving
-    /// would be overtaken; the rest joins the channel when durable, as always.
+    /// Only a leading run of `fresh` is leased, each to the subscription with the most room,
+    /// and only when nothing ready or still arriving would be overtaken; the rest joins the
+    /// channel when durable, as always.
     fn lease_on_arrival(
         &self,
         state: &mut ChannelState<J::Payload>,
@@ -393,41 +394,46 @@ impl<J: Journal> Engine<J> {
         if state.consumer_count() == 0 || !state.leases_on_arrival() {
             return handed;
         }
-        let inboxes = cell.inboxes.lock();
-        let mut idle = inboxes.iter().filter_map(|(&consumer, inbox)| {
-            let inbox = inbox.upgrade()?;
-            let waits = {
-                let i = inbox.lock();
-                i.takes_ahead() && i.ready.is_empty() && i.committing == 0 && i.failed.is_none()
-            };
-            waits.then_some((consumer, inbox))
-        });
-        let mut holder = idle.next();
+        let mut open: SmallVec<[(u64, Arc<Mutex<Inbox<J::Payload>>>, u32); 4]> = cell
+            .inboxes
+            .lock()
+            .iter()
+            .filter_map(|(&consumer, inbox)| {
+                let inbox = inbox.upgrade()?;
+                let takes = {
+                    let i = inbox.lock();
+                    i.takes_ahead() && i.failed.is_none()
+                };
+                let room = state.capacity(consumer);
+                (takes && room > 0).then_some((consumer, inbox, room))
+            })
+            .collect();
         for (index, f) in fresh.iter().enumerate() {
             if f.due > now || f.group.is_some() {
                 break;
             }
-            let (consumer, inbox) = loop {
-                match holder.take() {
-                    Some((consumer, inbox)) if state.reserve(consumer) => {
-                        break (consumer, inbox);
-                    }
-                    Some(_) => holder = idle.next(),
-                    None => return handed,
-                }
+            let Some((consumer, inbox, room)) = open
+                .iter_mut()
+                .filter(|(_, _, room)| *room > 0)
+                .max_by_key(|(_, _, room)| *room)
+            else {
+                break;
             };
+            if !state.reserve(*consumer) {
+                break;
+            }
+            *room -= 1;
             inbox.lock().committing += 1;
             let token = self.next_token();
             self.histories
-                .with(|h| h.delivered(f.id, 1, token, consumer, now));
+                .with(|h| h.delivered(f.id, 1, token, *consumer, now));
             handed.push(HandOff {
                 index,
-                consumer,
+                consumer: *consumer,
                 token,
                 deadline: now.saturating_add(millis(state.spec().lease)),
                 inbox: inbox.clone(),
             });
-            holder = Some((consumer, inbox));
         }
         handed
     }
