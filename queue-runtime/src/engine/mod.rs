@@ -394,7 +394,8 @@ impl<J: Journal> Engine<J> {
         if state.consumer_count() == 0 || !state.leases_on_arrival() {
             return handed;
         }
-        let mut open: SmallVec<[(u64, Arc<Mutex<Inbox<J::Payload>>>, u32); 4]> = cell
+        // (subscription, inbox, room)
+        let mut open: SmallVec<[Open<J::Payload>; 4]> = cell
             .inboxes
             .lock()
             .iter()
@@ -1142,6 +1143,9 @@ struct Fresh {
     dedup: Option<u64>,
     group: Option<std::num::NonZeroU64>,
 }
+
+/// A subscription that takes ahead, its inbox, and its free slots.
+type Open<P> = (u64, Arc<Mutex<Inbox<P>>>, u32);
 
 /// A message leased in its produce's commit (`fresh[index]`).
 struct HandOff<P> {
