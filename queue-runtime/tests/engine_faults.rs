@@ -455,7 +455,8 @@ fn lease_on_arrival() -> Result<String, String> {
 }
 
 /// A subscription with one slot frees it while message A's commit is stalled, then B is
-/// produced: B waits for A rather than being leased ahead of it.
+/// produced: B waits for A rather than being leased ahead of it. Then a batch whose second
+/// message has the higher priority: it leaves first.
 fn arrival_keeps_order() -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let gate = Arc::new(Gate::default());
@@ -487,11 +488,42 @@ fn arrival_keeps_order() -> Result<String, String> {
             .settle(&lease, Outcome::Ack)
             .await
             .map_err(|e| e.to_string())?;
-        let (m, _, _) = next_job(&*sub).await?;
+        let (m, _, lease) = next_job(&*sub).await?;
         if (n, m) != (1, 2) {
             return Err(format!("delivered {n} then {m}, produced 1 then 2"));
         }
-        Ok("1 then 2".into())
+        queue
+            .adapter()
+            .settle(&lease, Outcome::Ack)
+            .await
+            .map_err(|e| e.to_string())?;
+        // A batch whose later message has the higher priority: that one leaves first, as it
+        // would from the ready messages.
+        let job = |n: u32, priority: u8| queue_core::Outgoing {
+            payload: queue_core::codec::encode(&Job { n }).expect("encodes"),
+            dedup_key: None,
+            delay: Duration::ZERO,
+            priority,
+            group: None,
+        };
+        queue
+            .adapter()
+            .produce(&JobChannel::SPEC, vec![job(3, 0), job(4, 9)])
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, _, lease) = next_job(&*sub).await.and_then(|(n, a, l)| {
+            if n == 4 {
+                Ok((n, a, l))
+            } else {
+                Err(format!("delivered {n} (priority 0) before 4 (priority 9)"))
+            }
+        })?;
+        queue
+            .adapter()
+            .settle(&lease, Outcome::Ack)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok("1 then 2; of a batch, priority 9 before 0".into())
     })
 }
 

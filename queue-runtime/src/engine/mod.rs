@@ -381,8 +381,8 @@ impl<J: Journal> Engine<J> {
     /// Leases messages being produced to subscriptions that take ahead and have room, so
     /// that each delivery is journaled in its produce's commit rather than in a second one.
     /// Only a leading run of `fresh` is leased, each to the subscription with the most room,
-    /// and only when nothing ready or still arriving would be overtaken; the rest joins the
-    /// channel when durable, as always.
+    /// and only when nothing ready, still arriving or of higher priority later in the batch
+    /// would be overtaken; the rest joins the channel when durable, as always.
     fn lease_on_arrival(
         &self,
         state: &mut ChannelState<J::Payload>,
@@ -391,7 +391,9 @@ impl<J: Journal> Engine<J> {
         now: Timestamp,
     ) -> SmallVec<[HandOff<J::Payload>; 1]> {
         let mut handed = SmallVec::new();
-        if state.consumer_count() == 0 || !state.leases_on_arrival() {
+        // A later message of higher priority would leave first were both ready.
+        let by_priority = fresh.windows(2).all(|w| w[0].priority >= w[1].priority);
+        if state.consumer_count() == 0 || !state.leases_on_arrival() || !by_priority {
             return handed;
         }
         // (subscription, inbox, room)
