@@ -107,9 +107,6 @@ pub struct BrokerCounters {
 
 type Remembered = Arc<OnceCell<Vec<Receipt>>>;
 
-/// The longest produce key accepted.
-const MAX_PRODUCE_KEY: usize = queue_core::limits::MAX_PRODUCE_KEY;
-
 /// Produce keys remembered at most.
 const MAX_PRODUCE_KEYS: usize = 1_000_000;
 
@@ -933,23 +930,11 @@ async fn produce(
         .into_iter()
         .map(|m| m.into_outgoing())
         .collect::<Result<Vec<_>, _>>()?;
-    for m in &batch {
-        if m.payload.len() > queue_core::codec::MAX_PAYLOAD {
-            return Err(QueueError::PayloadTooLarge {
-                size: m.payload.len(),
-                max: queue_core::codec::MAX_PAYLOAD,
-            });
-        }
-    }
+    queue_core::limits::check_batch(&batch)?;
     let Some(key) = key else {
         return a.produce(spec, batch).await;
     };
-    if key.is_empty() || key.len() > MAX_PRODUCE_KEY {
-        return Err(QueueError::InvalidRequest(format!(
-            "a produce key has 1 to {MAX_PRODUCE_KEY} bytes, not {}",
-            key.len()
-        )));
-    }
+    queue_core::limits::check_produce_key(&key)?;
     let cell = broker.remembered(&key);
     let mut ran = false;
     let window = broker.config.idempotency_window;
