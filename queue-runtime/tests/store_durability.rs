@@ -1094,6 +1094,160 @@ impl WatchedSync {
     }
 }
 
+/// A call of the writer to a segment file.
+#[derive(Clone, Debug, PartialEq)]
+enum SegmentCall {
+    Write { offset: u64, len: u64 },
+    Writeback { offset: u64, len: u64 },
+    Sync,
+}
+
+/// Storage that records the calls made to segment files, and holds syncs while told to.
+#[derive(Default)]
+struct Pipelined {
+    hold: parking_lot::Mutex<bool>,
+    released: parking_lot::Condvar,
+    held: std::sync::atomic::AtomicUsize,
+    calls: parking_lot::Mutex<Vec<SegmentCall>>,
+    others: parking_lot::Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+/// Releases held syncs when dropped, so that a failing test ends instead of waiting.
+struct Release(Arc<Pipelined>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        *self.0.hold.lock() = false;
+        self.0.released.notify_all();
+    }
+}
+
+impl Pipelined {
+    fn segment(&self, file: &Handle) -> bool {
+        use std::os::fd::AsRawFd as _;
+        file.file()
+            .is_ok_and(|f| !self.others.lock().contains(&f.as_raw_fd()))
+    }
+}
+
+impl Storage for Pipelined {
+    fn create(&self, path: &Path) -> io::Result<Handle> {
+        use std::os::fd::AsRawFd as _;
+        let handle = OsStorage.create(path)?;
+        let fd = handle.file()?.as_raw_fd();
+        let mut others = self.others.lock();
+        others.retain(|o| *o != fd);
+        if !path.to_string_lossy().contains(".qlog") {
+            others.push(fd);
+        }
+        Ok(handle)
+    }
+
+    fn write_at(&self, file: &Handle, bytes: &[u8], offset: u64) -> io::Result<()> {
+        if self.segment(file) {
+            self.calls.lock().push(SegmentCall::Write {
+                offset,
+                len: bytes.len() as u64,
+            });
+        }
+        OsStorage.write_at(file, bytes, offset)
+    }
+
+    fn start_writeback(&self, file: &Handle, offset: u64, len: u64) {
+        if self.segment(file) {
+            self.calls
+                .lock()
+                .push(SegmentCall::Writeback { offset, len });
+        }
+        OsStorage.start_writeback(file, offset, len);
+    }
+
+    fn sync_data(&self, file: &Handle) -> io::Result<()> {
+        if self.segment(file) {
+            let mut hold = self.hold.lock();
+            if *hold {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                while *hold {
+                    self.released.wait(&mut hold);
+                }
+            }
+            drop(hold);
+            self.calls.lock().push(SegmentCall::Sync);
+        }
+        file.file()?.sync_data()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_writes_the_next_batch_before_answering_the_last_and_confirms_only_synced_ones()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let clock = VirtualClock::default();
+    let storage = Arc::new(Pipelined::default());
+    let opts = FileOptions {
+        storage: storage.clone(),
+        // Every commit on the writer thread, which writes the next batch while one syncs.
+        lead_commits: false,
+        ..options(1 << 20)
+    };
+    let (adapter, queue) = open_with(dir.path(), &clock, opts);
+    Order::produce(&queue, Order { n: 0 }).await.unwrap();
+    storage.calls.lock().clear();
+    let release = Release(storage.clone());
+    *storage.hold.lock() = true;
+    let first = tokio::spawn({
+        let queue = queue.clone();
+        async move { Order::produce(&queue, Order { n: 1 }).await }
+    });
+    for _ in 0..500 {
+        if storage.held.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        storage.held.load(Ordering::SeqCst),
+        1,
+        "the first commit waits in its sync"
+    );
+    let later: Vec<_> = (2..=4)
+        .map(|n| {
+            let queue = queue.clone();
+            tokio::spawn(async move { Order::produce(&queue, Order { n }).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!first.is_finished(), "confirmed before its sync returned");
+    assert!(
+        later.iter().all(|t| !t.is_finished()),
+        "confirmed before being synced"
+    );
+    drop(release);
+    first.await.unwrap().unwrap();
+    for t in later {
+        t.await.unwrap().unwrap();
+    }
+    let calls = storage.calls.lock().clone();
+    // The first batch, its sync, then the next batch written and its writeback started
+    // before its own sync (the first batch's answers go between the two).
+    let Some(at) = calls.iter().position(|c| *c == SegmentCall::Sync) else {
+        panic!("no sync in {calls:?}");
+    };
+    let Some(SegmentCall::Write { offset, len }) = calls.get(at + 1).cloned() else {
+        panic!("the next batch is not written right after the first sync: {calls:?}");
+    };
+    assert_eq!(
+        calls.get(at + 2),
+        Some(&SegmentCall::Writeback { offset, len }),
+        "no writeback started for the next batch before its sync: {calls:?}"
+    );
+    assert_eq!(calls.get(at + 3), Some(&SegmentCall::Sync), "{calls:?}");
+    queue.close().await.unwrap();
+    drop(adapter);
+    let (_adapter, queue) = open(dir.path(), &clock);
+    assert_eq!(stats(&queue, ORDERS).await.ready, 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_producer_commits_on_its_own_thread_until_a_sync_is_slow() {
     let dir = tempfile::tempdir().unwrap();

@@ -102,6 +102,27 @@ pub trait Storage: Send + Sync + 'static {
         std::fs::read(path)
     }
 
+    /// Starts writing back a range of a file's data without waiting for it, so that a
+    /// later [`Storage::sync_data`] has less to do. A hint: it makes nothing durable.
+    fn start_writeback(&self, file: &Handle, offset: u64, len: u64) {
+        #[cfg(target_os = "linux")]
+        if let (Ok(f), Ok(offset), Ok(len)) =
+            (file.file(), i64::try_from(offset), i64::try_from(len))
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the descriptor is open for the call; the kernel only reads the range.
+            #[expect(
+                unsafe_code,
+                reason = "sync_file_range has no safe wrapper in std, rustix or nix"
+            )]
+            unsafe {
+                libc::sync_file_range(f.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, offset, len);
+    }
+
     /// Makes a file's data durable (`fdatasync`).
     ///
     /// # Errors
@@ -591,10 +612,15 @@ impl Drop for Writer {
 
 fn fail(job: Job, error: &QueueError) {
     if let Some(done) = job.done {
-        done(Err(match error {
-            QueueError::Poisoned(r) => QueueError::Poisoned(r.clone()),
-            _ => QueueError::Closed,
-        }));
+        done(Err(failure(error)));
+    }
+}
+
+/// What a job refused for `error` is told: the poisoning, or that the writer is closed.
+fn failure(error: &QueueError) -> QueueError {
+    match error {
+        QueueError::Poisoned(r) => QueueError::Poisoned(r.clone()),
+        _ => QueueError::Closed,
     }
 }
 
@@ -709,7 +735,13 @@ fn run(inner: &Inner, shared: &Shared) {
         let mut io = inner.io.lock();
         let jobs = take_jobs(&inner.waiting);
         if !jobs.is_empty() {
-            io.write(jobs, shared, &inner.completions, &inner.lead);
+            io.write_all(
+                jobs,
+                &inner.waiting,
+                shared,
+                &inner.completions,
+                &inner.lead,
+            );
         }
     }
     let mut io = inner.io.lock();
@@ -733,6 +765,41 @@ fn run(inner: &Inner, shared: &Shared) {
     }
 }
 
+/// A batch written to the active segment and not yet synced.
+struct Staged {
+    /// Where it starts in the segment.
+    base: u64,
+    /// Its length with its commit record.
+    len: u64,
+    /// The message records among it.
+    messages: u64,
+    /// Each job's offset in the batch, class and completion.
+    batch: Vec<(usize, Class, Option<Done>)>,
+    /// New messages refused for want of space, answered with the batch.
+    refused: Completions,
+    /// When writing it started.
+    started: Instant,
+}
+
+/// What a batch's callers are told, in order: `now` on the answering thread, then `later`
+/// on the completion thread.
+#[derive(Default)]
+struct Answers {
+    now: Completions,
+    later: Completions,
+}
+
+impl Answers {
+    fn give(self, completions: &mpsc::Sender<Completions>) {
+        for (result, done) in self.now {
+            done(result);
+        }
+        if !self.later.is_empty() {
+            let _ = completions.send(self.later);
+        }
+    }
+}
+
 impl Io {
     /// Writes one batch with its commit record, syncs it, and answers its jobs: a new
     /// message's completion at once, the others through `completions`. Once synced, and
@@ -740,24 +807,75 @@ impl Io {
     /// after a write and sync slower than [`SLOW_SYNC`].
     fn write(
         &mut self,
-        mut jobs: Vec<Job>,
+        jobs: Vec<Job>,
         shared: &Shared,
         completions: &mpsc::Sender<Completions>,
         lead: &Lead,
     ) {
+        match self.stage(jobs, shared) {
+            Ok(staged) => self.seal(staged, shared, lead).give(completions),
+            Err(refused) => refused.give(completions),
+        }
+    }
+
+    /// Writes, syncs and answers batch after batch while jobs wait (the writer thread). Each
+    /// next batch is written, and its writeback started, before the last one's callers are
+    /// answered, so that its sync overlaps their answers.
+    fn write_all(
+        &mut self,
+        jobs: Vec<Job>,
+        waiting: &Mutex<Waiting>,
+        shared: &Shared,
+        completions: &mpsc::Sender<Completions>,
+        lead: &Lead,
+    ) {
+        let mut staged = match self.stage(jobs, shared) {
+            Ok(staged) => staged,
+            Err(refused) => return refused.give(completions),
+        };
+        loop {
+            let answers = self.seal(staged, shared, lead);
+            let more = take_jobs(waiting);
+            if more.is_empty() {
+                return answers.give(completions);
+            }
+            let next = self.stage(more, shared);
+            if let Ok(next) = &next {
+                let c = &self.c;
+                c.storage.start_writeback(&c.file, next.base, next.len);
+            }
+            answers.give(completions);
+            match next {
+                Ok(next) => staged = next,
+                Err(refused) => return refused.give(completions),
+            }
+        }
+    }
+
+    /// Writes a batch with its commit record to the active segment (rolling to the next
+    /// one when it would not fit), unsynced. Every earlier batch is synced. The jobs refused
+    /// (a poisoned store, a full disk) come back with their answers.
+    fn stage(&mut self, mut jobs: Vec<Job>, shared: &Shared) -> Result<Staged, Answers> {
         let started = Instant::now();
         let Io {
             c,
             next,
             reserve,
             buf,
-            batch,
+            batch: _,
         } = self;
         let reserve = *reserve;
+        let mut refused = Answers::default();
+        let fail_all = |jobs: Vec<Job>, err: &QueueError| Answers {
+            now: jobs
+                .into_iter()
+                .filter_map(|j| j.done.map(|d| (Err(failure(err)), d)))
+                .collect(),
+            later: Vec::new(),
+        };
         let mut size: usize = jobs.iter().map(|j| j.bytes.len()).sum();
         if let Err(e) = shared.check() {
-            jobs.into_iter().for_each(|j| fail(j, &e));
-            return;
+            return Err(fail_all(jobs, &e));
         }
         // New messages take the reserve only while the next segment can be had.
         let growth: u64 = jobs
@@ -769,20 +887,18 @@ impl Io {
             if let Err(e) = next.resolve(c, shared) {
                 shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
                 let err = shared.check().expect_err("just poisoned");
-                jobs.into_iter().for_each(|j| fail(j, &err));
-                return;
+                return Err(fail_all(jobs, &err));
             }
             if let Next::Full { reason, .. } = &*next {
-                let (refused, kept): (Vec<Job>, Vec<Job>) =
+                let (full, kept): (Vec<Job>, Vec<Job>) =
                     jobs.into_iter().partition(|j| j.class == Class::Growth);
-                let refused: Completions = refused
+                refused.later = full
                     .into_iter()
                     .filter_map(|j| j.done.map(|d| (Err(full_error(reason)), d)))
                     .collect();
-                let _ = completions.send(refused);
                 jobs = kept;
                 if jobs.is_empty() {
-                    return;
+                    return Err(refused);
                 }
                 size = jobs.iter().map(|j| j.bytes.len()).sum();
             }
@@ -794,11 +910,13 @@ impl Io {
             if let Err(e) = rolled {
                 shared.poison(format!("cannot start segment {}: {e}", c.segment + 1));
                 let err = shared.check().expect_err("just poisoned");
-                jobs.into_iter().for_each(|j| fail(j, &err));
-                return;
+                let mut failed = fail_all(jobs, &err);
+                failed.later = refused.later;
+                return Err(failed);
             }
         }
         buf.clear();
+        let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
         let mut messages = 0;
         for job in jobs {
@@ -813,7 +931,15 @@ impl Io {
             },
             buf,
         );
-        let result = match c.storage.write_at(&c.file, buf, c.len) {
+        match c.storage.write_at(&c.file, buf, c.len) {
+            Ok(()) => Ok(Staged {
+                base: c.len,
+                len: buf.len() as u64,
+                messages,
+                batch,
+                refused: refused.later,
+                started,
+            }),
             Err(e) if is_full(&e) => {
                 // Nothing of the batch was synced, and the next batch is written at the same
                 // offset. What landed is zeroed (the blocks it took exist), so no part of a
@@ -824,73 +950,93 @@ impl Io {
                     segment_path(&c.dir, c.segment).display()
                 );
                 tracing::warn!(error = %reason, "batch refused: the disk is full");
-                let failed: Completions = batch
-                    .drain(..)
-                    .filter_map(|(_, _, done)| done.map(|d| (Err(full_error(&reason)), d)))
-                    .collect();
-                let _ = completions.send(failed);
-                return;
-            }
-            r => r.and_then(|()| c.storage.sync_data(&c.file)),
-        };
-        match result {
-            Ok(()) => {
-                lead.on.store(
-                    lead.allowed && started.elapsed() <= SLOW_SYNC,
-                    Ordering::Relaxed,
+                refused.later.extend(
+                    batch
+                        .drain(..)
+                        .filter_map(|(_, _, done)| done.map(|d| (Err(full_error(&reason)), d))),
                 );
-                let base = c.len;
-                c.len += buf.len() as u64;
-                shared
-                    .written
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                shared.commits.fetch_add(1, Ordering::Relaxed);
-                if matches!(*next, Next::None) && c.len > c.segment_size / 2 {
-                    *next = Next::Preparing(Preparing::start(c, c.segment + 1));
-                }
-                if messages > 0 {
-                    let mut usage = shared.usage.lock();
-                    let u = usage.entry(c.segment).or_default();
-                    u.written += messages;
-                    u.live += messages;
-                }
-                // New messages are made visible here, before the commit's other completions
-                // are handed on: a step that only inserts and answers costs less than a
-                // hand-off to another thread.
-                let mut answered: Completions = Vec::new();
-                for (at, class, done) in batch.drain(..) {
-                    let placed = Placed {
-                        segment: c.segment,
-                        offset: base + at as u64,
-                    };
-                    match done {
-                        Some(d) if class == Class::Growth => d(Ok(placed)),
-                        Some(d) => answered.push((Ok(placed), d)),
-                        None => {}
-                    }
-                }
-                if !answered.is_empty() {
-                    let _ = completions.send(answered);
-                }
+                self.batch = batch;
+                Err(refused)
             }
             Err(e) => {
-                shared.poison(format!(
-                    "write or fdatasync of {} failed: {e}",
-                    segment_path(&c.dir, c.segment).display()
-                ));
-                let err = shared.check().expect_err("just poisoned");
-                let reason = match &err {
-                    QueueError::Poisoned(r) => r.clone(),
-                    other => other.to_string(),
+                let staged = Staged {
+                    base: c.len,
+                    len: buf.len() as u64,
+                    messages,
+                    batch,
+                    refused: refused.later,
+                    started,
                 };
-                let failed: Completions = batch
-                    .drain(..)
-                    .filter_map(|(_, _, done)| {
-                        done.map(|d| (Err(QueueError::Poisoned(reason.clone())), d))
-                    })
-                    .collect();
-                let _ = completions.send(failed);
+                Err(self.fail_staged(staged, shared, &e))
             }
+        }
+    }
+
+    /// Syncs a staged batch and says who is told what: new messages are made visible at
+    /// once (`now`), the other completions are handed on (`later`).
+    fn seal(&mut self, mut staged: Staged, shared: &Shared, lead: &Lead) -> Answers {
+        let c = &mut self.c;
+        if let Err(e) = c.storage.sync_data(&c.file) {
+            return self.fail_staged(staged, shared, &e);
+        }
+        lead.on.store(
+            lead.allowed && staged.started.elapsed() <= SLOW_SYNC,
+            Ordering::Relaxed,
+        );
+        c.len += staged.len;
+        shared.written.fetch_add(staged.len, Ordering::Relaxed);
+        shared.commits.fetch_add(1, Ordering::Relaxed);
+        if matches!(self.next, Next::None) && c.len > c.segment_size / 2 {
+            self.next = Next::Preparing(Preparing::start(c, c.segment + 1));
+        }
+        if staged.messages > 0 {
+            let mut usage = shared.usage.lock();
+            let u = usage.entry(c.segment).or_default();
+            u.written += staged.messages;
+            u.live += staged.messages;
+        }
+        // New messages are made visible by whoever synced them, before the commit's other
+        // completions are handed on: a step that only inserts and answers costs less than a
+        // hand-off to another thread.
+        let mut answers = Answers {
+            now: Vec::new(),
+            later: std::mem::take(&mut staged.refused),
+        };
+        for (at, class, done) in staged.batch.drain(..) {
+            let placed = Placed {
+                segment: c.segment,
+                offset: staged.base + at as u64,
+            };
+            match done {
+                Some(d) if class == Class::Growth => answers.now.push((Ok(placed), d)),
+                Some(d) => answers.later.push((Ok(placed), d)),
+                None => {}
+            }
+        }
+        self.batch = staged.batch;
+        answers
+    }
+
+    /// Poisons the store after a failed write or sync of a staged batch, and fails its jobs.
+    fn fail_staged(&mut self, mut staged: Staged, shared: &Shared, e: &io::Error) -> Answers {
+        let c = &self.c;
+        shared.poison(format!(
+            "write or fdatasync of {} failed: {e}",
+            segment_path(&c.dir, c.segment).display()
+        ));
+        let err = shared.check().expect_err("just poisoned");
+        let reason = match &err {
+            QueueError::Poisoned(r) => r.clone(),
+            other => other.to_string(),
+        };
+        let mut later = std::mem::take(&mut staged.refused);
+        later.extend(staged.batch.drain(..).filter_map(|(_, _, done)| {
+            done.map(|d| (Err(QueueError::Poisoned(reason.clone())), d))
+        }));
+        self.batch = staged.batch;
+        Answers {
+            now: Vec::new(),
+            later,
         }
     }
 }
