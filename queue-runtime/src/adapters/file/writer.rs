@@ -931,15 +931,16 @@ impl Io {
             },
             buf,
         );
+        let staged = Staged {
+            base: c.len,
+            len: buf.len() as u64,
+            messages,
+            batch,
+            refused: refused.later,
+            started,
+        };
         match c.storage.write_at(&c.file, buf, c.len) {
-            Ok(()) => Ok(Staged {
-                base: c.len,
-                len: buf.len() as u64,
-                messages,
-                batch,
-                refused: refused.later,
-                started,
-            }),
+            Ok(()) => Ok(staged),
             Err(e) if is_full(&e) => {
                 // Nothing of the batch was synced, and the next batch is written at the same
                 // offset. What landed is zeroed (the blocks it took exist), so no part of a
@@ -950,25 +951,23 @@ impl Io {
                     segment_path(&c.dir, c.segment).display()
                 );
                 tracing::warn!(error = %reason, "batch refused: the disk is full");
-                refused.later.extend(
+                let Staged {
+                    mut batch,
+                    refused: mut later,
+                    ..
+                } = staged;
+                later.extend(
                     batch
                         .drain(..)
                         .filter_map(|(_, _, done)| done.map(|d| (Err(full_error(&reason)), d))),
                 );
                 self.batch = batch;
-                Err(refused)
+                Err(Answers {
+                    now: Vec::new(),
+                    later,
+                })
             }
-            Err(e) => {
-                let staged = Staged {
-                    base: c.len,
-                    len: buf.len() as u64,
-                    messages,
-                    batch,
-                    refused: refused.later,
-                    started,
-                };
-                Err(self.fail_staged(staged, shared, &e))
-            }
+            Err(e) => Err(self.fail_staged(staged, shared, &e)),
         }
     }
 
