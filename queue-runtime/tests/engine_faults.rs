@@ -366,6 +366,38 @@ async fn next_job(sub: &dyn Subscription) -> Result<(u32, u32, queue_core::Lease
     Ok((job.n, d.attempt, d.lease))
 }
 
+/// Produces job `n` on a task of its own.
+fn spawn_job(
+    queue: &Queue,
+    n: u32,
+) -> tokio::task::JoinHandle<Result<queue_core::Receipt, String>> {
+    let queue = queue.clone();
+    tokio::spawn(async move {
+        Job::produce(&queue, Job { n })
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Waits for produces started by [`spawn_job`].
+async fn confirmed(
+    produces: impl IntoIterator<Item = tokio::task::JoinHandle<Result<queue_core::Receipt, String>>>,
+) -> Result<(), String> {
+    for p in produces {
+        p.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Acks a delivery.
+async fn ack(queue: &Queue, lease: &queue_core::Lease) -> Result<(), String> {
+    queue
+        .adapter()
+        .settle(lease, Outcome::Ack)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -427,18 +459,12 @@ fn lease_on_arrival() -> Result<String, String> {
         // Two more while the subscription still holds the first, the second produced while
         // the first's commit is stalled: both are in its hands at their confirms.
         gate.set(true);
-        let q = queue.clone();
-        let a = tokio::spawn(async move { Job::produce(&q, Job { n: 8 }).await });
+        let a = spawn_job(&queue, 8);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let q = queue.clone();
-        let b = tokio::spawn(async move { Job::produce(&q, Job { n: 9 }).await });
+        let b = spawn_job(&queue, 9);
         tokio::time::sleep(Duration::from_millis(20)).await;
         gate.set(false);
-        for p in [a, b] {
-            p.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-        }
+        confirmed([a, b]).await?;
         for n in [8, 9] {
             match sub.next().now_or_never() {
                 Some(Ok(d)) if d.attempt == 1 => {}
@@ -468,35 +494,21 @@ fn arrival_keeps_order() -> Result<String, String> {
             .map_err(|e| e.to_string())?;
         let (_, _, first) = next_job(&*sub).await?;
         gate.set(true);
-        let q = queue.clone();
-        let a = tokio::spawn(async move { Job::produce(&q, Job { n: 1 }).await });
+        let a = spawn_job(&queue, 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Applied when called; durable behind A's commit.
         let _ = queue.adapter().settle(&first, Outcome::Ack).now_or_never();
-        let q = queue.clone();
-        let b = tokio::spawn(async move { Job::produce(&q, Job { n: 2 }).await });
+        let b = spawn_job(&queue, 2);
         tokio::time::sleep(Duration::from_millis(20)).await;
         gate.set(false);
-        for p in [a, b] {
-            p.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-        }
+        confirmed([a, b]).await?;
         let (n, _, lease) = next_job(&*sub).await?;
-        queue
-            .adapter()
-            .settle(&lease, Outcome::Ack)
-            .await
-            .map_err(|e| e.to_string())?;
+        ack(&queue, &lease).await?;
         let (m, _, lease) = next_job(&*sub).await?;
         if (n, m) != (1, 2) {
             return Err(format!("delivered {n} then {m}, produced 1 then 2"));
         }
-        queue
-            .adapter()
-            .settle(&lease, Outcome::Ack)
-            .await
-            .map_err(|e| e.to_string())?;
+        ack(&queue, &lease).await?;
         // A batch whose later message has the higher priority: that one leaves first, as it
         // would from the ready messages.
         let job = |n: u32, priority: u8| queue_core::Outgoing {
@@ -518,11 +530,7 @@ fn arrival_keeps_order() -> Result<String, String> {
                 Err(format!("delivered {n} (priority 0) before 4 (priority 9)"))
             }
         })?;
-        queue
-            .adapter()
-            .settle(&lease, Outcome::Ack)
-            .await
-            .map_err(|e| e.to_string())?;
+        ack(&queue, &lease).await?;
         Ok("1 then 2; of a batch, priority 9 before 0".into())
     })
 }
@@ -536,8 +544,7 @@ fn arrival_to_a_stopped_subscription() -> Result<String, String> {
         let (_adapter, queue) = open_gated(dir.path(), &gate);
         let first = subscribe(&queue, 1).await?;
         gate.set(true);
-        let q = queue.clone();
-        let produced = tokio::spawn(async move { Job::produce(&q, Job { n: 5 }).await });
+        let produced = spawn_job(&queue, 5);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let second = queue
             .adapter()
@@ -547,10 +554,7 @@ fn arrival_to_a_stopped_subscription() -> Result<String, String> {
         first.stop().await;
         drop(first);
         gate.set(false);
-        produced
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        confirmed([produced]).await?;
         let (n, attempt, _) = next_job(&*second).await?;
         if (n, attempt) != (5, 1) {
             return Err(format!("delivered {n} on attempt {attempt}"));

@@ -326,7 +326,7 @@ impl<J: Journal> Engine<J> {
             let keyed_receipts = keyed.map(|_| receipts.clone());
             self.histories.with(|h| h.changed(&changes, now));
             let handed = self.lease_on_arrival(&mut state, &cell, &fresh, now);
-            state.arriving(fresh.len() - handed.len(), true);
+            state.arriving(fresh.len() - handed.len());
             let leases: SmallVec<[Change; 1]> = handed
                 .iter()
                 .map(|h| Change::Leased {
@@ -396,7 +396,6 @@ impl<J: Journal> Engine<J> {
         if state.consumer_count() == 0 || !state.leases_on_arrival() || !by_priority {
             return handed;
         }
-        // (subscription, inbox, room)
         let mut open: SmallVec<[Open<J::Payload>; 4]> = cell
             .inboxes
             .lock()
@@ -1174,7 +1173,7 @@ struct ProduceDone<J: Journal> {
 
 impl<J: Journal> ProduceDone<J> {
     fn finish(self, state: &mut ChannelState<J::Payload>, result: Appended<J::Payload>) {
-        state.arriving(self.fresh.len() - self.handed.len(), false);
+        state.arrived(self.fresh.len() - self.handed.len());
         match result {
             Ok(payloads) => {
                 let Some(engine) = self.engine.upgrade() else {

@@ -686,14 +686,14 @@ impl<P: Clone> ChannelState<P> {
             && self.spec.max_attempts > 0
     }
 
-    /// Counts produced messages whose commit is pending and that will join the channel
-    /// (`more`), or that joined or failed (`!more`).
-    pub fn arriving(&mut self, n: usize, more: bool) {
-        if more {
-            self.arriving += n;
-        } else {
-            self.arriving = self.arriving.saturating_sub(n);
-        }
+    /// Counts `n` produced messages whose commit is pending and that will join the channel.
+    pub fn arriving(&mut self, n: usize) {
+        self.arriving += n;
+    }
+
+    /// Uncounts `n` messages counted by [`Self::arriving`] that joined or failed.
+    pub fn arrived(&mut self, n: usize) {
+        self.arriving = self.arriving.saturating_sub(n);
     }
 
     /// Reserves one of `consumer`'s slots for a message leased on arrival; false when it has
